@@ -1,0 +1,30 @@
+# Quick start:  make demo   (install + ISImed pretraining on the synthetic chest phantom)
+#               make test   (install + tests)
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/isimed_chest_demo
+
+.PHONY: install test demo benchmark clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -n 2 tests
+
+demo: install
+	$(PY) main.py --config=configs/isimed_chest.py:demo --workdir=$(WORKDIR)
+
+benchmark: install
+	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.train_step
+
+clean:
+	rm -rf $(VENV) *.egg-info

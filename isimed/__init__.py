@@ -1,0 +1,1 @@
+"""ISImed in JAX: self-supervised pretraining so that crop-embedding distances match physical distances."""

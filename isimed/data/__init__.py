@@ -1,0 +1,1 @@
+"""Data sources, the synthetic chest phantom and the grain input pipeline."""
