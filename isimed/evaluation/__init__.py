@@ -1,0 +1,1 @@
+"""Representation metrics, feature extraction and probes."""

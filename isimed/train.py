@@ -1,0 +1,333 @@
+"""The one pretraining loop: mesh + sharded batch, jitted step with donated state, orbax checkpoints.
+
+The train state is a plain pytree `{"step", "params", "batch_stats", "opt_state"}` built from an
+NNX encoder with `nnx.split`, so it can be donated, sharded and checkpointed as it is. Every method
+plugs in through `isimed.methods` (what the pipeline samples and the loss on embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metrics as clu_metrics
+from clu import parameter_overview
+from flax import nnx
+from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from isimed import methods
+from isimed import models
+from isimed.data import pipeline
+from isimed.evaluation import features as features_lib
+from isimed.evaluation import metrics as metrics_lib
+from isimed.writers import MetricWriter
+
+State = dict[str, Any]
+
+
+@struct.dataclass
+class TrainMetrics(clu_metrics.Collection):
+    loss: clu_metrics.Average.from_output("loss")
+    within: clu_metrics.Average.from_output("within")
+    cross: clu_metrics.Average.from_output("cross")
+    grad_norm: clu_metrics.Average.from_output("grad_norm")
+    nonfinite: clu_metrics.Average.from_output("nonfinite")
+    learning_rate: clu_metrics.LastValue.from_output("learning_rate")
+    target_scale: clu_metrics.LastValue.from_output("target_scale")
+
+
+class Model:
+    """An encoder split into its static graph (train and eval mode) and its initial variables."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        encoder = models.create_encoder(
+            config.model.name,
+            spatial_dims=len(config.data.crop_size),
+            embed_dim=config.model.embed_dim,
+            dtype=config.model.dtype,
+            rngs=nnx.Rngs(config.seed),
+        )
+        encoder.train()
+        self.train_graph, self.params, self.batch_stats = nnx.split(encoder, nnx.Param, ...)
+        encoder.eval()
+        self.eval_graph = nnx.split(encoder, nnx.Param, ...)[0]
+
+    def apply(self, params, batch_stats, x: jnp.ndarray, *, train: bool):
+        """Embeds `x` (N, *spatial, C); returns (N, D) float32 and the updated batch statistics."""
+        encoder = nnx.merge(self.train_graph if train else self.eval_graph, params, batch_stats)
+        z = encoder(x)
+        return z.astype(jnp.float32), nnx.split(encoder, nnx.Param, ...)[2]
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+    """AdamW with linear warmup then cosine (or exponential) decay, after global-norm clipping."""
+    if optim.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, optim.learning_rate, optim.warmup_steps, max(total_steps, optim.warmup_steps + 1)
+        )
+    elif optim.schedule == "exponential":
+        schedule = optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps),
+                optax.exponential_decay(optim.learning_rate, optim.decay_steps, optim.decay_rate),
+            ],
+            [optim.warmup_steps],
+        )
+    else:
+        raise ValueError(f"optim.schedule must be 'cosine' or 'exponential', got {optim.schedule!r}")
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip),
+        optax.adamw(schedule, weight_decay=optim.weight_decay),
+    )
+    return tx, schedule
+
+
+def init_state(config: ml_collections.ConfigDict, model: Model, tx) -> State:
+    params = {"encoder": model.params}
+    if config.loss.learnable_scale:
+        params["log_scale"] = jnp.log(jnp.float32(config.loss.scale))
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "batch_stats": model.batch_stats,
+        "opt_state": tx.init(params),
+    }
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: Model, tx, schedule):
+    method = methods.get(config.method)
+
+    def train_step(state: State, batch: dict[str, jnp.ndarray]):
+        crops = batch["crops"]
+        b, k = crops.shape[:2]
+
+        def loss_fn(params):
+            z, batch_stats = model.apply(
+                params["encoder"], state["batch_stats"], crops.reshape(b * k, *crops.shape[2:]),
+                train=True,
+            )
+            scale = jnp.exp(params["log_scale"]) if "log_scale" in params else config.loss.scale
+            loss, aux = method.loss(z.reshape(b, k, -1), batch, config.loss, scale)
+            return loss, (aux, batch_stats, scale)
+
+        (loss, (aux, batch_stats, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"]
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        grad_norm = optax.global_norm(grads)
+        candidate = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(state["params"], updates),
+            "batch_stats": batch_stats,
+            "opt_state": opt_state,
+        }
+        # NaN guard: a non-finite step leaves the state untouched (the host stops the run), so a
+        # later checkpoint can never contain NaNs.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, state)
+        new_state["step"] = state["step"] + 1
+        step_metrics = TrainMetrics.single_from_model_output(
+            loss=loss,
+            within=aux["within"],
+            cross=aux["cross"],
+            grad_norm=grad_norm,
+            nonfinite=1.0 - finite.astype(jnp.float32),
+            learning_rate=schedule(state["step"]),
+            target_scale=jnp.asarray(scale, jnp.float32),
+        )
+        return new_state, step_metrics
+
+    return train_step
+
+
+def _checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
+    )
+
+
+def _save(mngr, step: int, state: State, data_iter, config) -> None:
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config.to_dict()),
+        ),
+        force=True,
+    )
+
+
+def held_out_summary(
+    config: ml_collections.ConfigDict, embed, split: str, *, with_probe: bool
+) -> dict[str, Any]:
+    """Spearman(latent, physical) on fixed crops of held-out subjects, and the ridge position probe.
+
+    The probe is trained on crops of training-split images and tested on `split`; the same probe on
+    raw crop intensities is the reference row.
+    """
+    held = features_lib.collect(
+        config, split, embed, max_images=config.eval.max_images, with_crops=with_probe
+    )
+    out: dict[str, Any] = {
+        f"spearman_{pairs}": metrics_lib.distance_spearman(held["embeddings"], held["centres"], pairs)
+        for pairs in ("within", "all")
+    }
+    if with_probe:
+        train = features_lib.collect(
+            config, "train", embed, max_images=config.eval.probe_train_images, with_crops=True
+        )
+        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+        raw = lambda a: a.reshape(a.shape[0] * a.shape[1], -1)  # noqa: E731
+        out["position_probe"] = metrics_lib.position_probe(
+            flat(train["embeddings"]), flat(train["centres"]),
+            flat(held["embeddings"]), flat(held["centres"]),
+        )
+        out["position_probe_raw_intensity"] = metrics_lib.position_probe(
+            raw(train["crops"]), flat(train["centres"]), raw(held["crops"]), flat(held["centres"])
+        )
+    return out
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks, so the run saves and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread (e.g. a notebook worker): no handler.
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Pretrains (resuming from `workdir` if it holds a checkpoint) and returns the summary."""
+    if config.distributed:
+        jax.distributed.initialize()
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config = ml_collections.ConfigDict(config)
+    config.data.data_dir = os.path.expanduser(config.data.data_dir)
+    writer = MetricWriter(workdir)
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+    if config.data.images_per_batch % jax.device_count():
+        raise ValueError(
+            f"data.images_per_batch={config.data.images_per_batch} must be divisible by the "
+            f"{jax.device_count()} devices (the batch is sharded by image)"
+        )
+
+    model = Model(config)
+    logging.info("Encoder parameters:\n%s", parameter_overview.get_parameter_overview(model.params))
+    tx, schedule = make_optimizer(config.optim, config.total_steps)
+    state = jax.device_put(init_state(config, model, tx), replicated)
+    train_step = jax.jit(
+        make_train_step(config, model, tx, schedule),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    embed = features_lib.make_embed_fn(model, mesh)
+
+    train_ds = pipeline.make_dataset(
+        config.data, "train", seed=config.seed, train=True,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    data_iter = iter(train_ds)
+    mngr = _checkpoint_manager(workdir, config)
+    summary: dict[str, Any] = {}
+    start_step = 0
+    if mngr.latest_step() is not None:
+        start_step = mngr.latest_step()
+        restored = mngr.restore(
+            start_step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(state),
+                data=grain.checkpoint.CheckpointRestore(data_iter),
+            ),
+        )
+        state = restored.state
+        logging.info("Resumed from step %d in %s", start_step, mngr.directory)
+    else:
+        enc = embed(state["params"]["encoder"], state["batch_stats"])
+        summary["initial"] = held_out_summary(config, enc, "validation", with_probe=False)
+        writer.write_scalars(0, summary["initial"], prefix="validation/")
+
+    accumulated = None
+    t_log, step_log = time.time(), start_step
+    with _Preemption() as preemption:
+        for step in range(start_step + 1, config.total_steps + 1):
+            batch = next(data_iter)
+            batch = {
+                k: jax.make_array_from_process_local_data(data_sharding, np.asarray(batch[k]))
+                for k in ("crops", "centres")
+            }
+            state, step_metrics = train_step(state, batch)
+            accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
+
+            is_last = step == config.total_steps
+            if step % config.log_every == 0 or is_last or preemption.requested:
+                scalars = accumulated.compute()
+                accumulated = None
+                if scalars["nonfinite"] > 0:
+                    raise FloatingPointError(
+                        f"non-finite loss or gradient before step {step}; those updates were "
+                        f"skipped and nothing was saved. Last good checkpoint: step "
+                        f"{mngr.latest_step()} in {mngr.directory}"
+                    )
+                elapsed = time.time() - t_log
+                crops_per_step = config.data.images_per_batch * config.data.crops_per_image
+                scalars["crops_per_s"] = (step - step_log) * crops_per_step / max(elapsed, 1e-9)
+                eta = (config.total_steps - step) * elapsed / max(step - step_log, 1)
+                writer.write_scalars(step, scalars, prefix="train/")
+                logging.info("step %d/%d, ETA %.0f s", step, config.total_steps, eta)
+                t_log, step_log = time.time(), step
+            if step % config.eval_every == 0 or is_last:
+                enc = embed(state["params"]["encoder"], state["batch_stats"])
+                val = held_out_summary(config, enc, "validation", with_probe=False)
+                writer.write_scalars(step, val, prefix="validation/")
+            if step % config.checkpoint_every == 0 or is_last or preemption.requested:
+                _save(mngr, step, state, data_iter, config)
+            if preemption.requested:
+                mngr.wait_until_finished()
+                writer.close()
+                return {"preempted_at_step": step}
+    mngr.wait_until_finished()
+
+    enc = embed(state["params"]["encoder"], state["batch_stats"])
+    summary["final"] = held_out_summary(config, enc, "test", with_probe=True)
+    summary["step"] = int(state["step"])
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    writer.close()
+    return summary
+

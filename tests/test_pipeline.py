@@ -1,0 +1,194 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import isimed_chest
+from isimed import geometry
+from isimed.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = (12, 20, 18)
+
+
+def coded_source(n=6, shape=SHAPE, spacing=(5.0, 0.7, 0.7)):
+    """Images whose voxel value is their flat index, so a crop reveals where it was taken."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        mask = np.zeros(shape, np.uint8)
+        if i % 2 == 0:
+            mask[(slice(4, 8), slice(5, 10), slice(6, 12))[: len(shape)]] = 1
+        q, _ = np.linalg.qr(rng.normal(size=(len(shape), len(shape))))
+        affine = geometry.affine_from_spacing(spacing[: len(shape)], rng.normal(size=len(shape)) * 50, q)
+        records.append({
+            "id": 100 + i,
+            "image": np.arange(np.prod(shape), dtype=np.float32).reshape(shape),
+            "affine": affine,
+            "mask": mask,
+        })
+    return records
+
+
+def data_config(**overrides):
+    c = isimed_chest.get_config("test").data
+    c.crop_size = (4, 6, 5)
+    c.crops_per_image = 5
+    c.images_per_batch = 3
+    c.window = (0.0, float(np.prod(SHAPE) - 1))
+    c.min_foreground = 0.0
+    c.update(overrides)
+    return c
+
+
+def decode_starts(crops, shape=SHAPE):
+    """Crop start indices from the first voxel of each normalised coded crop."""
+    lo, hi = 0.0, float(np.prod(shape) - 1)
+    first = crops.reshape(crops.shape[0], -1)[:, 0]
+    flat = np.rint((first + 1.0) / 2.0 * (hi - lo) + lo).astype(int)
+    return np.stack(np.unravel_index(flat, shape), axis=-1)
+
+
+def test_batch_shapes_centres_and_labels():
+    source = coded_source()
+    by_id = {r["id"]: r for r in source}
+    cfg = data_config()
+    batch = next(iter(pipeline.make_dataset(cfg, "train", seed=0, train=True, source=source)))
+    assert batch["crops"].shape == (3, 5, 4, 6, 5, 1) and batch["crops"].dtype == np.float32
+    assert batch["centres"].shape == (3, 5, 3) and batch["centres"].dtype == np.float32
+    assert batch["lesion_fraction"].shape == (3, 5) and batch["has_lesion"].shape == (3, 5)
+    assert batch["image_id"].shape == (3,)
+    assert np.all(np.abs(batch["crops"]) <= 1.0)
+    for b, image_id in enumerate(batch["image_id"]):
+        record = by_id[int(image_id)]
+        starts = decode_starts(batch["crops"][b])
+        # The crop really is the image at `starts` (not only its first voxel).
+        for n, s in enumerate(starts):
+            expected = pipeline.normalise_window(
+                record["image"][tuple(slice(a, a + c) for a, c in zip(s, cfg.crop_size))], cfg.window
+            )
+            np.testing.assert_allclose(batch["crops"][b, n, ..., 0], expected, atol=1e-6)
+        np.testing.assert_allclose(
+            batch["centres"][b],
+            geometry.crop_centres_mm(starts, cfg.crop_size, record["affine"]),
+            atol=1e-3,
+        )
+        lesion = geometry.extract_crops(record["mask"], starts, cfg.crop_size)
+        np.testing.assert_allclose(batch["lesion_fraction"][b], lesion.reshape(5, -1).mean(1), atol=1e-6)
+        np.testing.assert_array_equal(batch["has_lesion"][b], lesion.reshape(5, -1).any(1))
+
+
+def test_2d_images():
+    shape = (30, 26)
+    source = coded_source(4, shape=shape, spacing=(0.8, 0.8))
+    cfg = data_config(crop_size=(8, 8), window=(0.0, float(np.prod(shape) - 1)))
+    batch = next(iter(pipeline.make_dataset(cfg, "train", seed=0, train=True, source=source)))
+    assert batch["crops"].shape == (3, 5, 8, 8, 1) and batch["centres"].shape == (3, 5, 2)
+
+
+def take(ds_iter, n):
+    return [next(ds_iter) for _ in range(n)]
+
+
+def test_seeded_reproducible_and_shuffled():
+    source = coded_source()
+    cfg = data_config()
+    a = take(iter(pipeline.make_dataset(cfg, "train", seed=7, train=True, source=source)), 4)
+    b = take(iter(pipeline.make_dataset(cfg, "train", seed=7, train=True, source=source)), 4)
+    c = take(iter(pipeline.make_dataset(cfg, "train", seed=8, train=True, source=source)), 4)
+    for x, y in zip(a, b):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    assert not np.array_equal(a[0]["crops"], c[0]["crops"])
+    # Two batches of 3 make one epoch of 6 images: every image once, not in storage order.
+    ids = np.concatenate([a[0]["image_id"], a[1]["image_id"]])
+    assert sorted(ids) == [r["id"] for r in source]
+    orders = [tuple(np.concatenate([x["image_id"] for x in take(iter(pipeline.make_dataset(
+        cfg, "train", seed=s, train=True, source=source)), 2)])) for s in range(4)]
+    assert len(set(orders)) > 1
+
+
+def test_iterator_state_restores_exact_stream():
+    source = coded_source()
+    cfg = data_config()
+    it = iter(pipeline.make_dataset(cfg, "train", seed=3, train=True, source=source))
+    take(it, 3)
+    state = it.get_state()
+    expected = take(it, 3)
+    fresh = iter(pipeline.make_dataset(cfg, "train", seed=3, train=True, source=source))
+    fresh.set_state(state)
+    for x, y in zip(expected, take(fresh, 3)):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_process_shards_are_disjoint_and_cover_the_split():
+    source = coded_source(6)
+    cfg = data_config(images_per_batch=2)
+    seen = []
+    for index in range(2):
+        ds = pipeline.make_dataset(cfg, "eval", seed=0, train=False, source=source,
+                                   process_index=index, process_count=2, batch_size=1)
+        seen.append({int(x["image_id"][0]) for x in ds})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {r["id"] for r in source}
+
+
+def test_eval_dataset_is_fixed_and_lesion_share_gives_positives():
+    source = coded_source(4)
+    cfg = data_config(crops_per_image=10)
+    kwargs = dict(seed=1, train=False, batch_size=4, lesion_share=0.4, source=source)
+    a = next(iter(pipeline.make_dataset(cfg, "eval", **kwargs)))
+    b = next(iter(pipeline.make_dataset(cfg, "eval", **kwargs)))
+    np.testing.assert_array_equal(a["crops"], b["crops"])
+    for image_id, has in zip(a["image_id"], a["has_lesion"]):
+        if (image_id - 100) % 2 == 0:  # Images with a lesion: at least 40% positive crops.
+            assert has.sum() >= 4
+        else:
+            assert has.sum() == 0
+
+
+def test_min_foreground_respected():
+    source = coded_source(2)
+    for r in source:
+        r["image"] = np.full(SHAPE, -1000.0, np.float32)
+        r["image"][:, 8:, :] = 0.0  # "Body" occupies the back of the volume.
+    cfg = data_config(min_foreground=0.75, foreground_threshold=-500.0, window=(-1000.0, 1000.0))
+    batch = next(iter(pipeline.make_dataset(cfg, "train", seed=0, train=True, batch_size=2, source=source)))
+    body = batch["crops"] > -0.5
+    assert np.all(body.reshape(2, 5, -1).mean(-1) >= 0.75)
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda r: r["image"].__setitem__((1, 2, 3), np.nan), r"record id=100.*NaN"),
+        (lambda r: r["affine"].__setitem__((slice(None), 1), 0.0), r"record id=100.*spacing"),
+        (lambda r: r.update(image=r["image"][:3], mask=r["mask"][:3]), r"record id=100.*crop size \(4, 6, 5\).*\(3, 20, 18\)"),
+        (lambda r: r.__setitem__("mask", r["mask"][:, :4]), r"record id=100.*mask shape"),
+        (lambda r: r.__setitem__("image", r["image"][0]), r"record id=100.*3D image"),
+    ],
+)
+def test_bad_records_give_errors_naming_the_record(mutate, message):
+    source = coded_source(1)
+    mutate(source[0])
+    cfg = data_config()
+    with pytest.raises(ValueError, match=message):
+        next(iter(pipeline.make_dataset(cfg, "train", seed=0, train=True, batch_size=1, source=source)))
+
+
+def test_fewer_than_two_crops_is_an_error():
+    with pytest.raises(ValueError, match="crops_per_image must be >= 2"):
+        pipeline.make_dataset(data_config(crops_per_image=1), "train", seed=0, train=True, source=coded_source())
+
+
+def test_unknown_config_key_fails_on_the_command_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "main.py", "--config=configs/isimed_chest.py:test",
+         "--config.data.crop_sise=4", f"--workdir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "crop_sise" in result.stderr
