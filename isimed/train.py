@@ -5,7 +5,6 @@ NNX encoder with `nnx.split`, so it can be donated, sharded and checkpointed as 
 plugs in through `isimed.methods` (what the pipeline samples and the loss on embeddings).
 """
 
-from __future__ import annotations
 
 import json
 import os
@@ -49,6 +48,14 @@ class TrainMetrics(clu_metrics.Collection):
     target_scale: clu_metrics.LastValue.from_output("target_scale")
 
 
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh over every device. Auto axes: XLA propagates shardings (the batch is split on
+    `data`, parameters are replicated, pairwise-distance matrices are gathered as needed)."""
+    return jax.make_mesh(
+        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
 class Model:
     """An encoder split into its static graph (train and eval mode) and its initial variables."""
 
@@ -61,7 +68,9 @@ class Model:
             rngs=nnx.Rngs(config.seed),
         )
         encoder.train()
-        self.train_graph, self.params, self.batch_stats = nnx.split(encoder, nnx.Param, ...)
+        # Pure dicts of arrays: plain pytrees for jit donation, sharding and orbax.
+        self.train_graph, params, batch_stats = nnx.split(encoder, nnx.Param, ...)
+        self.params, self.batch_stats = params.to_pure_dict(), batch_stats.to_pure_dict()
         encoder.eval()
         self.eval_graph = nnx.split(encoder, nnx.Param, ...)[0]
 
@@ -69,7 +78,7 @@ class Model:
         """Embeds `x` (N, *spatial, C); returns (N, D) float32 and the updated batch statistics."""
         encoder = nnx.merge(self.train_graph if train else self.eval_graph, params, batch_stats)
         z = encoder(x)
-        return z.astype(jnp.float32), nnx.split(encoder, nnx.Param, ...)[2]
+        return z.astype(jnp.float32), nnx.split(encoder, nnx.Param, ...)[2].to_pure_dict()
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
@@ -107,24 +116,32 @@ def init_state(config: ml_collections.ConfigDict, model: Model, tx) -> State:
     }
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: Model, tx, schedule):
+def make_loss_fn(config: ml_collections.ConfigDict, model: Model):
+    """`loss_fn(params, batch_stats, batch) -> (loss, (aux, new_batch_stats, scale))`.
+
+    All B*K crops go through the encoder in one pass (train mode), then the method's loss.
+    """
     method = methods.get(config.method)
 
-    def train_step(state: State, batch: dict[str, jnp.ndarray]):
+    def loss_fn(params, batch_stats, batch):
         crops = batch["crops"]
         b, k = crops.shape[:2]
+        z, batch_stats = model.apply(
+            params["encoder"], batch_stats, crops.reshape(b * k, *crops.shape[2:]), train=True
+        )
+        scale = jnp.exp(params["log_scale"]) if "log_scale" in params else config.loss.scale
+        loss, aux = method.loss(z.reshape(b, k, -1), batch, config.loss, scale)
+        return loss, (aux, batch_stats, scale)
 
-        def loss_fn(params):
-            z, batch_stats = model.apply(
-                params["encoder"], state["batch_stats"], crops.reshape(b * k, *crops.shape[2:]),
-                train=True,
-            )
-            scale = jnp.exp(params["log_scale"]) if "log_scale" in params else config.loss.scale
-            loss, aux = method.loss(z.reshape(b, k, -1), batch, config.loss, scale)
-            return loss, (aux, batch_stats, scale)
+    return loss_fn
 
+
+def make_train_step(config: ml_collections.ConfigDict, model: Model, tx, schedule):
+    loss_fn = make_loss_fn(config, model)
+
+    def train_step(state: State, batch: dict[str, jnp.ndarray]):
         (loss, (aux, batch_stats, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"]
+            state["params"], state["batch_stats"], batch
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         grad_norm = optax.global_norm(grads)
@@ -236,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config.data.data_dir = os.path.expanduser(config.data.data_dir)
     writer = MetricWriter(workdir)
 
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
     if config.data.images_per_batch % jax.device_count():
@@ -308,12 +325,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 scalars["crops_per_s"] = (step - step_log) * crops_per_step / max(elapsed, 1e-9)
                 eta = (config.total_steps - step) * elapsed / max(step - step_log, 1)
                 writer.write_scalars(step, scalars, prefix="train/")
-                logging.info("step %d/%d, ETA %.0f s", step, config.total_steps, eta)
+                writer.log(f"step {step}/{config.total_steps}, {scalars['crops_per_s']:.0f} crops/s, ETA {eta:.0f} s")
                 t_log, step_log = time.time(), step
             if step % config.eval_every == 0 or is_last:
                 enc = embed(state["params"]["encoder"], state["batch_stats"])
-                val = held_out_summary(config, enc, "validation", with_probe=False)
-                writer.write_scalars(step, val, prefix="validation/")
+                summary["validation"] = held_out_summary(config, enc, "validation", with_probe=False)
+                writer.write_scalars(step, summary["validation"], prefix="validation/")
             if step % config.checkpoint_every == 0 or is_last or preemption.requested:
                 _save(mngr, step, state, data_iter, config)
             if preemption.requested:
@@ -331,3 +348,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     return summary
 
+
+
+def load_checkpoint(workdir: str, step: int | None = None):
+    """Restores `(config, model, state)` from a pretraining workdir (latest step by default).
+
+    The model is rebuilt from the config stored in the checkpoint, so the caller needs nothing but
+    the directory.
+    """
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints in {directory} (expected a pretraining --workdir)")
+    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+        raise FileNotFoundError(
+            f"checkpoint step {step} not found in {directory}; available: {list(mngr.all_steps())}"
+        )
+    stored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    config = ml_collections.ConfigDict(stored.config)
+    model = Model(config)
+    tx, _ = make_optimizer(config.optim, config.total_steps)
+    abstract = jax.eval_shape(lambda: init_state(config, model, tx))
+    state = mngr.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    ).state
+    return config, model, state
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Human-readable lines for the end of a run."""
+    if "preempted_at_step" in summary:
+        return f"Preempted: checkpoint saved at step {summary['preempted_at_step']}; rerun to resume."
+    final = summary["final"]
+    lines = [
+        f"Held-out test subjects after {summary['step']} steps:",
+        f"  Spearman(latent, physical distance): within image {final['spearman_within']:.3f}, "
+        f"all pairs {final['spearman_all']:.3f}",
+        f"  Ridge probe of crop centre, mean abs error: embeddings "
+        f"{final['position_probe']['mae_mm']:.1f} mm, raw intensities "
+        f"{final['position_probe_raw_intensity']['mae_mm']:.1f} mm",
+    ]
+    if "initial" in summary:
+        lines.append(
+            f"  (validation Spearman within image at step 0: {summary['initial']['spearman_within']:.3f})"
+        )
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Metric writers: TensorBoard event files, a JSON-lines log and a plain log line per write.
+"""Metric writers: TensorBoard event files, a JSON-lines log and a plain-text log (also printed).
 
 clu.metric_writers would pull in TensorFlow; tensorboardX writes the same event files without it.
 Only process 0 writes.
@@ -11,7 +11,6 @@ import os
 from collections.abc import Mapping
 
 import jax
-from absl import logging
 from tensorboardX import SummaryWriter
 
 
@@ -22,6 +21,7 @@ class MetricWriter:
             os.makedirs(workdir, exist_ok=True)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._text = open(os.path.join(workdir, "log.txt"), "a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         if not self._active:
@@ -31,9 +31,17 @@ class MetricWriter:
             self._tb.add_scalar(key, value, step)
         self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
         self._jsonl.flush()
-        logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+        self.log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+
+    def log(self, line: str) -> None:
+        """A progress line: printed and appended to log.txt."""
+        if self._active:
+            print(line, flush=True)
+            self._text.write(line + "\n")
+            self._text.flush()
 
     def close(self) -> None:
         if self._active:
             self._tb.close()
             self._jsonl.close()
+            self._text.close()

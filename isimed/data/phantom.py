@@ -1,0 +1,730 @@
+"""Procedural, SYNTHETIC CT-like thorax phantom (generated with numpy + scipy.ndimage only).
+
+Everything here is drawn from simple geometric shapes (ellipses, ellipsoids, paraboloid domes,
+tubes) with random parameters. It is not derived from, and does not depict, any real person's
+scan; it exists so that the project runs without downloading medical data and so that tests have
+exact ground truth (structure labels, lung-nodule masks, nodule centres and diameters).
+
+Conventions
+-----------
+* Arrays have axes (z, y, x): axial slices first. Array index k = 0 is the most inferior slice.
+* The 4x4 `affine` maps a homogeneous array index [k, j, i, 1] to world millimetres
+  [x, y, z, 1] in an LPS-like frame: world x grows toward the patient's left, y toward
+  posterior, z toward superior (head). Columns of `affine[:3, :3]` are (0, 0, sz), (0, sy, 0),
+  (sx, 0, 0) for array axes z, y, x. The volume is centred near world 0 (plus a small random
+  "table" offset).
+* Anatomy is built in a continuous patient frame (mm; same axes as world, origin mid-chest) that
+  is rotated by a few degrees and shifted by up to ~10 mm inside the scanner grid, so sizes are
+  physical and independent of the voxel spacing; the affine stays the scanner's.
+* Every random draw comes from `np.random.default_rng([seed, index])`.
+
+Run `python -m isimed.data.phantom --preview --out preview.png` for a picture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+from scipy import ndimage
+
+STRUCTURES: dict[str, int] = {
+    "background": 0,
+    "body": 1,  # soft tissue / muscle, also the abdomen below the diaphragm
+    "fat": 2,  # subcutaneous and mediastinal fat
+    "lung_left": 3,
+    "lung_right": 4,
+    "heart": 5,
+    "aorta": 6,
+    "trachea": 7,  # with the two main bronchi
+    "spine": 8,
+    "ribs": 9,
+    "liver": 10,
+    "nodule": 11,
+}
+
+HU_MIN, HU_MAX = -1024.0, 3071.0
+_N_RIBS = 12
+# Nodules are kept this far (plus one voxel diagonal) from the lung boundary and from each other,
+# so each nodule is a separate connected component surrounded by lung.
+_NODULE_CLEARANCE_MM = 1.0
+_NODULE_TRIES = 200
+_HALO_MM = 4.0  # soft tissue kept between lungs and mediastinal tubes
+_SLAB_VOXELS = 32768
+
+
+@dataclasses.dataclass(frozen=True)
+class PhantomSpec:
+    """Grid and content of the synthetic phantom. Lengths in mm, intensities in HU."""
+
+    shape: tuple[int, int, int] = (64, 96, 96)  # array axes (z, y, x): axial slices first
+    spacing: tuple[float, float, float] = (5.0, 3.5, 3.5)  # mm along array axes (z, y, x)
+    nodule_probability: float = 0.5  # share of subjects with >= 1 lung nodule
+    max_nodules: int = 3
+    nodule_diameter_mm: tuple[float, float] = (5.0, 30.0)
+    noise_hu: float = 20.0
+    blur_mm: float = 1.5  # partial-volume blur (Gaussian sigma in mm, converted per axis)
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != 3 or not all(
+            isinstance(n, (int, np.integer)) and n >= 8 for n in self.shape
+        ):
+            raise ValueError(
+                f"PhantomSpec.shape must be 3 integers >= 8 (z, y, x), got {self.shape}"
+            )
+        if len(self.spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in self.spacing):
+            raise ValueError(
+                f"PhantomSpec.spacing must be 3 finite values > 0 mm (z, y, x), got {self.spacing}"
+            )
+        if not 0.0 <= self.nodule_probability <= 1.0:
+            raise ValueError(
+                f"PhantomSpec.nodule_probability must be in [0, 1], got {self.nodule_probability}"
+            )
+        if self.max_nodules < 0:
+            raise ValueError(f"PhantomSpec.max_nodules must be >= 0, got {self.max_nodules}")
+        lo, hi = self.nodule_diameter_mm
+        if not 0 < lo <= hi:
+            raise ValueError(
+                "PhantomSpec.nodule_diameter_mm must satisfy 0 < min <= max, "
+                f"got {self.nodule_diameter_mm}"
+            )
+        if self.noise_hu < 0 or self.blur_mm < 0:
+            raise ValueError(
+                "PhantomSpec.noise_hu and blur_mm must be >= 0, "
+                f"got {self.noise_hu}, {self.blur_mm}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Anatomy:
+    """One subject's shape parameters in the patient frame (mm) and tissue intensities (HU)."""
+
+    rotation: np.ndarray  # (3, 3) patient -> world directions
+    shift: np.ndarray  # (3,) patient origin relative to the volume centre, world mm
+    table_offset: np.ndarray  # (3,) world position of the volume centre
+    # Body: rounded-rectangle ellipse, narrowing toward the head.
+    body_a: float
+    body_b: float
+    body_square: float
+    taper: float
+    fat_lat: float
+    fat_ap: float
+    # Thoracic (and upper abdominal) cavity: ellipse inside the body wall.
+    cav_a: float
+    cav_b: float
+    cav_yc: float
+    # Lungs: paraboloid apices, mediastinal gap, two diaphragm domes (right higher).
+    apex_z: float
+    apex_depth: float
+    mediastinum_half: float
+    dome_right_z: float
+    dome_left_z: float
+    dome_depth: float
+    dome_tilt: float
+    # Heart: ellipsoid rotated in the axial plane, long axis toward anterior-left.
+    heart_centre: tuple[float, float, float]
+    heart_axes: tuple[float, float, float]
+    heart_angle: float
+    # Aorta: ascending tube, arch (half torus), descending tube drifting anteriorly/medially.
+    aorta_radius: float
+    ascending_xy: tuple[float, float]
+    descending_xy: tuple[float, float]
+    descending_drift: tuple[float, float]
+    arch_z: float
+    # Trachea and main bronchi.
+    trachea_xy: tuple[float, float]
+    trachea_radius: float
+    carina_z: float
+    bronchus_right_end: tuple[float, float, float]
+    bronchus_left_end: tuple[float, float, float]
+    # Spine: vertebral bodies with discs, canal, posterior arch.
+    spine_y: float
+    vertebra_radius: float
+    canal_radius: float
+    vertebra_pitch: float
+    vertebra_phase: float
+    # Ribs: arcs just outside the cavity, falling anteriorly.
+    rib_top_z: float
+    rib_pitch: float
+    rib_drop: float
+    rib_offset: float
+    rib_half_width: float
+    rib_half_height: float
+    rib_front: float
+    # Liver: below the right dome, left lobe reaching across the midline anteriorly.
+    liver_edge_x: float
+    liver_bottom_z: float
+    # Intensities.
+    hu: np.ndarray  # (len(STRUCTURES),) HU per label
+    lung_gradient_hu: float  # dependent (posterior) lung is denser
+
+
+def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
+    cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
+    rot_x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    rot_y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rot_z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rot_z @ rot_y @ rot_x
+
+
+def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
+    def u(lo: float, hi: float) -> float:
+        return float(rng.uniform(lo, hi))
+
+    size = u(0.85, 1.15)
+    sx, sy, sz = size * u(0.95, 1.05), size * u(0.93, 1.07), size * u(0.95, 1.05)
+
+    body_a, body_b = 135.0 * sx, 100.0 * sy
+    fat_lat = u(5.0, 20.0) * size
+    fat_ap = fat_lat * u(0.6, 1.0)
+    wall_lat, wall_ant, wall_post = u(12, 18) * size, u(12, 18) * size, u(28, 38) * size
+    cav_a = body_a - fat_lat - wall_lat
+    cav_b = body_b - fat_ap - 0.5 * (wall_ant + wall_post)
+    cav_yc = 0.5 * (wall_ant - wall_post)
+
+    dome_right_z = u(-60, -25) * sz
+    heart_axes = (u(55, 68) * size, u(42, 52) * size, u(45, 55) * sz)
+    heart_z = dome_right_z - 15.0 + heart_axes[2] * u(0.85, 1.0)
+    heart_centre = (u(10, 30) * sx, cav_yc - u(0.25, 0.4) * cav_b, heart_z)
+
+    vertebra_radius = u(14, 18) * size
+    spine_y = cav_yc + cav_b - u(12, 20)
+    aorta_radius = u(10, 13) * size
+    descending_xy = (
+        vertebra_radius + aorta_radius + u(0, 6),
+        spine_y - vertebra_radius * u(0.3, 0.7),
+    )
+    ascending_xy = (u(-4, 4), heart_centre[1] + u(0, 10))
+    arch_z = heart_z + heart_axes[2] * u(0.6, 0.9)
+
+    trachea_radius = u(7, 10) * size
+    trachea_xy = (u(-6, -1), spine_y - vertebra_radius - u(14, 20))
+    carina_z = arch_z + u(-10, 5)
+    tx, ty = trachea_xy
+    bronchus_right_end = (tx - u(30, 40) * size, ty + 5.0, carina_z - u(20, 30))
+    bronchus_left_end = (tx + u(40, 50) * size, ty + 8.0, carina_z - u(35, 45))
+
+    apex_z = u(95, 120) * sz
+    vertebra_pitch = u(22, 28) * sz
+    lung_hu = u(-870, -830)
+    tissue_hu = {
+        "background": -1000.0,  # air
+        "body": u(35, 50),
+        "fat": u(-115, -85),
+        "lung_left": lung_hu,
+        "lung_right": lung_hu,
+        "heart": u(35, 50),
+        "aorta": u(40, 150),  # from unenhanced to mild contrast
+        "trachea": u(-1000, -980),
+        "spine": u(650, 750),
+        "ribs": u(450, 550),
+        "liver": u(55, 65),
+    }  # Nodules get their own HU each when they are placed.
+    hu = np.zeros(max(STRUCTURES.values()) + 1, np.float32)
+    for name, value in tissue_hu.items():
+        hu[STRUCTURES[name]] = value
+    return _Anatomy(
+        rotation=_rotation(*np.deg2rad(rng.uniform(-4, 4, size=3))),
+        shift=rng.uniform(-10, 10, size=3),
+        table_offset=rng.uniform(-5, 5, size=3),
+        body_a=body_a,
+        body_b=body_b,
+        body_square=u(0.15, 0.45),
+        taper=u(0.03, 0.09),
+        fat_lat=fat_lat,
+        fat_ap=fat_ap,
+        cav_a=cav_a,
+        cav_b=cav_b,
+        cav_yc=cav_yc,
+        apex_z=apex_z,
+        apex_depth=u(60, 80) * sz,
+        mediastinum_half=u(6, 12),
+        dome_right_z=dome_right_z,
+        dome_left_z=dome_right_z - u(8, 25),
+        dome_depth=u(35, 50) * sz,
+        dome_tilt=u(10, 25),
+        heart_centre=heart_centre,
+        heart_axes=heart_axes,
+        heart_angle=math.radians(u(25, 45)),
+        aorta_radius=aorta_radius,
+        ascending_xy=ascending_xy,
+        descending_xy=descending_xy,
+        descending_drift=(u(0.04, 0.1), u(0.03, 0.08)),
+        arch_z=arch_z,
+        trachea_xy=trachea_xy,
+        trachea_radius=trachea_radius,
+        carina_z=carina_z,
+        bronchus_right_end=bronchus_right_end,
+        bronchus_left_end=bronchus_left_end,
+        spine_y=spine_y,
+        vertebra_radius=vertebra_radius,
+        canal_radius=u(6, 8) * size,
+        vertebra_pitch=vertebra_pitch,
+        vertebra_phase=u(0, vertebra_pitch),
+        rib_top_z=apex_z - u(0, 10),
+        rib_pitch=u(22, 27) * sz,
+        rib_drop=u(40, 70) * sz,
+        rib_offset=u(4, 7),
+        rib_half_width=u(3, 4.5),
+        rib_half_height=u(4, 6),
+        rib_front=u(0.7, 0.85),
+        liver_edge_x=u(-10, 10),
+        liver_bottom_z=dome_right_z - u(110, 150) * sz,
+        hu=hu,
+        lung_gradient_hu=u(20, 50),
+    )
+
+
+def _affine(spec: PhantomSpec, table_offset: np.ndarray) -> np.ndarray:
+    sz, sy, sx = spec.spacing
+    affine = np.zeros((4, 4))
+    affine[2, 0], affine[1, 1], affine[0, 2] = sz, sy, sx
+    affine[3, 3] = 1.0
+    centre_index = (np.asarray(spec.shape, np.float64) - 1.0) / 2.0
+    affine[:3, 3] = table_offset - affine[:3, :3] @ centre_index
+    return affine
+
+
+def _patient_grid(
+    affine: np.ndarray, anatomy: _Anatomy, shape: tuple[int, int, int], k0: int, k1: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patient-frame (X, Y, Z) mm of the voxel centres of slices k0:k1, float32 (z, y, x)."""
+    _, ny, nx = shape
+    centre = anatomy.table_offset + anatomy.shift
+    # The affine is a scaled permutation, so each world axis depends on one array axis only and
+    # the rotated coordinates are sums of three broadcast 1D terms (no 3D index grid needed).
+    dx = affine[0, 3] + affine[0, 2] * np.arange(nx) - centre[0]
+    dy = affine[1, 3] + affine[1, 1] * np.arange(ny) - centre[1]
+    dz = affine[2, 3] + affine[2, 0] * np.arange(k0, k1) - centre[2]
+    rot = anatomy.rotation
+    grid = []
+    for axis in range(3):  # patient = rotation^T @ (world - centre)
+        grid.append(
+            (rot[0, axis] * dx).astype(np.float32)[None, None, :]
+            + (rot[1, axis] * dy).astype(np.float32)[None, :, None]
+            + (rot[2, axis] * dz).astype(np.float32)[:, None, None]
+        )
+    return grid[0], grid[1], grid[2]
+
+
+def _segment_dist2(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, p0: tuple[float, ...], p1: tuple[float, ...]
+) -> np.ndarray:
+    """Squared distance (mm^2) to the segment p0-p1: a capsule is `dist2 <= radius^2`."""
+    d = np.subtract(p1, p0)
+    rx, ry, rz = x - p0[0], y - p0[1], z - p0[2]
+    t = np.clip((rx * d[0] + ry * d[1] + rz * d[2]) * (1.0 / float(d @ d)), 0.0, 1.0)
+    rx -= t * d[0]
+    ry -= t * d[1]
+    rz -= t * d[2]
+    return rx * rx + ry * ry + rz * rz
+
+
+def _arch_dist2(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: _Anatomy) -> np.ndarray:
+    """Squared distance to the aortic arch: the upper half of a circle in the vertical plane
+    through the ascending and descending aorta, joining both tubes at `arch_z`."""
+    (x0, y0), (x1, y1) = a.ascending_xy, a.descending_xy
+    mx, my = 0.5 * (x0 + x1), 0.5 * (y0 + y1)
+    length = math.hypot(x1 - x0, y1 - y0)
+    ex, ey = (x1 - x0) / length, (y1 - y0) / length
+    along = (x - mx) * ex + (y - my) * ey
+    across = (y - my) * ex - (x - mx) * ey
+    up = np.maximum(z - a.arch_z, 0.0)
+    radial = np.sqrt(along * along + up * up) - 0.5 * length
+    dist2 = radial * radial + across * across
+    dist2[z < a.arch_z] = np.inf
+    return dist2
+
+
+def _capsules(
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    z_range: tuple[float, float],
+    capsules: list[tuple[tuple[float, float, float], tuple[float, float, float], float]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Union of capsules (p0, p1, radius): (inside, within _HALO_MM of the surface) masks."""
+    inside = np.zeros(x.shape, bool)
+    halo = np.zeros(x.shape, bool)
+    for p0, p1, radius in capsules:
+        reach = radius + _HALO_MM
+        # Skip capsules that cannot reach this slab: the distance field is the costliest step.
+        if min(p0[2], p1[2]) - reach > z_range[1] or max(p0[2], p1[2]) + reach < z_range[0]:
+            continue
+        dist2 = _segment_dist2(x, y, z, p0, p1)
+        inside |= dist2 <= radius * radius
+        halo |= dist2 <= reach * reach
+    return inside, halo
+
+
+def _render_labels(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: _Anatomy) -> np.ndarray:
+    """Structure label map; later structures overwrite earlier ones where they overlap."""
+    labels = np.zeros(x.shape, np.uint8)
+    taper = 1.0 - a.taper * z * (1.0 / 150.0)  # narrower toward the head
+
+    def rounded_ellipse(half_a: np.ndarray, half_b: np.ndarray) -> np.ndarray:
+        # u^2 + v^2 - k u^2 v^2 <= 1 squares the corners of an ellipse (k = 1 is a rectangle)
+        # without the cost of a superellipse's fractional powers.
+        u2 = np.square(x / half_a)
+        v2 = np.square(y / half_b)
+        return u2 + v2 - a.body_square * u2 * v2 <= 1.0
+
+    outer_a, outer_b = a.body_a * taper, a.body_b * taper
+    labels[rounded_ellipse(outer_a, outer_b)] = STRUCTURES["fat"]
+    labels[rounded_ellipse(outer_a - a.fat_lat, outer_b - a.fat_ap)] = STRUCTURES["body"]
+
+    cav_a, cav_b = a.cav_a * taper, a.cav_b * taper
+    cav_r2 = np.square(x / cav_a) + np.square((y - a.cav_yc) / cav_b)
+    cavity = cav_r2 <= 1.0
+
+    # Diaphragm: two downward-opening paraboloid domes, deeper posteriorly; the surface is their
+    # upper envelope, so the right (X < 0) dome is higher where dome_right_z > dome_left_z.
+    dome_x, dome_rx = 0.45 * a.cav_a, 0.65 * a.cav_a
+    dome_y, dome_ry = a.cav_yc - 0.15 * a.cav_b, 1.2 * a.cav_b
+    v = (y - dome_y) * (1.0 / dome_ry)
+    dome_common = a.dome_depth * v * v + a.dome_tilt * v
+    diaphragm = np.maximum(
+        a.dome_right_z - a.dome_depth * np.square((x + dome_x) * (1.0 / dome_rx)),
+        a.dome_left_z - a.dome_depth * np.square((x - dome_x) * (1.0 / dome_rx)),
+    )
+    diaphragm -= dome_common
+    thorax = cavity & (z > diaphragm)
+    labels[thorax] = STRUCTURES["fat"]  # mediastinal fat between the organs painted below
+
+    abs_x = np.abs(x)
+    # Each apex is a paraboloid dome over the lung's cross-section; outside that footprint the
+    # lung top is flat at the dome's rim, so the apex never trims the lower lung.
+    apex_r2 = np.square((abs_x - 0.45 * a.cav_a) * (1.0 / (0.6 * a.cav_a))) + np.square(
+        (y - a.cav_yc - 0.1 * a.cav_b) * (1.0 / a.cav_b)
+    )
+    apex = z < a.apex_z - a.apex_depth * np.minimum(apex_r2, 1.0)
+
+    hx, hy, hz = a.heart_centre
+    ha, hb, hc = a.heart_axes
+    cos_h, sin_h = math.cos(a.heart_angle), math.sin(a.heart_angle)
+    dxh, dyh = x - hx, y - hy
+    heart_q = (
+        np.square((cos_h * dxh - sin_h * dyh) * (1.0 / ha))
+        + np.square((sin_h * dxh + cos_h * dyh) * (1.0 / hb))
+        + np.square((z - hz) * (1.0 / hc))
+    )
+    heart = (heart_q <= 1.0) & (z > diaphragm + 3.0) & (cav_r2 <= 0.92)
+
+    # Aorta and airways are unions of capsules (plus the arch), with a 4 mm halo kept free of lung.
+    z_range = (float(z.min()), float(z.max()))
+    r_a = a.aorta_radius
+    (ax0, ay0), (dx0, dy0) = a.ascending_xy, a.descending_xy
+    kx, ky = a.descending_drift
+    drop = 400.0  # beyond any field of view
+    aorta, aorta_halo = _capsules(
+        x,
+        y,
+        z,
+        z_range,
+        [
+            ((dx0, dy0, a.arch_z), (dx0 - kx * drop, dy0 - ky * drop, a.arch_z - drop), r_a),
+            ((ax0, ay0, hz), (ax0, ay0, a.arch_z), r_a),
+        ],
+    )
+    if z_range[1] >= a.arch_z:
+        arch_d2 = _arch_dist2(x, y, z, a)
+        aorta |= arch_d2 <= r_a**2
+        aorta_halo |= arch_d2 <= (r_a + _HALO_MM) ** 2
+
+    r_t = a.trachea_radius
+    carina = (a.trachea_xy[0], a.trachea_xy[1], a.carina_z)
+    # The trachea runs slightly anteriorly on its way up to the neck.
+    trachea_top = (a.trachea_xy[0], a.trachea_xy[1] - 20.0, a.carina_z + 300.0)
+    trachea, trachea_halo = _capsules(
+        x,
+        y,
+        z,
+        z_range,
+        [
+            (carina, trachea_top, r_t),
+            (carina, a.bronchus_right_end, 0.75 * r_t),
+            (carina, a.bronchus_left_end, 0.7 * r_t),
+        ],
+    )
+
+    spine_r2 = np.square(x) + np.square(y - a.spine_y)
+
+    # Lungs fill the thorax above the diaphragm and below the apices, except a soft-tissue margin
+    # around the mediastinal organs (so lungs never touch heart, vessels or airways directly).
+    lung = (
+        thorax
+        & apex
+        & (abs_x > a.mediastinum_half)
+        & (heart_q > 1.25)  # ~10% larger ellipsoid: 5-6 mm of pericardial fat
+        & ~aorta_halo
+        & ~trachea_halo
+        & (spine_r2 > (a.vertebra_radius + 3.0) ** 2)
+    )
+    labels[lung & (x > 0)] = STRUCTURES["lung_left"]
+    labels[lung & (x < 0)] = STRUCTURES["lung_right"]
+
+    liver = (
+        cavity
+        & (z < diaphragm - 5.0)
+        & (z > a.liver_bottom_z)
+        & (x < a.liver_edge_x - 0.5 * (y - a.cav_yc))
+    )
+    labels[liver] = STRUCTURES["liver"]
+    labels[heart] = STRUCTURES["heart"]
+    labels[aorta] = STRUCTURES["aorta"]
+    labels[trachea] = STRUCTURES["trachea"]
+
+    _paint_spine(labels, x, y, z, spine_r2 <= a.vertebra_radius**2, a)
+    _paint_ribs(labels, x, y, z, cav_r2, a)
+    return labels
+
+
+def _paint_spine(
+    labels: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    z: np.ndarray,
+    vertebral_body: np.ndarray,
+    a: _Anatomy,
+) -> None:
+    phase = (z - a.vertebra_phase) * (1.0 / a.vertebra_pitch)
+    disc = np.abs(phase - np.round(phase)) * a.vertebra_pitch < 2.5
+    canal_y = a.spine_y + a.vertebra_radius + a.canal_radius + 2.0
+    r_c = a.canal_radius
+    canal = np.square(x) + np.square(y - canal_y) <= r_c * r_c
+    arch = np.square(x * (1.0 / (r_c + 6.0))) + np.square((y - canal_y) * (1.0 / (r_c + 5.0)))
+    arch = arch <= 1.0
+    # Processes belong to one vertebra each (gaps between levels); spinous processes also slope
+    # downward going posteriorly.
+    level = phase - np.floor(phase)
+    spinous_phase = phase + (y - canal_y) * (0.6 / a.vertebra_pitch)
+    spinous_level = spinous_phase - np.floor(spinous_phase)
+    spinous = np.square(x * 0.25) + np.square((y - canal_y - r_c - 12.0) * (1.0 / 14.0))
+    spinous = (spinous <= 1.0) & (np.abs(spinous_level - 0.5) < 0.25)
+    transverse = np.square(x * (1.0 / (a.vertebra_radius + 14.0)))
+    transverse += np.square((y - canal_y + 2.0) * 0.2)
+    transverse = (transverse <= 1.0) & (np.abs(level - 0.5) < 0.25)
+    labels[vertebral_body | arch | spinous | transverse] = STRUCTURES["spine"]
+    labels[canal | (vertebral_body & disc)] = STRUCTURES["body"]
+
+
+def _paint_ribs(
+    labels: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray, cav_r2: np.ndarray, a: _Anatomy
+) -> None:
+    # Distance outside the cavity along the ray from its centre: |p| (1 - 1 / rho).
+    yr = y - a.cav_yc
+    dist = np.sqrt(np.square(x) + np.square(yr))
+    rho = np.sqrt(cav_r2)
+    shell = np.abs(dist * (1.0 - 1.0 / np.maximum(rho, 1e-3)) - a.rib_offset) < a.rib_half_width
+    # The rest only on the thin shell: arccos is costly on the full grid.
+    zs, ys, ds = z[shell], yr[shell], dist[shell]
+    # Fraction of the half-turn from the back (0) to the front (1).
+    along = np.arccos(np.clip(ys / np.maximum(ds, 1e-3), -1.0, 1.0)) * (1.0 / math.pi)
+    # Ribs descend from the spine to the front, so shift anterior points up by the drop.
+    u = (a.rib_top_z - zs - a.rib_drop * along) * (1.0 / a.rib_pitch)
+    n = np.round(u)
+    rib = (np.abs(u - n) * a.rib_pitch < a.rib_half_height) & (n >= 0) & (n < _N_RIBS)
+    rib &= along < a.rib_front  # no costal cartilage or sternum
+    idx = np.flatnonzero(shell)[rib]
+    labels.reshape(-1)[idx] = STRUCTURES["ribs"]
+
+
+def _place_nodules(
+    labels: np.ndarray, spec: PhantomSpec, affine: np.ndarray, rng: np.random.Generator
+) -> tuple[list[tuple[tuple[slice, ...], np.ndarray]], np.ndarray, np.ndarray]:
+    """Paints nodule spheres fully inside one lung into `labels`.
+
+    Returns the painted (box, sphere mask) pairs, centres (world mm) and diameters (mm).
+    """
+    spacing = np.asarray(spec.spacing)
+    count = 0
+    if spec.max_nodules > 0 and rng.random() < spec.nodule_probability:
+        count = int(rng.integers(1, spec.max_nodules + 1))
+    # One voxel diagonal of clearance keeps nodules apart as 26-connected components.
+    clearance = float(np.linalg.norm(spacing)) + _NODULE_CLEARANCE_MM
+    lung_voxels = {
+        side: np.flatnonzero(labels == STRUCTURES[side]) for side in ("lung_left", "lung_right")
+    }
+    painted, centres, diameters = [], [], []
+    for _ in range(count):
+        diameter = float(rng.uniform(*spec.nodule_diameter_mm))
+        radius = 0.5 * diameter
+        side = "lung_left" if rng.random() < 0.5 else "lung_right"
+        candidates = lung_voxels[side]
+        if candidates.size == 0:
+            continue
+        # Sub-voxel jitter small enough that the voxel holding the centre stays inside the
+        # sphere, so even the smallest nodule owns at least one mask voxel.
+        max_jitter = np.minimum(0.5 * spacing, 0.4 * radius / math.sqrt(3.0))
+        reach = radius + clearance
+        half = np.ceil(reach / spacing).astype(int)
+        for _ in range(_NODULE_TRIES):
+            flat = candidates[rng.integers(candidates.size)]
+            voxel = np.array(np.unravel_index(flat, spec.shape))
+            centre = voxel + rng.uniform(-1.0, 1.0, size=3) * max_jitter / spacing
+            lo, hi = voxel - half, voxel + half + 1
+            if np.any(lo < 0) or np.any(hi > np.asarray(spec.shape)):
+                continue
+            box = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
+            axes = [(np.arange(l, h) - c) * s for l, h, c, s in zip(lo, hi, centre, spacing)]
+            dist2 = np.square(axes[0])[:, None, None] + np.square(axes[1])[None, :, None]
+            dist2 = dist2 + np.square(axes[2])[None, None, :]
+            if not np.all(labels[box][dist2 <= reach * reach] == STRUCTURES[side]):
+                continue
+            sphere = dist2 <= radius * radius
+            labels[box][sphere] = STRUCTURES["nodule"]
+            painted.append((box, sphere))
+            centres.append((affine @ np.append(centre, 1.0))[:3])
+            diameters.append(diameter)
+            break
+    return (
+        painted,
+        np.asarray(centres, np.float32).reshape(-1, 3),
+        np.asarray(diameters, np.float32),
+    )
+
+
+def generate_subject(spec: PhantomSpec, seed: int, index: int) -> dict[str, np.ndarray]:
+    """One synthetic subject; bit-identical for the same (spec, seed, index).
+
+    Returns {"image": int16 HU (z, y, x), "mask": uint8 nodule mask (z, y, x) with 1 = nodule
+    voxel, "labels": uint8 structure labels (z, y, x) using STRUCTURES, "affine": float64 (4, 4)
+    array index [k, j, i, 1] -> world mm [x, y, z, 1], "has_nodule": bool scalar array,
+    "nodule_centres_mm": float32 (n, 3) world [x, y, z], "nodule_diameters_mm": float32 (n,)}.
+    """
+    rng = np.random.default_rng([seed, index])
+    anatomy = _draw_anatomy(rng)
+    affine = _affine(spec, anatomy.table_offset)
+    labels = np.empty(spec.shape, np.uint8)
+    image = np.empty(spec.shape, np.float32)
+    # Render a few slices at a time: the many elementwise steps then run on cache-sized
+    # temporaries, which is several times faster than whole-volume temporaries.
+    step = max(1, _SLAB_VOXELS // (spec.shape[1] * spec.shape[2]))
+    for k0 in range(0, spec.shape[0], step):
+        k1 = min(k0 + step, spec.shape[0])
+        x, y, z = _patient_grid(affine, anatomy, spec.shape, k0, k1)
+        slab = _render_labels(x, y, z, anatomy)
+        labels[k0:k1] = slab
+        image[k0:k1] = anatomy.hu[slab]
+        lung = (slab == STRUCTURES["lung_left"]) | (slab == STRUCTURES["lung_right"])
+        gradient = anatomy.lung_gradient_hu / anatomy.cav_b
+        image[k0:k1][lung] += gradient * (y[lung] - anatomy.cav_yc)
+    painted, centres, diameters = _place_nodules(labels, spec, affine, rng)
+
+    mask = np.zeros(spec.shape, np.uint8)
+    for box, sphere in painted:
+        image[box][sphere] = rng.uniform(0.0, 60.0)
+        mask[box][sphere] = 1
+
+    if spec.blur_mm > 0:
+        sigma = [spec.blur_mm / s for s in spec.spacing]
+        image = ndimage.gaussian_filter(image, sigma=sigma, mode="nearest")
+    if spec.noise_hu > 0:
+        image += rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(spec.noise_hu)
+    image = np.rint(np.clip(image, HU_MIN, HU_MAX)).astype(np.int16)
+    return {
+        "image": image,
+        "mask": mask,
+        "labels": labels,
+        "affine": affine,
+        "has_nodule": np.array(len(painted) > 0),
+        "nodule_centres_mm": centres,
+        "nodule_diameters_mm": diameters,
+    }
+
+
+def project_coronal(subject: dict) -> dict[str, np.ndarray]:
+    """X-ray-like 2D view: mean HU and max nodule mask along the anterior-posterior axis (y).
+
+    Returns {"image": int16 (z, x), "mask": uint8 (z, x), "affine": float64 (3, 3) mapping
+    [k, i, 1] -> world [x_mm, z_mm, 1], "has_nodule": bool scalar array}.
+    """
+    image = np.rint(subject["image"].astype(np.float32).mean(axis=1)).astype(np.int16)
+    mask = subject["mask"].max(axis=1).astype(np.uint8)
+    a3 = np.asarray(subject["affine"], np.float64)
+    # Keep the world x and z rows and the array z and x columns (plus the translation).
+    affine = np.eye(3)
+    affine[:2, :] = a3[np.ix_([0, 2], [0, 2, 3])]
+    return {
+        "image": image,
+        "mask": mask,
+        "affine": affine,
+        "has_nodule": np.array(bool(mask.any())),
+    }
+
+
+def save_preview(spec: PhantomSpec, seed: int, num_subjects: int, out_path: str) -> None:
+    """PNG of axial, coronal and sagittal mid-slices and the coronal projection per subject."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sz, sy, sx = spec.spacing
+    window = {"cmap": "gray", "vmin": -1000, "vmax": 600, "interpolation": "nearest"}
+    fig, axes = plt.subplots(num_subjects, 4, figsize=(14, 3.6 * num_subjects), squeeze=False)
+    for index in range(num_subjects):
+        subject = generate_subject(spec, seed, index)
+        projection = project_coronal(subject)
+        image = subject["image"]
+        nz, ny, nx = image.shape
+        # Radiological display: anterior up (axial), head up (coronal/sagittal), patient's left
+        # on the image right; aspect = row spacing / column spacing keeps millimetres square.
+        panels = [
+            ("axial", image[nz // 2], {"aspect": sy / sx}),
+            ("coronal", image[:, ny // 2], {"aspect": sz / sx, "origin": "lower"}),
+            ("sagittal", image[:, :, nx // 2], {"aspect": sz / sy, "origin": "lower"}),
+        ]
+        for ax, (name, data, kwargs) in zip(axes[index], panels):
+            ax.imshow(data, **window, **kwargs)
+            ax.set_title(f"subject {index}: {name} mid-slice", fontsize=9)
+        ax = axes[index, 3]
+        ax.imshow(
+            projection["image"], cmap="gray", vmin=-1000, vmax=0, aspect=sz / sx, origin="lower"
+        )
+        if projection["mask"].any():
+            ax.contour(projection["mask"], levels=[0.5], colors="red", linewidths=0.8)
+        n = len(subject["nodule_diameters_mm"])
+        ax.set_title(f"coronal projection ({n} nodule{'s' * (n != 1)}, red)", fontsize=9)
+        for ax in axes[index]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(
+        f"ISImed synthetic phantom (procedural, not patient data), seed {seed}, "
+        f"shape {spec.shape}, spacing {spec.spacing} mm, HU window [-1000, 600]"
+    )
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def _main(argv: list[str]) -> None:
+    from absl import flags
+
+    del argv
+    cfg = flags.FLAGS
+    spec = PhantomSpec()
+    start = time.perf_counter()
+    for index in range(cfg.num_subjects):
+        subject = generate_subject(spec, cfg.seed, index)
+        print(
+            f"subject {index}: nodules {len(subject['nodule_diameters_mm'])}, "
+            f"diameters {np.round(subject['nodule_diameters_mm'], 1).tolist()} mm"
+        )
+    elapsed = time.perf_counter() - start
+    print(f"{cfg.num_subjects / elapsed:.1f} volumes/s at shape {spec.shape}")
+    if cfg.preview:
+        save_preview(spec, cfg.seed, cfg.num_subjects, cfg.out)
+        print(f"wrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_bool("preview", False, "Write a PNG of mid-slices and projections.")
+    flags.DEFINE_string("out", "phantom_preview.png", "Path of the preview PNG.")
+    flags.DEFINE_integer("num_subjects", 3, "Number of subjects to generate.")
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    app.run(_main)

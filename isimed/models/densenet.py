@@ -1,0 +1,127 @@
+"""DenseNet encoders matching the layout of MONAI's ``DenseNet`` / ``DenseNet121``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from isimed.models.layers import (
+    avg_pool,
+    batch_norm,
+    check_spatial_dims,
+    conv,
+    global_avg_pool,
+    linear,
+    max_pool,
+    resolve_dtype,
+)
+
+
+class DenseLayer(nnx.Module):
+    """BN -> ReLU -> 1x1 conv (bottleneck) -> BN -> ReLU -> 3x3 conv; output is appended to the input."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        growth_rate: int,
+        bn_size: int,
+        dropout_prob: float,
+        *,
+        spatial_dims: int,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+    ) -> None:
+        hidden = bn_size * growth_rate
+        self.bn1 = batch_norm(in_channels, dtype=dtype, rngs=rngs)
+        self.conv1 = conv(in_channels, hidden, 1, spatial_dims=spatial_dims, dtype=dtype, rngs=rngs)
+        self.bn2 = batch_norm(hidden, dtype=dtype, rngs=rngs)
+        self.conv2 = conv(hidden, growth_rate, 3, padding=1, spatial_dims=spatial_dims, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout_prob, rngs=rngs) if dropout_prob > 0 else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.conv1(nnx.relu(self.bn1(x)))
+        y = self.conv2(nnx.relu(self.bn2(y)))
+        if self.dropout is not None:
+            y = self.dropout(y)
+        return jnp.concatenate([x, y], axis=-1)
+
+
+class Transition(nnx.Module):
+    """BN -> ReLU -> 1x1 conv -> 2x2 average pool with stride 2."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, *, spatial_dims: int, dtype: jnp.dtype, rngs: nnx.Rngs
+    ) -> None:
+        self.bn = batch_norm(in_channels, dtype=dtype, rngs=rngs)
+        self.conv = conv(in_channels, out_channels, 1, spatial_dims=spatial_dims, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return avg_pool(self.conv(nnx.relu(self.bn(x))), 2, 2)
+
+
+class DenseNet(nnx.Module):
+    """DenseNet encoder producing an (N, embed_dim) float32 embedding.
+
+    Defaults are DenseNet-121 as configured by MONAI (``DenseNet121``).
+
+    Args:
+      spatial_dims: 2 or 3.
+      embed_dim: size of the output embedding (the final Linear's width).
+      in_channels: number of input channels.
+      dtype: compute dtype; parameters are always float32, the output is float32.
+      init_features: channels produced by the stem.
+      growth_rate: channels each dense layer adds.
+      block_config: number of dense layers in each dense block.
+      bn_size: bottleneck width of a dense layer, in multiples of ``growth_rate``.
+      dropout_prob: dropout after each dense layer's 3x3 conv (needs a
+        ``dropout`` RNG stream in ``rngs`` when positive).
+      rngs: parameter (and dropout) RNGs.
+    """
+
+    def __init__(
+        self,
+        *,
+        spatial_dims: int,
+        embed_dim: int,
+        in_channels: int = 1,
+        dtype: str | jnp.dtype = "float32",
+        init_features: int = 64,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        bn_size: int = 4,
+        dropout_prob: float = 0.0,
+        rngs: nnx.Rngs,
+    ) -> None:
+        check_spatial_dims(spatial_dims)
+        self.dtype = resolve_dtype(dtype)
+        kw = dict(spatial_dims=spatial_dims, dtype=self.dtype, rngs=rngs)
+        self.stem = conv(in_channels, init_features, 7, stride=2, padding=3, **kw)
+        self.stem_bn = batch_norm(init_features, dtype=self.dtype, rngs=rngs)
+
+        # Each stage is a dense block, followed by a transition except after the last.
+        stages = []
+        channels = init_features
+        for i, num_layers in enumerate(block_config):
+            layers = []
+            for _ in range(num_layers):
+                layers.append(DenseLayer(channels, growth_rate, bn_size, dropout_prob, **kw))
+                channels += growth_rate
+            if i < len(block_config) - 1:
+                layers.append(Transition(channels, channels // 2, **kw))
+                channels //= 2
+            stages.append(nnx.Sequential(*layers))
+        self.stages = nnx.List(stages)
+        self.final_bn = batch_norm(channels, dtype=self.dtype, rngs=rngs)
+        self.head = linear(channels, embed_dim, dtype=self.dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Map (N, *spatial, C) inputs to (N, embed_dim) float32 embeddings."""
+        x = nnx.relu(self.stem_bn(self.stem(x)))
+        x = max_pool(x, 3, 2, 1)
+        for stage in self.stages:
+            x = stage(x)
+        x = nnx.relu(self.final_bn(x))
+        return self.head(global_avg_pool(x)).astype(jnp.float32)

@@ -1,0 +1,26 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # configs/ and benchmarks/ are importable as in the entry points.
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory):
+    """A data dir holding the tiny synthetic phantom (generated once per test worker)."""
+    from isimed.data import chest_phantom
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    chest_phantom.data_source("tiny3d", "train", data_dir)
+    return data_dir
+
+
+@pytest.fixture
+def test_config(phantom_dir):
+    from configs import isimed_chest
+
+    config = isimed_chest.get_config("test")
+    config.data.data_dir = phantom_dir
+    return config

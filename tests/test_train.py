@@ -1,0 +1,98 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from isimed import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_devices(n: int, out: str) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+    subprocess.run([sys.executable, "tests/sharding_check.py", out], cwd=ROOT, env=env, check=True, timeout=300)
+    return dict(np.load(out))
+
+
+def test_one_device_equals_eight_devices(tmp_path):
+    one = run_devices(1, str(tmp_path / "one.npz"))
+    eight = run_devices(8, str(tmp_path / "eight.npz"))
+    assert int(one.pop("devices")) == 1 and int(eight.pop("devices")) == 8
+    assert one.keys() == eight.keys() and len(one) > 10
+    # Entries that are exactly zero in theory (the head bias: distances ignore a common shift) are
+    # float noise, so the absolute tolerance is relative to the largest gradient overall.
+    scale = max(np.abs(v).max() for k, v in one.items() if k.startswith("grad/"))
+    for key in one:
+        np.testing.assert_allclose(eight[key], one[key], rtol=1e-5, atol=1e-6 * scale, err_msg=key)
+
+
+def test_preset_learns_and_writes_outputs(test_config, tmp_path):
+    summary = train.train_and_evaluate(test_config, str(tmp_path))
+    before = summary["initial"]["spearman_within"]
+    after = summary["validation"]["spearman_within"]
+    assert after > before + 0.15, (before, after)
+    # Embeddings locate crops better than raw intensities do.
+    probe = summary["final"]["position_probe"]["mae_mm"]
+    assert probe < summary["final"]["position_probe_raw_intensity"]["mae_mm"]
+    assert json.load(open(tmp_path / "summary.json"))["step"] == test_config.total_steps
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert max(line["step"] for line in lines) == test_config.total_steps
+    assert "train/loss" in lines[-2] or "train/loss" in lines[-1]
+
+
+def restored_params(workdir):
+    _, _, state = train.load_checkpoint(workdir)
+    return int(state["step"]), state["params"]
+
+
+def test_sigterm_checkpoint_then_resume_equals_straight_run(test_config, tmp_path):
+    steps = 200
+    test_config.total_steps = steps
+    test_config.eval_every = 1000
+    test_config.checkpoint_every = 50
+    straight = tmp_path / "straight"
+    train.train_and_evaluate(test_config, str(straight))
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "main.py", "--config=configs/isimed_chest.py:test",
+         f"--config.data.data_dir={test_config.data.data_dir}", f"--config.total_steps={steps}",
+         "--config.eval_every=1000", "--config.checkpoint_every=50", f"--workdir={interrupted}"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    for line in proc.stdout:  # Interrupt at the first training log line.
+        if line.startswith("step 10:"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = line + proc.stdout.read()
+    assert proc.wait(timeout=120) == 0, output
+    assert "Preempted" in output
+    step, _ = restored_params(str(interrupted))  # The SIGTERM checkpoint restores.
+    assert 10 <= step < steps
+
+    train.train_and_evaluate(test_config, str(interrupted))
+    s1, a = restored_params(str(straight))
+    s2, b = restored_params(str(interrupted))
+    assert s1 == s2 == steps
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_nan_guard_stops_and_keeps_last_good_checkpoint(test_config, tmp_path):
+    test_config.total_steps = 20
+    test_config.checkpoint_every = 20
+    train.train_and_evaluate(test_config, str(tmp_path))
+    test_config.total_steps = 40
+    test_config.optim.learning_rate = 1e30  # Parameters explode -> non-finite loss.
+    with pytest.raises(FloatingPointError, match="Last good checkpoint: step 20"):
+        train.train_and_evaluate(test_config, str(tmp_path))
+    step, params = restored_params(str(tmp_path))
+    assert step == 20
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
