@@ -1,0 +1,43 @@
+"""The TFDS builder: splits by subject, records equal to the generator, 2D variant."""
+
+import numpy as np
+
+from isimed.data import chest_phantom
+from isimed.data import phantom
+
+
+def test_splits_are_disjoint_by_subject_and_complete(phantom_dir):
+    config = next(c for c in chest_phantom.ChestPhantom.BUILDER_CONFIGS if c.name == "tiny3d")
+    ids = {}
+    for split in chest_phantom.SPLITS:
+        source = chest_phantom.data_source("tiny3d", split, phantom_dir)
+        ids[split] = [int(source[i]["id"]) for i in range(len(source))]
+        assert len(set(ids[split])) == len(ids[split])
+    assert [len(ids[s]) for s in chest_phantom.SPLITS] == list(config.num_subjects)
+    train, val, test = (set(ids[s]) for s in chest_phantom.SPLITS)
+    assert not (train & val or train & test or val & test)
+    assert train | val | test == set(range(sum(config.num_subjects)))
+
+
+def test_records_equal_the_generator(phantom_dir):
+    config = next(c for c in chest_phantom.ChestPhantom.BUILDER_CONFIGS if c.name == "tiny3d")
+    source = chest_phantom.data_source("tiny3d", "validation", phantom_dir)
+    record = source[0]
+    subject = phantom.generate_subject(config.spec, config.seed, int(record["id"]))
+    np.testing.assert_array_equal(record["image"], subject["image"])
+    np.testing.assert_array_equal(record["mask"], subject["mask"])
+    np.testing.assert_array_equal(record["affine"], subject["affine"])
+    assert bool(record["has_nodule"]) == bool(subject["mask"].any())
+
+
+def test_coronal_variant_is_2d(tmp_path):
+    spec = phantom.PhantomSpec(shape=(24, 32, 32), spacing=(10.0, 8.0, 8.0))
+    config = chest_phantom.ChestPhantomConfig(
+        name="t2d", view="coronal", spec=spec, num_subjects=(2, 1, 1), version="1.0.0"
+    )
+    builder = chest_phantom.ChestPhantom(config=config, data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    record = builder.as_data_source(split="test")[0]
+    assert record["image"].shape == (24, 32) and record["affine"].shape == (3, 3)
+    expected = phantom.project_coronal(phantom.generate_subject(spec, 0, int(record["id"])))
+    np.testing.assert_array_equal(record["image"], expected["image"])
