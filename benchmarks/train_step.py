@@ -1,0 +1,146 @@
+"""Train-step benchmark: crops/s and compile time per encoder, dtype and device count.
+
+python -m benchmarks.train_step [--steps=3] [--skip_densenet]
+
+Each device count runs in its own process (8 devices are simulated on the CPU with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 unless real accelerators are present). The last
+table times the ISImed loss alone (forward + backward) against a whole train step at 1024 crops.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_integer("steps", 3, "Timed steps per variant (after one compile step).")
+flags.DEFINE_bool("skip_densenet", False, "Leave out DenseNet-121 (slow on CPU).")
+flags.DEFINE_integer("worker_devices", 0, "Internal: run the variants in this process and print JSON.")
+FLAGS = flags.FLAGS
+
+# name, model, crop, crops per step (B x K), embed dim
+VARIANTS = [
+    ("small_cnn 2D 32^2", "small_cnn", (32, 32), (8, 16), 128),
+    ("small_cnn 3D 16^3", "small_cnn", (16, 16, 16), (8, 16), 128),
+    ("small_cnn 3D 32^3", "small_cnn", (32, 32, 32), (8, 16), 128),
+    ("densenet121 3D 32^3", "densenet121", (32, 32, 32), (8, 16), 1024),
+]
+
+
+def _time_step(name, model_name, crop, bk, embed_dim, dtype, steps):
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from configs import isimed_chest
+    from isimed import train
+
+    config = isimed_chest.get_config("demo")
+    config.data.crop_size = crop
+    config.data.images_per_batch, config.data.crops_per_image = bk
+    config.model.name, config.model.embed_dim, config.model.dtype = model_name, embed_dim, dtype
+    mesh = train.make_mesh()
+    model = train.Model(config)
+    tx, schedule = train.make_optimizer(config.optim, 1000)
+    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    state = jax.device_put(train.init_state(config, model, tx), replicated)
+    step = jax.jit(train.make_train_step(config, model, tx, schedule),
+                   in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                   donate_argnums=0)
+    rng = np.random.default_rng(0)
+    batch = jax.device_put({
+        "crops": rng.uniform(-1, 1, (*bk, *crop, 1)).astype(np.float32),
+        "centres": rng.uniform(-100, 100, (*bk, len(crop))).astype(np.float32),
+    }, data)
+    t0 = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(state)
+    step_s = (time.perf_counter() - t0) / steps
+    return {"variant": name, "dtype": dtype, "devices": jax.device_count(),
+            "compile_s": compile_s, "step_ms": step_s * 1e3, "crops_per_s": bk[0] * bk[1] / step_s}
+
+
+def _time_loss_share(steps):
+    """The distance loss alone vs a whole small_cnn step, both at 1024 crops (32 images x 32)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from isimed import losses
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for dim in (128, 1024):
+        z = jnp.asarray(rng.normal(size=(32, 32, dim)), jnp.float32)
+        p = jnp.asarray(rng.uniform(-100, 100, (32, 32, 3)), jnp.float32)
+        f = jax.jit(jax.grad(lambda z: losses.isimed_loss(z, p, scale=100.0, pairs="all")[0]))
+        jax.block_until_ready(f(z))
+        t0 = time.perf_counter()
+        for _ in range(steps * 3):
+            g = f(z)
+        jax.block_until_ready(g)
+        rows.append({"what": f"ISImed loss fwd+bwd, 1024 crops, D={dim}",
+                     "ms": (time.perf_counter() - t0) / (steps * 3) * 1e3})
+    step = _time_step("small_cnn 3D 16^3", "small_cnn", (16, 16, 16), (32, 32), 128, "float32", steps)
+    rows.append({"what": "whole train step, small_cnn 3D 16^3, 1024 crops, D=128", "ms": step["step_ms"]})
+    return rows
+
+
+def _worker(devices):
+    results = {"steps": [], "loss": []}
+    for variant in VARIANTS:
+        if FLAGS.skip_densenet and variant[1] == "densenet121":
+            continue
+        for dtype in ("float32", "bfloat16"):
+            results["steps"].append(_time_step(*variant, dtype, FLAGS.steps))
+    if devices == 1:
+        results["loss"] = _time_loss_share(FLAGS.steps)
+    print("RESULTS " + json.dumps(results))
+
+
+def main(argv):
+    del argv
+    if FLAGS.worker_devices:
+        return _worker(FLAGS.worker_devices)
+    import jax  # Only to see whether accelerators are present; workers set their own flags.
+
+    rows, loss_rows = [], []
+    for devices in (1, 8):
+        env = dict(os.environ)
+        if jax.default_backend() == "cpu":
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        elif devices > jax.device_count():
+            continue
+        cmd = [sys.executable, "-m", "benchmarks.train_step", f"--worker_devices={devices}",
+               f"--steps={FLAGS.steps}", f"--skip_densenet={FLAGS.skip_densenet}"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        results = json.loads(next(l for l in out.splitlines() if l.startswith("RESULTS "))[8:])
+        rows += results["steps"]
+        loss_rows += results["loss"]
+
+    print(f"\nTrain step ({jax.default_backend()}, {os.cpu_count()} CPU cores; "
+          f"mean of {FLAGS.steps} steps after compile)")
+    print(f"{'variant':<22} {'dtype':<9} {'devices':>7} {'compile s':>10} {'step ms':>10} {'crops/s':>9} {'vs f32':>7}")
+    f32 = {(r["variant"], r["devices"]): r["step_ms"] for r in rows if r["dtype"] == "float32"}
+    for r in rows:
+        ratio = f32[(r["variant"], r["devices"])] / r["step_ms"]
+        print(f"{r['variant']:<22} {r['dtype']:<9} {r['devices']:>7} {r['compile_s']:>10.1f} "
+              f"{r['step_ms']:>10.1f} {r['crops_per_s']:>9.0f} {ratio:>6.2f}x")
+    print("\nDistance-loss share")
+    for r in loss_rows:
+        print(f"{r['what']:<58} {r['ms']:>9.1f} ms")
+    if len(loss_rows) == 3:
+        print(f"loss (D=128) / whole step: {loss_rows[0]['ms'] / loss_rows[2]['ms']:.1%}")
+
+
+if __name__ == "__main__":
+    app.run(main)
