@@ -21,6 +21,8 @@ test: install
 
 demo: install
 	$(PY) main.py --config=configs/isimed_chest.py:demo --workdir=$(WORKDIR)
+	$(PY) linear_eval.py --config=configs/linear_eval_chest.py:demo \
+		--config.pretrain_workdir=$(WORKDIR) --workdir=$(WORKDIR)/linear_eval
 
 benchmark: install
 	$(PY) -m benchmarks.pipeline

@@ -50,7 +50,7 @@ class ChestPhantom(tfds.core.GeneratorBasedBuilder):
         _config("large3d", "3d", _LARGE, (200, 50, 50), "128x192x192 voxels, 2.5x1.75x1.75 mm"),
         _config("large2d", "coronal", _LARGE, (200, 50, 50), "coronal projections of large3d"),
         _config("tiny3d", "3d", phantom.PhantomSpec(shape=(32, 48, 48), spacing=(10.0, 7.0, 7.0)),
-                (12, 4, 4), "tests: 32x48x48 voxels, 10x7x7 mm"),
+                (12, 4, 12), "tests: 32x48x48 voxels, 10x7x7 mm"),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:

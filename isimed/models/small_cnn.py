@@ -14,7 +14,11 @@ NORMS = ("batch", "group", "none")
 
 
 class SmallCNN(nnx.Module):
-    """Stages of conv3 -> norm -> ReLU; every stage after the first halves the resolution.
+    """Stages of stride-2 conv3 -> norm -> ReLU, then global average pool and Linear.
+
+    Every stage, the first included, halves the resolution: a first stage at
+    full resolution costs ~10x more on CPU (128 x 16^3 crops: ~0.9 s instead
+    of ~0.1 s per fwd+bwd on 2 cores) for a demo-sized model.
 
     Args:
       spatial_dims: 2 or 3.
@@ -23,6 +27,8 @@ class SmallCNN(nnx.Module):
       dtype: compute dtype; parameters are always float32, the output is float32.
       widths: output channels of each stage.
       norm: ``"batch"``, ``"group"`` (8 groups or fewer) or ``"none"``.
+      im2col: compute convolutions as patches + matmul (see
+        :func:`~isimed.models.layers.im2col_conv`), much faster under XLA:CPU.
       rngs: parameter RNGs.
     """
 
@@ -35,6 +41,7 @@ class SmallCNN(nnx.Module):
         dtype: str | jnp.dtype = "float32",
         widths: Sequence[int] = (16, 32, 64, 128),
         norm: str = "batch",
+        im2col: bool = True,
         rngs: nnx.Rngs,
     ) -> None:
         check_spatial_dims(spatial_dims)
@@ -43,19 +50,20 @@ class SmallCNN(nnx.Module):
         self.dtype = resolve_dtype(dtype)
         convs, norms = [], []
         channels = in_channels
-        for i, width in enumerate(widths):
+        for width in widths:
             convs.append(
                 conv(
                     channels,
                     width,
                     3,
-                    stride=1 if i == 0 else 2,
+                    stride=2,
                     padding=1,
                     # A bias right before a normalisation is redundant.
                     use_bias=norm == "none",
                     spatial_dims=spatial_dims,
                     dtype=self.dtype,
                     rngs=rngs,
+                    im2col=im2col,
                 )
             )
             norms.append(self._make_norm(norm, width, rngs))

@@ -1,0 +1,183 @@
+"""Linear evaluation of a pretraining checkpoint: `evaluate(config, workdir)`.
+
+Feature sets compared in every report: the pretrained encoder, the same architecture randomly
+initialised, and raw crop intensities, so the table shows what pretraining adds. All three see the
+same crops. Encoders run frozen in eval mode (BatchNorm running statistics, never updated).
+"""
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from isimed import train
+from isimed.evaluation import features as features_lib
+from isimed.evaluation import metrics as metrics_lib
+from isimed.evaluation import probes
+
+FEATURE_SETS = ("pretrained", "random_init", "raw_intensity")
+
+
+def _select_step(pretrain_workdir: str, checkpoint: str) -> int | None:
+    """None for the latest step; else the requested or best-validation step."""
+    if checkpoint == "latest":
+        return None
+    if checkpoint != "best":
+        return int(checkpoint)
+    log = os.path.join(pretrain_workdir, "metrics.jsonl")
+    ckpt_dir = os.path.join(pretrain_workdir, "checkpoints")
+    available = {int(d) for d in os.listdir(ckpt_dir) if d.isdigit()} if os.path.isdir(ckpt_dir) else set()
+    scores = {}
+    if os.path.exists(log):
+        for line in open(log):
+            row = json.loads(line)
+            if "validation/spearman_within" in row and row["step"] in available:
+                scores[row["step"]] = row["validation/spearman_within"]
+    if not scores:
+        raise FileNotFoundError(
+            f"checkpoint='best' needs validation metrics for a saved step in {log}; "
+            f"saved steps: {sorted(available)}"
+        )
+    return max(scores, key=scores.get)
+
+
+def _pool(crops: np.ndarray, factor: int) -> np.ndarray:
+    """Average-pools `(B, K, *spatial, 1)` crops by `factor` per axis; returns `(B, K, features)`."""
+    b, k = crops.shape[:2]
+    spatial = crops.shape[2:-1]
+    x = crops[(slice(None), slice(None), *[slice(0, s - s % factor) for s in spatial], 0)]
+    blocks = [b, k]
+    for s in spatial:
+        blocks += [s // factor, factor]
+    x = x.reshape(blocks).mean(axis=tuple(3 + 2 * i for i in range(len(spatial))))
+    return x.reshape(b, k, -1)
+
+
+def _collect_all(config, pre_config, embed_fns, split, k, lesion_share, max_images):
+    """Embeds the same crops with every encoder; adds pooled raw intensities."""
+    sets = {}
+    for name, embed in embed_fns.items():
+        sets[name] = features_lib.collect(
+            pre_config, split, embed, max_images=max_images, crops_per_image=k,
+            lesion_share=lesion_share, with_crops=name == "pretrained", seed=config.seed + 17,
+        )
+    base = sets["pretrained"]
+    sets["raw_intensity"] = {**base, "embeddings": _pool(base.pop("crops"), config.raw_pool)}
+    for name in embed_fns:
+        np.testing.assert_array_equal(sets[name]["centres"], base["centres"])  # Same crops.
+    return sets
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs every task and metric for the three feature sets; writes results.json and results.md."""
+    if not config.pretrain_workdir:
+        raise ValueError("set --config.pretrain_workdir to a pretraining --workdir")
+    pretrain_workdir = os.path.abspath(os.path.expanduser(config.pretrain_workdir))
+    step = _select_step(pretrain_workdir, str(config.checkpoint))
+    pre_config, model, state = train.load_checkpoint(pretrain_workdir, step)
+    if config.data_dir:
+        pre_config.data.data_dir = config.data_dir
+    pre_config.data.data_dir = os.path.expanduser(pre_config.data.data_dir)
+
+    mesh = train.make_mesh()
+    bind = features_lib.make_embed_fn(model, mesh)
+    embed_fns = {
+        "pretrained": bind(state["params"]["encoder"], state["batch_stats"]),
+        # Same architecture and seed as pretraining started from.
+        "random_init": bind(model.params, model.batch_stats),
+    }
+
+    evaluation = _collect_all(config, pre_config, embed_fns, config.eval_split,
+                              config.crops_per_image, config.lesion_share, config.max_images)
+    reference = _collect_all(config, pre_config, embed_fns, config.reference_split,
+                             config.crops_per_image, config.lesion_share, config.reference_images)
+    # Spearman and RankMe on uniformly placed crops (lesion-centred crops cluster in the lungs).
+    uniform = _collect_all(config, pre_config, embed_fns, config.eval_split,
+                           config.crops_per_image, 0.0, config.max_images)
+
+    probe_kwargs = dict(
+        epochs=config.probe.epochs, learning_rate=config.probe.learning_rate,
+        weight_decays=tuple(config.probe.weight_decays), batch_size=config.probe.batch_size,
+        seed=config.seed,
+    )
+    results: dict[str, Any] = {
+        "pretrain_workdir": pretrain_workdir,
+        "checkpoint_step": int(state["step"]),
+        "eval_split": config.eval_split,
+        "num_subjects": int(len(evaluation["pretrained"]["image_id"])),
+        "crops_per_subject": config.crops_per_image,
+        "lesion_crop_share": float(evaluation["pretrained"]["has_lesion"].mean()),
+        "feature_sets": {},
+    }
+    for name in FEATURE_SETS:
+        ev, ref, uni = evaluation[name], reference[name], uniform[name]
+        x = _flat(ev["embeddings"])
+        groups = np.repeat(ev["image_id"], ev["embeddings"].shape[1])
+        image_x = ev["embeddings"].mean(axis=1)  # Image level: mean of its crop features.
+        image_y = ev["has_lesion"].max(axis=1)
+        row = {
+            "lesion_crop": probes.cross_validate(
+                x, _flat(ev["has_lesion"]), groups, task="binary", folds=config.folds,
+                val_fraction=config.val_fraction, **probe_kwargs),
+            "lesion_fraction": probes.cross_validate(
+                x, _flat(ev["lesion_fraction"]), groups, task="regression", folds=config.folds,
+                val_fraction=config.val_fraction, **probe_kwargs),
+            "rankme": probes.rankme(_flat(uni["embeddings"])),
+            "knn_accuracy": probes.knn_accuracy(
+                _flat(ref["embeddings"]), _flat(ref["has_lesion"]), x, _flat(ev["has_lesion"]),
+                k=config.knn_k),
+            "position_probe": metrics_lib.position_probe(
+                _flat(ref["embeddings"]), _flat(ref["centres"]), _flat(uni["embeddings"]),
+                _flat(uni["centres"])),
+            "spearman_within": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "within"),
+            "spearman_cross": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "cross"),
+        }
+        if len(np.unique(image_y)) == 2 and len(image_y) >= 2 * config.folds:
+            row["lesion_image"] = probes.cross_validate(
+                image_x, image_y, ev["image_id"], task="binary", folds=config.folds,
+                val_fraction=config.val_fraction, **probe_kwargs)
+        results["feature_sets"][name] = row
+
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=float)
+        with open(os.path.join(workdir, "results.md"), "w") as f:
+            f.write(format_results(results) + "\n")
+    return results
+
+
+def _pm(cv: dict, metric: str) -> str:
+    return f"{cv['mean'][metric]:.3f} ± {cv['std'][metric]:.3f}"
+
+
+def format_results(results: dict[str, Any]) -> str:
+    """A markdown table: one row per feature set."""
+    lines = [
+        f"Linear evaluation of step {results['checkpoint_step']} of {results['pretrain_workdir']}",
+        f"({results['num_subjects']} {results['eval_split']} subjects x {results['crops_per_subject']} "
+        f"crops, {results['lesion_crop_share']:.0%} contain lesion; mean ± std over subject-grouped folds)",
+        "",
+        "| features | crop AUC | crop acc | crop F1 | sens | spec | image AUC | lesion-fraction MAE "
+        "| kNN acc | RankMe | position MAE mm | Spearman within | Spearman cross |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results["feature_sets"].items():
+        crop = row["lesion_crop"]
+        image = _pm(row["lesion_image"], "auc") if "lesion_image" in row else "n/a"
+        lines.append(
+            f"| {name} | {_pm(crop, 'auc')} | {_pm(crop, 'accuracy')} | {_pm(crop, 'f1')} "
+            f"| {_pm(crop, 'sensitivity')} | {_pm(crop, 'specificity')} | {image} "
+            f"| {_pm(row['lesion_fraction'], 'mae')} | {row['knn_accuracy']:.3f} "
+            f"| {row['rankme']:.1f} | {row['position_probe']['mae_mm']:.1f} "
+            f"| {row['spearman_within']:.3f} | {row['spearman_cross']:.3f} |"
+        )
+    return "\n".join(lines)
