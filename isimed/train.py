@@ -370,10 +370,39 @@ def load_checkpoint(workdir: str, step: int | None = None):
     model = Model(config)
     tx, _ = make_optimizer(config.optim, config.total_steps)
     abstract = jax.eval_shape(lambda: init_state(config, model, tx))
+    _check_shapes(os.path.join(directory, str(step), "state"), abstract, config)
     state = mngr.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     ).state
     return config, model, state
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+    """Leaf shapes keyed by path; keys normalised to strings as orbax stores them."""
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path):
+        tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _check_shapes(state_dir: str, abstract: State, config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming what was expected and found if a checkpoint does not fit the
+    encoder its stored config describes (e.g. written by other code)."""
+    found = _shapes(ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree)
+    expected = _shapes(abstract)
+    problems = [
+        f"{key}: expected {shape}, found {found.get(key, 'nothing')}"
+        # Parameters first: optimiser-state mismatches only repeat them.
+        for key, shape in sorted(expected.items(), key=lambda kv: kv[0].startswith("opt_state"))
+        if found.get(key) != shape
+    ] + [f"{key}: unexpected {shape}" for key, shape in found.items() if key not in expected]
+    if problems:
+        raise ValueError(
+            f"checkpoint {state_dir} does not match the encoder its config describes "
+            f"({config.model.name}, embed_dim={config.model.embed_dim}, "
+            f"crop {tuple(config.data.crop_size)}): " + "; ".join(problems[:5])
+        )
 
 
 def format_summary(summary: dict[str, Any]) -> str:

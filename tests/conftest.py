@@ -24,3 +24,15 @@ def test_config(phantom_dir):
     config = isimed_chest.get_config("test")
     config.data.data_dir = phantom_dir
     return config
+
+
+@pytest.fixture(scope="session")
+def pretrained(phantom_dir, tmp_path_factory):
+    """(workdir, summary) of one pretraining run with the test preset."""
+    from configs import isimed_chest
+    from isimed import train
+
+    config = isimed_chest.get_config("test")
+    config.data.data_dir = phantom_dir
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    return workdir, train.train_and_evaluate(config, workdir)

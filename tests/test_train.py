@@ -3,7 +3,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -32,8 +32,9 @@ def test_one_device_equals_eight_devices(tmp_path):
         np.testing.assert_allclose(eight[key], one[key], rtol=1e-5, atol=1e-6 * scale, err_msg=key)
 
 
-def test_preset_learns_and_writes_outputs(test_config, tmp_path):
-    summary = train.train_and_evaluate(test_config, str(tmp_path))
+def test_preset_learns_and_writes_outputs(pretrained, test_config):
+    workdir, summary = pretrained
+    tmp_path = Path(workdir)
     before = summary["initial"]["spearman_within"]
     after = summary["validation"]["spearman_within"]
     assert after > before + 0.15, (before, after)
