@@ -11,7 +11,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from isimed.models.densenet import DenseNet
-from isimed.models.layers import check_spatial_dims
 from isimed.models.resnet import BasicBlock, Bottleneck, ResNet
 from isimed.models.small_cnn import SmallCNN
 
@@ -50,7 +49,6 @@ def create_encoder(
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
-    check_spatial_dims(spatial_dims)
     return MODELS[name](
         spatial_dims=spatial_dims, embed_dim=embed_dim, in_channels=in_channels, dtype=dtype, rngs=rngs, **kwargs
     )

@@ -6,15 +6,14 @@ serves both (N, H, W, C) and (N, D, H, W, C) channels-last inputs.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# He/Kaiming normal with fan_out, as torchvision and MONAI initialise convs
-# that are followed by ReLU; keeps deep stacks well-scaled at init.
+# He/Kaiming normal (fan_out, as torchvision's ResNet; MONAI's DenseNet uses
+# fan_in): keeps deep ReLU stacks well-scaled at init.
 CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 # PyTorch's BatchNorm momentum=0.1 weights the new batch; Flax's momentum
@@ -23,11 +22,10 @@ BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
 
-def check_spatial_dims(spatial_dims: int) -> int:
-    """Return ``spatial_dims`` if it is 2 or 3, else raise ``ValueError``."""
+def check_spatial_dims(spatial_dims: int) -> None:
+    """Raise ``ValueError`` unless ``spatial_dims`` is 2 or 3."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    return spatial_dims
 
 
 def resolve_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
@@ -116,7 +114,7 @@ def im2col_conv(
     feature_group_count: int = 1,
     precision: jax.lax.PrecisionLike = None,
     preferred_element_type: jnp.dtype | None = None,
-    out_sharding: None = None,
+    out_sharding: object = None,
 ) -> jax.Array:
     """Drop-in for ``lax.conv_general_dilated`` as called by ``nnx.Conv``: patches + one matmul.
 
@@ -132,18 +130,20 @@ def im2col_conv(
         any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
         or feature_group_count != 1
         or isinstance(padding, str)
-        or dimension_numbers != nnx_conv_dimension_numbers(dims)
+        or dimension_numbers != _nnx_conv_dimension_numbers(dims)
+        or out_sharding is not None
     ):
         raise NotImplementedError("im2col_conv supports only nnx.Conv's channels-last, undilated, ungrouped case")
-    kernel_size = rhs.shape[:dims]
-    x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
-    out_size = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], kernel_size, window_strides)]
-    taps = [
-        x[(slice(None), *(slice(o, o + s * (n - 1) + 1, s) for o, s, n in zip(offset, window_strides, out_size)))]
-        for offset in itertools.product(*(range(k) for k in kernel_size))
-    ]
-    # Tap-major, channel-minor order matches a row-major reshape of the (*kernel, in, out) kernel.
-    patches = jnp.concatenate(taps, axis=-1)
+    patches = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+    # Gather taps one axis at a time, innermost first (dims*k slices instead of
+    # k**dims): the channels end up ordered (k_1, ..., k_dims, in), i.e. a
+    # row-major reshape of the (*kernel, in, out) kernel.
+    for axis in reversed(range(1, dims + 1)):
+        k, s = rhs.shape[axis - 1], window_strides[axis - 1]
+        n = (patches.shape[axis] - k) // s + 1
+        patches = jnp.concatenate(
+            [jax.lax.slice_in_dim(patches, o, o + s * (n - 1) + 1, s, axis) for o in range(k)], axis=-1
+        )
     return jnp.dot(
         patches,
         rhs.reshape(-1, rhs.shape[-1]),
@@ -152,7 +152,7 @@ def im2col_conv(
     )
 
 
-def nnx_conv_dimension_numbers(dims: int) -> jax.lax.ConvDimensionNumbers:
+def _nnx_conv_dimension_numbers(dims: int) -> jax.lax.ConvDimensionNumbers:
     """The channels-last dimension numbers ``nnx.Conv`` passes for ``dims`` spatial axes."""
     ndim = dims + 2
     lhs_spec = (0, ndim - 1, *range(1, ndim - 1))

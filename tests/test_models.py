@@ -1,0 +1,266 @@
+"""Tests for isimed.models.
+
+Full-size ResNet/DenseNet models are only traced abstractly (``nnx.eval_shape``):
+their parameter counts and output shapes are exact, while compiling them on a
+2-core CPU would take minutes. Numerics (finiteness, BatchNorm modes, bfloat16,
+gradients) run on the same classes with reduced widths/depths, which exercise
+every code path.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from isimed.models import MODELS, DenseNet, ResNet, SmallCNN, count_params, create_encoder
+from isimed.models.layers import conv
+
+# XLA compilation dominates the run time of these tests on CPU, hence: rbg
+# keys (their programs compile much faster than threefry's), NumPy inputs, and
+# unoptimised compilation, which costs far less than it saves on tiny programs.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+
+def rngs(seed: int = 0) -> nnx.Rngs:
+    return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
+def fast_jit(fn: Callable) -> Callable:
+    """Like ``nnx.jit`` for ``fn(model, *arrays)`` (state updates written back), compiled with FAST_COMPILE."""
+
+    @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
+    def pure(graphdef, state, *args):
+        model = nnx.merge(graphdef, state)
+        return fn(model, *args), nnx.state(model)
+
+    def wrapped(model, *args):
+        out, state = pure(*nnx.split(model), *args)
+        nnx.update(model, state)
+        return out
+
+    return wrapped
+
+
+def init(build: Callable[[], nnx.Module]) -> nnx.Module:
+    """``build()``, with all parameters initialised by one compiled program."""
+    graphdef, state = jax.jit(lambda: nnx.split(build()), compiler_options=FAST_COMPILE)()
+    return nnx.merge(graphdef, state)
+
+
+def normal(shape: tuple[int, ...], seed: int = 0) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
+
+
+def abstract_model_and_output(name: str, spatial_dims: int, in_channels: int, embed_dim: int, size: int):
+    """Build and apply a model without allocating or computing anything."""
+
+    def build_and_apply():
+        model = create_encoder(
+            name, spatial_dims=spatial_dims, embed_dim=embed_dim, in_channels=in_channels, rngs=nnx.Rngs(0)
+        )
+        # Eval mode avoids BatchStat writes, which make tracing deep models much slower.
+        model.eval()
+        return model, model(jnp.zeros((2,) + (size,) * spatial_dims + (in_channels,)))
+
+    return nnx.eval_shape(build_and_apply)
+
+
+# Reference counts are trainable parameters of the PyTorch models: MONAI 1.6
+# DenseNet121(spatial_dims, in_channels=1, out_channels=1024) and torchvision
+# resnet18/resnet50() (3 input channels, 1000 classes).
+@pytest.mark.parametrize(
+    "name, spatial_dims, in_channels, embed_dim, size, expected",
+    [
+        ("densenet121", 3, 1, 1024, 32, 12_292_224),
+        ("densenet121", 2, 1, 1024, 32, 7_997_184),
+        ("resnet18", 2, 3, 1000, 32, 11_689_512),
+        ("resnet50", 2, 3, 1000, 32, 25_557_032),
+        ("resnet18", 3, 1, 64, 32, None),
+        ("resnet50", 3, 1, 64, 32, None),
+        ("small_cnn", 2, 1, 64, 16, None),
+        ("small_cnn", 3, 1, 64, 16, None),
+    ],
+)
+def test_full_models_param_count_and_output_shape(name, spatial_dims, in_channels, embed_dim, size, expected):
+    model, out = abstract_model_and_output(name, spatial_dims, in_channels, embed_dim, size)
+    assert out.shape == (2, embed_dim)
+    assert out.dtype == jnp.float32
+    if expected is not None:
+        assert count_params(model) == expected
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def test_count_params_excludes_batch_stats():
+    model = nnx.eval_shape(lambda: SmallCNN(spatial_dims=3, embed_dim=128, rngs=nnx.Rngs(0)))
+    widths = (16, 32, 64, 128)
+    convs = 27 * sum(cin * cout for cin, cout in zip((1, *widths[:-1]), widths))  # bias-free before BN
+    bn_affine = 2 * sum(widths)
+    head = 128 * 128 + 128
+    assert count_params(model) == convs + bn_affine + head
+    running_stats = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+    assert running_stats == 2 * sum(widths)
+
+
+# Small configurations of the model classes (every block type, 2D and 3D);
+# kwargs go through create_encoder.
+SMALL_CONFIGS = {
+    "small_cnn-3d": ("small_cnn", 3, {}, 16),
+    "resnet_basic-2d": ("resnet18", 2, {"base_width": 8, "stage_sizes": (1, 1)}, 16),
+    "resnet_bottleneck_small_input-3d": ("resnet50", 3, {"base_width": 4, "stage_sizes": (1, 1), "small_input": True}, 8),
+    "densenet-3d": ("densenet121", 3, {"init_features": 8, "growth_rate": 4, "block_config": (2, 2), "bn_size": 2}, 16),
+}
+
+
+def build_small(key: str, dtype: str = "float32") -> tuple[nnx.Module, jax.Array, jax.Array]:
+    """A small model, a batch of 4 and the same batch with its last two samples replaced."""
+    name, spatial_dims, kwargs, size = SMALL_CONFIGS[key]
+    model = init(
+        lambda: create_encoder(name, spatial_dims=spatial_dims, embed_dim=8, dtype=dtype, rngs=rngs(), **kwargs)
+    )
+    x = normal((4,) + (size,) * spatial_dims + (1,))
+    mixed = x.at[2:].set(normal(x[2:].shape, seed=1))
+    return model, x, mixed
+
+
+def batch_stats(model: nnx.Module) -> list[np.ndarray]:
+    return [np.array(v) for v in jax.tree.leaves(nnx.state(model, nnx.BatchStat))]
+
+
+@fast_jit
+def train_step(model, x, mixed):
+    def loss_fn(m):
+        out = m(x)
+        return jnp.mean(out**2), out
+
+    (loss, out), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return loss, grads, out, model(mixed)
+
+
+@fast_jit
+def forward(model, x, mixed):
+    return model(x), model(mixed)
+
+
+# Each model is compiled once per mode; the results are shared by the tests below.
+@pytest.fixture(scope="module", params=list(SMALL_CONFIGS))
+def runs(request) -> dict:
+    model, x, mixed = build_small(request.param)
+    r = {"key": request.param, "x": x, "stats_init": batch_stats(model), "params": nnx.state(model, nnx.Param)}
+    r["loss"], r["grads"], r["train"], r["train_mixed"] = train_step(model, x, mixed)
+    r["stats_train"] = batch_stats(model)
+    model.eval()
+    r["eval"], r["eval_mixed"] = forward(model, x, mixed)
+    r["stats_eval"] = batch_stats(model)
+    r["model"] = model
+    return r
+
+
+def test_outputs_and_gradients_are_finite(runs):
+    for out in (runs["train"], runs["eval"]):
+        assert out.shape == (4, 8) and out.dtype == jnp.float32
+        assert np.isfinite(out).all()
+    assert np.isfinite(runs["loss"])
+    grads = jax.tree.leaves(runs["grads"])
+    assert len(grads) == len(jax.tree.leaves(runs["params"]))
+    assert all(np.isfinite(g).all() for g in grads)
+    assert all(np.abs(g).max() > 0 for g in grads)
+
+
+def test_batchnorm_train_mode_updates_stats_and_mixes_batch(runs):
+    assert all(not np.array_equal(a, b) for a, b in zip(runs["stats_init"], runs["stats_train"], strict=True))
+    assert not np.allclose(runs["train"][:2], runs["train_mixed"][:2], rtol=1e-3, atol=1e-3)
+
+
+def test_batchnorm_eval_mode_is_per_sample_and_frozen(runs):
+    for a, b in zip(runs["stats_train"], runs["stats_eval"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(runs["eval"][:2], runs["eval_mixed"][:2], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(runs["eval"][2:], runs["eval_mixed"][2:], rtol=1e-3, atol=1e-3)
+
+
+def test_train_and_eval_toggle_every_batchnorm(runs):
+    model = runs["model"]
+    norms = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.BatchNorm)]
+    assert norms and all(m.use_running_average for m in norms)
+    model.train()
+    try:
+        assert not any(m.use_running_average for m in norms)
+    finally:
+        model.eval()
+
+
+def test_bfloat16_compute(runs):
+    name, spatial_dims, kwargs, _ = SMALL_CONFIGS[runs["key"]]
+    model = nnx.eval_shape(
+        lambda: create_encoder(
+            name, spatial_dims=spatial_dims, embed_dim=8, dtype="bfloat16", rngs=nnx.Rngs(0), **kwargs
+        )
+    )
+    nnx.update(model, nnx.state(runs["model"]))  # the reference's float32 params and running stats
+    model.eval()
+
+    layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Conv | nnx.Linear | nnx.BatchNorm)]
+    assert layers and all(m.dtype == jnp.bfloat16 for m in layers)
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+    x = runs["x"]
+    first_conv = next(m for m in layers if isinstance(m, nnx.Conv) and m.in_features == x.shape[-1])
+    assert jax.eval_shape(first_conv, x).dtype == jnp.bfloat16
+
+    out, _ = forward(model, x, x)
+    assert out.dtype == jnp.float32
+    rel_err = np.linalg.norm(out - runs["eval"]) / np.linalg.norm(runs["eval"])
+    assert 0 < rel_err < 0.05
+
+
+@pytest.mark.parametrize("norm", ["group", "none"])
+def test_small_cnn_norm_variants(norm):
+    model = init(lambda: SmallCNN(spatial_dims=2, embed_dim=8, norm=norm, widths=(8, 16), rngs=rngs()))
+    x = normal((3, 16, 16, 1))
+    out, out_mixed = forward(model, x, x.at[1:].set(0.0))
+    assert out.shape == (3, 8) and np.isfinite(out).all()
+    # Without BatchNorm a sample's embedding is independent of the batch even in train mode.
+    np.testing.assert_allclose(out[:1], out_mixed[:1], rtol=1e-5, atol=1e-5)
+    assert not nnx.state(model, nnx.BatchStat)
+
+
+@fast_jit
+def conv_and_grads(layer, x):
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+    return layer(x), nnx.grad(loss, argnums=(0, 1))(layer, x)
+
+
+@pytest.mark.parametrize("spatial_dims, kernel, stride, padding", [(3, 3, 2, 1), (2, 7, 2, 3)])
+def test_im2col_conv_matches_lax(spatial_dims, kernel, stride, padding):
+    kw = dict(stride=stride, padding=padding, spatial_dims=spatial_dims, dtype=jnp.float32, use_bias=True)
+    ref = conv(3, 5, kernel, rngs=rngs(), **kw)
+    fast = nnx.eval_shape(lambda: conv(3, 5, kernel, rngs=nnx.Rngs(0), im2col=True, **kw))
+    nnx.update(fast, nnx.state(ref))
+    x = normal((2,) + (9,) * spatial_dims + (3,))
+    (y_ref, g_ref), (y_fast, g_fast) = conv_and_grads(ref, x), conv_and_grads(fast, x)
+    assert y_ref.shape == y_fast.shape
+    np.testing.assert_allclose(y_fast, y_ref, rtol=1e-4, atol=1e-4)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_model_name_lists_known_names():
+    with pytest.raises(ValueError) as err:
+        create_encoder("vit", spatial_dims=3, embed_dim=8, rngs=nnx.Rngs(0))
+    assert all(name in str(err.value) for name in MODELS)
+    assert set(MODELS) == {"small_cnn", "resnet18", "resnet50", "densenet121"}
+
+
+@pytest.mark.parametrize("cls", [SmallCNN, ResNet, DenseNet])
+@pytest.mark.parametrize("spatial_dims", [1, 4])
+def test_invalid_spatial_dims(cls, spatial_dims):
+    with pytest.raises(ValueError, match="spatial_dims"):
+        cls(spatial_dims=spatial_dims, embed_dim=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="spatial_dims"):
+        create_encoder("small_cnn", spatial_dims=spatial_dims, embed_dim=8, rngs=nnx.Rngs(0))
