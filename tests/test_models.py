@@ -57,16 +57,19 @@ def normal(shape: tuple[int, ...], seed: int = 0) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
 
 
-def abstract_model_and_output(name: str, spatial_dims: int, in_channels: int, embed_dim: int, size: int):
-    """Build and apply a model without allocating or computing anything."""
+def abstract_model_and_outputs(
+    name: str, spatial: tuple[int, ...], in_channels: int, embed_dim: int, **kwargs
+) -> tuple[nnx.Module, jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """Build a model and apply ``features`` and ``__call__`` without computing anything."""
 
     def build_and_apply():
         model = create_encoder(
-            name, spatial_dims=spatial_dims, embed_dim=embed_dim, in_channels=in_channels, rngs=nnx.Rngs(0)
+            name, spatial_dims=len(spatial), embed_dim=embed_dim, in_channels=in_channels, rngs=nnx.Rngs(0), **kwargs
         )
         # Eval mode avoids BatchStat writes, which make tracing deep models much slower.
         model.eval()
-        return model, model(jnp.zeros((2,) + (size,) * spatial_dims + (in_channels,)))
+        x = jnp.zeros((2, *spatial, in_channels))
+        return model, model.features(x), model(x)
 
     return nnx.eval_shape(build_and_apply)
 
@@ -74,25 +77,42 @@ def abstract_model_and_output(name: str, spatial_dims: int, in_channels: int, em
 # Reference counts are trainable parameters of the PyTorch models: MONAI 1.6
 # DenseNet121(spatial_dims, in_channels=1, out_channels=1024) and torchvision
 # resnet18/resnet50() (3 input channels, 1000 classes).
+# Feature-map sizes are PyTorch's: floor((n + 2 * padding - kernel) / stride) + 1
+# through every strided layer. The input sizes are chosen so that an off-by-one
+# padding of the stem, the max-pool or the strided convs, or ceil-mode average
+# pooling, changes the result along at least one axis.
 @pytest.mark.parametrize(
-    "name, spatial_dims, in_channels, embed_dim, size, expected",
+    "name, spatial, in_channels, embed_dim, kwargs, feature_shape, expected_params",
     [
-        ("densenet121", 3, 1, 1024, 32, 12_292_224),
-        ("densenet121", 2, 1, 1024, 32, 7_997_184),
-        ("resnet18", 2, 3, 1000, 32, 11_689_512),
-        ("resnet50", 2, 3, 1000, 32, 25_557_032),
-        ("resnet18", 3, 1, 64, 32, None),
-        ("resnet50", 3, 1, 64, 32, None),
-        ("small_cnn", 2, 1, 64, 16, None),
-        ("small_cnn", 3, 1, 64, 16, None),
+        ("densenet121", (62, 60, 36), 1, 1024, {}, (2, 1, 1, 1024), 12_292_224),
+        ("densenet121", (61, 59), 1, 1024, {}, (2, 1, 1024), 7_997_184),
+        ("resnet18", (34, 32), 3, 1000, {}, (2, 1, 512), 11_689_512),
+        ("resnet50", (33, 32), 3, 1000, {}, (2, 1, 2048), 25_557_032),
+        ("resnet18", (34, 32, 40), 1, 64, {}, (2, 1, 2, 512), None),
+        ("resnet50", (16, 12, 7), 1, 64, {"small_input": True}, (2, 2, 1, 2048), None),
+        ("small_cnn", (70, 33), 1, 64, {}, (5, 3, 128), None),
+        ("small_cnn", (24, 16, 9), 1, 64, {}, (2, 1, 1, 128), None),
+    ],
+    ids=[
+        "densenet121-3d",
+        "densenet121-2d",
+        "resnet18-2d",
+        "resnet50-2d",
+        "resnet18-3d",
+        "resnet50-3d-small_input",
+        "small_cnn-2d",
+        "small_cnn-3d",
     ],
 )
-def test_full_models_param_count_and_output_shape(name, spatial_dims, in_channels, embed_dim, size, expected):
-    model, out = abstract_model_and_output(name, spatial_dims, in_channels, embed_dim, size)
+def test_full_models_shapes_and_param_counts(
+    name, spatial, in_channels, embed_dim, kwargs, feature_shape, expected_params
+):
+    model, features, out = abstract_model_and_outputs(name, spatial, in_channels, embed_dim, **kwargs)
+    assert features.shape == (2, *feature_shape)
     assert out.shape == (2, embed_dim)
     assert out.dtype == jnp.float32
-    if expected is not None:
-        assert count_params(model) == expected
+    if expected_params is not None:
+        assert count_params(model) == expected_params
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
@@ -111,9 +131,9 @@ def test_count_params_excludes_batch_stats():
 # kwargs go through create_encoder.
 SMALL_CONFIGS = {
     "small_cnn-3d": ("small_cnn", 3, {}, 16),
-    "resnet_basic-2d": ("resnet18", 2, {"base_width": 8, "stage_sizes": (1, 1)}, 16),
-    "resnet_bottleneck_small_input-3d": ("resnet50", 3, {"base_width": 4, "stage_sizes": (1, 1), "small_input": True}, 8),
-    "densenet-3d": ("densenet121", 3, {"init_features": 8, "growth_rate": 4, "block_config": (2, 2), "bn_size": 2}, 16),
+    "resnet_basic-2d": ("resnet18", 2, dict(base_width=8, stage_sizes=(1, 1)), 16),
+    "resnet_bottleneck_small_input-3d": ("resnet50", 3, dict(base_width=4, stage_sizes=(1, 1), small_input=True), 8),
+    "densenet-3d": ("densenet121", 3, dict(init_features=8, growth_rate=4, block_config=(2, 2), bn_size=2), 16),
 }
 
 
@@ -239,7 +259,7 @@ def conv_and_grads(layer, x):
 @pytest.mark.parametrize("spatial_dims, kernel, stride, padding", [(3, 3, 2, 1), (2, 7, 2, 3)])
 def test_im2col_conv_matches_lax(spatial_dims, kernel, stride, padding):
     kw = dict(stride=stride, padding=padding, spatial_dims=spatial_dims, dtype=jnp.float32, use_bias=True)
-    ref = conv(3, 5, kernel, rngs=rngs(), **kw)
+    ref = init(lambda: conv(3, 5, kernel, rngs=rngs(), **kw))
     fast = nnx.eval_shape(lambda: conv(3, 5, kernel, rngs=nnx.Rngs(0), im2col=True, **kw))
     nnx.update(fast, nnx.state(ref))
     x = normal((2,) + (9,) * spatial_dims + (3,))

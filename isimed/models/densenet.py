@@ -117,11 +117,14 @@ class DenseNet(nnx.Module):
         self.final_bn = batch_norm(channels, dtype=self.dtype, rngs=rngs)
         self.head = linear(channels, embed_dim, dtype=self.dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Map (N, *spatial, C) inputs to (N, embed_dim) float32 embeddings."""
+    def features(self, x: jax.Array) -> jax.Array:
+        """(N, *spatial, C) inputs -> final feature map, after the last BN-ReLU."""
         x = nnx.relu(self.stem_bn(self.stem(x)))
         x = max_pool(x, 3, 2, 1)
         for stage in self.stages:
             x = stage(x)
-        x = nnx.relu(self.final_bn(x))
-        return self.head(global_avg_pool(x)).astype(jnp.float32)
+        return nnx.relu(self.final_bn(x))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Map (N, *spatial, C) inputs to (N, embed_dim) float32 embeddings."""
+        return self.head(global_avg_pool(self.features(x))).astype(jnp.float32)

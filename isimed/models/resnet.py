@@ -135,11 +135,15 @@ class ResNet(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.head = linear(channels, embed_dim, dtype=self.dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Map (N, *spatial, C) inputs to (N, embed_dim) float32 embeddings."""
+    def features(self, x: jax.Array) -> jax.Array:
+        """(N, *spatial, C) inputs -> feature map of the last stage."""
         x = nnx.relu(self.stem_bn(self.stem(x)))
         if not self.small_input:
             x = max_pool(x, 3, 2, 1)
         for blk in self.blocks:
             x = blk(x)
-        return self.head(global_avg_pool(x)).astype(jnp.float32)
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Map (N, *spatial, C) inputs to (N, embed_dim) float32 embeddings."""
+        return self.head(global_avg_pool(self.features(x))).astype(jnp.float32)

@@ -81,11 +81,15 @@ class SmallCNN(nnx.Module):
             )
         return None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Map (N, *spatial, C) inputs to (N, embed_dim) float32 embeddings."""
+    def features(self, x: jax.Array) -> jax.Array:
+        """(N, *spatial, C) inputs -> feature map of the last stage."""
         for conv_layer, norm_layer in zip(self.convs, self.norms):
             x = conv_layer(x)
             if norm_layer is not None:
                 x = norm_layer(x)
             x = nnx.relu(x)
-        return self.head(global_avg_pool(x)).astype(jnp.float32)
+        return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Map (N, *spatial, C) inputs to (N, embed_dim) float32 embeddings."""
+        return self.head(global_avg_pool(self.features(x))).astype(jnp.float32)

@@ -1,0 +1,264 @@
+"""Tests for isimed.evaluation.probes: hand-computed metric cases and grouped-CV hygiene."""
+
+import numpy as np
+import pytest
+import sklearn.metrics
+
+from isimed.evaluation import probes
+
+# Small shared shapes: every probe test pads to 3 minibatches of 64 rows, so the jitted trainer
+# compiles once per task rather than once per test.
+PROBE_KW = dict(epochs=30, batch_size=64, learning_rate=5e-2)
+
+
+def _orthonormal(rng, n, k):
+    q, _ = np.linalg.qr(rng.normal(size=(n, k)))
+    return q
+
+
+# ---------------------------------------------------------------------------------- RankMe
+
+
+def test_rankme_known_spectrum():
+    rng = np.random.default_rng(0)
+    s = np.array([3.0, 1.0, 0.0, 0.0])
+    x = _orthonormal(rng, 10, 4) @ np.diag(s) @ _orthonormal(rng, 4, 4).T
+    eps = 1e-7
+    p = np.array([0.75, 0.25, 0.0, 0.0]) + eps
+    expected = np.exp(-np.sum(p * np.log(p)))
+    assert probes.rankme(x, eps=eps) == pytest.approx(expected, rel=1e-6)
+    # Sanity of the hand value itself: entropy of (3/4, 1/4) is 0.5623 nats -> RankMe ~1.755.
+    assert expected == pytest.approx(np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))), rel=1e-4)
+
+
+def test_rankme_extremes():
+    rng = np.random.default_rng(1)
+    rank_one = np.outer(rng.normal(size=50), rng.normal(size=16))
+    assert probes.rankme(rank_one) == pytest.approx(1.0, abs=1e-3)
+    d = 12
+    assert probes.rankme(_orthonormal(rng, d, d)) == pytest.approx(d, rel=1e-4)
+    # Not centred: a constant offset on every row is one used dimension, not zero.
+    assert probes.rankme(np.ones((20, 5))) == pytest.approx(1.0, abs=1e-3)
+    assert probes.rankme(np.zeros((4, 3))) == 0.0
+
+
+# ------------------------------------------------------------------------------------ kNN
+
+
+def test_knn_separated_clusters_and_chance():
+    rng = np.random.default_rng(0)
+    centres = np.array([[10.0, 0, 0, 0], [0, 10.0, 0, 0]])  # Orthogonal: cosine separates them.
+    y = rng.integers(0, 2, size=200)
+    x = centres[y] + rng.normal(scale=0.5, size=(200, 4))
+    assert probes.knn_accuracy(x[:100], y[:100], x[100:], y[100:], k=5) == 1.0
+
+    xr = rng.normal(size=(1000, 8))
+    yr = rng.integers(0, 2, size=1000)
+    acc = probes.knn_accuracy(xr[:500], yr[:500], xr[500:], yr[500:], k=20)
+    assert 0.4 < acc < 0.6
+    # k larger than the training set is clipped rather than failing.
+    assert 0.0 <= probes.knn_accuracy(xr[:7], yr[:7], xr[500:], yr[500:], k=20) <= 1.0
+
+
+# -------------------------------------------------------------------------------- metrics
+
+
+def test_binary_metrics_hand_case():
+    m = probes.binary_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]))
+    # Pairs (pos, neg): (.4,.1) ok, (.4,.6) wrong, (.9,.1) ok, (.9,.6) ok -> 3/4.
+    assert m["auc"] == pytest.approx(0.75)
+    # Predictions [0,1,0,1]: TP=1, FP=1, FN=1, TN=1.
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["sensitivity"] == pytest.approx(0.5)
+    assert m["specificity"] == pytest.approx(0.5)
+    assert m["f1"] == pytest.approx(0.5)
+    # A stricter threshold turns .6 into a negative: TN=2, TP=1, FN=1.
+    m = probes.binary_metrics([0, 0, 1, 1], [0.1, 0.6, 0.4, 0.9], threshold=0.7)
+    assert (m["accuracy"], m["sensitivity"], m["specificity"]) == pytest.approx((0.75, 0.5, 1.0))
+    assert m["f1"] == pytest.approx(2 / 3)
+
+
+def test_binary_metrics_single_class_is_nan():
+    m = probes.binary_metrics([1, 1, 1], [0.2, 0.7, 0.9])
+    assert np.isnan(m["auc"]) and np.isnan(m["specificity"])
+    assert m["sensitivity"] == pytest.approx(2 / 3)
+    assert m["accuracy"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        probes.binary_metrics([0, 2], [0.1, 0.2])
+
+
+def test_multilabel_metrics_excludes_single_class_label():
+    y = np.array([[0, 0, 1], [0, 1, 1], [1, 0, 1], [1, 1, 1]])
+    prob = np.array([[0.1, 0.2, 0.5], [0.6, 0.8, 0.5], [0.4, 0.1, 0.5], [0.9, 0.7, 0.5]])
+    m = probes.multilabel_metrics(y, prob)
+    assert m["auc_per_label"][0] == pytest.approx(0.75)
+    assert m["auc_per_label"][1] == pytest.approx(1.0)
+    assert np.isnan(m["auc_per_label"][2])
+    assert m["mean_auc"] == pytest.approx(0.875)
+
+
+def test_regression_metrics_hand_case():
+    m = probes.regression_metrics(np.zeros(4), np.array([1.0, -1.0, 3.0, -3.0]))
+    assert m["mae"] == pytest.approx(2.0)
+    assert m["rmse"] == pytest.approx(np.sqrt(5.0))
+
+
+def test_vectorised_auc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=40)
+    scores = np.round(rng.normal(size=(3, 40)), 1)  # Rounding creates ties.
+    ours = probes._auc_from_ranks(y, scores)
+    ref = [sklearn.metrics.roc_auc_score(y, s) for s in scores]
+    np.testing.assert_allclose(ours, ref, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- linear probe
+
+
+def _separable(rng, n, d=8):
+    x = rng.normal(size=(n, d)) * rng.uniform(0.5, 5.0, size=d) + rng.normal(size=d)
+    w = rng.normal(size=d)
+    score = x @ w
+    return x, (score > np.median(score)).astype(int)
+
+
+def test_fit_linear_probe_binary_separable():
+    rng = np.random.default_rng(0)
+    x, y = _separable(rng, 220)
+    probe = probes.fit_linear_probe(x[:160], y[:160], x[160:], y[160:], task="binary", **PROBE_KW)
+    prob = probe.predict(x[160:])
+    assert prob.shape == (60,) and np.all((prob >= 0) & (prob <= 1))
+    val_auc = probes.binary_metrics(y[160:], prob)["auc"]
+    assert val_auc > 0.99
+    sel = probe.selected
+    assert set(sel) == {"weight_decay", "epoch", "val_score"}
+    assert sel["weight_decay"] in (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+    assert sel["epoch"] in (5, 10, 15, 20, 25, 30)
+    # The returned weights are the selected ones: their validation AUC is the recorded score.
+    assert sel["val_score"] == pytest.approx(val_auc, abs=1e-9)
+
+
+def test_fit_linear_probe_is_deterministic():
+    rng = np.random.default_rng(1)
+    x, y = _separable(rng, 220)
+    y = np.where(rng.random(220) < 0.2, 1 - y, y)  # Label noise so selection is not trivial.
+    a = probes.fit_linear_probe(x[:160], y[:160], x[160:], y[160:], task="binary", **PROBE_KW)
+    b = probes.fit_linear_probe(x[:160], y[:160], x[160:], y[160:], task="binary", **PROBE_KW)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    assert a.selected == b.selected
+
+
+def test_fit_linear_probe_selects_best_candidate():
+    # Two informative dimensions out of 64, noisy labels, 160 training rows: the probe overfits
+    # with more epochs, so the best checkpoint is not the last one.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(220, 64))
+    y = (x[:, 0] + x[:, 1] + rng.normal(size=220) > 0).astype(int)
+    args = (x[:160], y[:160], x[160:], y[160:])
+    wds = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+    probe = probes.fit_linear_probe(*args, task="binary", weight_decays=wds, **PROBE_KW)
+    sel = probe.selected
+    # Each weight decay alone: its best checkpoint, and its last epoch (eval_every=epochs).
+    best_each = [probes.fit_linear_probe(*args, task="binary", weight_decays=(wd,), **PROBE_KW)
+                 .selected["val_score"] for wd in wds]
+    last_each = [probes.fit_linear_probe(*args, task="binary", weight_decays=(wd,), eval_every=30,
+                                         **PROBE_KW).selected["val_score"] for wd in wds]
+    assert sel["val_score"] == pytest.approx(max(best_each), abs=1e-12)
+    assert sel["val_score"] > max(last_each)  # Early stopping mattered on this data.
+    # The returned weights are those after `epoch` epochs with that weight decay: retraining for
+    # exactly that long (same shuffles, since they are drawn epoch by epoch) reproduces them.
+    again = probes.fit_linear_probe(*args, task="binary", weight_decays=(sel["weight_decay"],),
+                                    eval_every=sel["epoch"], **dict(PROBE_KW, epochs=sel["epoch"]))
+    np.testing.assert_allclose(again.weights, probe.weights, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_linear_probe_regression_exact_linear():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(220, 8)) * 3.0 + 1.0
+    t = x @ rng.normal(size=8) * 10.0 + 50.0  # Off-scale targets: exercises target standardising.
+    probe = probes.fit_linear_probe(x[:160], t[:160], x[160:], t[160:], task="regression",
+                                    weight_decays=(0.0, 1e-2), **PROBE_KW)
+    pred = probe.predict(x[160:])
+    assert pred.shape == (60,)
+    m = probes.regression_metrics(t[160:], pred)
+    assert m["mae"] < 1e-2 * t.std()
+    assert probe.selected["weight_decay"] in (0.0, 1e-2)
+    assert probe.selected["val_score"] == pytest.approx(-m["rmse"] ** 2, rel=1e-6, abs=1e-9)
+
+
+def test_fit_linear_probe_multilabel():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(220, 8))
+    y = (x @ rng.normal(size=(8, 3)) > 0).astype(int)
+    probe = probes.fit_linear_probe(x[:160], y[:160], x[160:], y[160:], task="multilabel", **PROBE_KW)
+    prob = probe.predict(x[160:])
+    assert prob.shape == (60, 3)
+    m = probes.multilabel_metrics(y[160:], prob)
+    assert m["mean_auc"] > 0.97
+    assert probe.selected["val_score"] == pytest.approx(m["mean_auc"], abs=1e-9)
+
+
+def test_fit_linear_probe_rejects_bad_task():
+    x = np.zeros((4, 2))
+    with pytest.raises(ValueError, match="task"):
+        probes.fit_linear_probe(x, [0, 1, 0, 1], x, [0, 1, 0, 1], task="softmax")
+
+
+# ----------------------------------------------------------------------- cross-validation
+
+
+def _grouped_data(seed=0, subjects=30, per_subject=8):
+    rng = np.random.default_rng(seed)
+    groups = np.repeat([f"s{i:02d}" for i in range(subjects)], per_subject)
+    subject_offset = np.repeat(rng.normal(size=(subjects, 8)), per_subject, axis=0)
+    x, y = _separable(rng, subjects * per_subject)
+    return x + 0.3 * subject_offset, y, groups
+
+
+def test_cross_validate_subject_hygiene():
+    x, y, groups = _grouped_data()
+    res = probes.cross_validate(x, y, groups, task="binary", folds=5, **PROBE_KW)
+    assert len(res["folds"]) == 5 and len(res["fold_subjects"]) == 5
+    tested = []
+    for (train, val, test), fold in zip(res["fold_subjects"], res["folds"]):
+        train, val, test = set(train), set(val), set(test)
+        assert train and val and test
+        assert not (train & val) and not (train & test) and not (val & test)
+        assert train | val | test == set(groups)
+        assert fold["n_subjects"] == {"train": len(train), "val": len(val), "test": len(test)}
+        assert sum(fold["n_samples"].values()) == len(x)
+        assert {"weight_decay", "epoch", "val_score"} == set(fold["selected"])
+        tested.extend(test)
+    assert sorted(tested) == sorted(set(groups))  # Each subject is tested exactly once.
+    for metric in ("auc", "accuracy", "f1", "sensitivity", "specificity"):
+        values = [f[metric] for f in res["folds"]]
+        assert res["mean"][metric] == pytest.approx(np.nanmean(values))
+        assert res["std"][metric] == pytest.approx(np.nanstd(values))
+    assert res["mean"]["auc"] > 0.9
+
+
+def test_cross_validate_is_repeatable():
+    x, y, groups = _grouped_data(seed=1)
+    y = np.where(np.random.default_rng(5).random(len(y)) < 0.25, 1 - y, y)
+    a = probes.cross_validate(x, y, groups, task="binary", folds=5, seed=3, **PROBE_KW)
+    b = probes.cross_validate(x, y, groups, task="binary", folds=5, seed=3, **PROBE_KW)
+    assert a == b
+
+
+def test_cross_validate_regression_keys():
+    x, _, groups = _grouped_data(seed=2)
+    t = x @ np.arange(1.0, 9.0)
+    res = probes.cross_validate(x, t, groups, task="regression", folds=5,
+                                weight_decays=(0.0, 1e-2), **PROBE_KW)
+    assert set(res["mean"]) == {"mae", "rmse"}
+    assert res["mean"]["mae"] < 0.05 * t.std()
+
+
+def test_cross_validate_input_errors():
+    x, y, groups = _grouped_data(subjects=5, per_subject=4)
+    with pytest.raises(ValueError, match="at least 6"):
+        probes.cross_validate(x, y, groups, task="binary", folds=5)
+    with pytest.raises(ValueError, match="same number of rows"):
+        probes.cross_validate(x, y[:-1], groups, task="binary", folds=2)
+    with pytest.raises(ValueError, match="same number of rows"):
+        probes.cross_validate(x, y, groups[:-1], task="binary", folds=2)
