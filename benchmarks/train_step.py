@@ -18,6 +18,7 @@ from absl import flags
 
 flags.DEFINE_integer("steps", 3, "Timed steps per variant (after one compile step).")
 flags.DEFINE_bool("skip_densenet", False, "Leave out DenseNet-121 (slow on CPU).")
+flags.DEFINE_integer("densenet_crops", 128, "Crops per DenseNet-121 step (8 images x crops/8).")
 flags.DEFINE_integer("worker_devices", 0, "Internal: run the variants in this process and print JSON.")
 FLAGS = flags.FLAGS
 
@@ -96,15 +97,18 @@ def _time_loss_share(steps):
 
 
 def _worker(devices):
-    results = {"steps": [], "loss": []}
-    for variant in VARIANTS:
-        if FLAGS.skip_densenet and variant[1] == "densenet121":
-            continue
-        for dtype in ("float32", "bfloat16"):
-            results["steps"].append(_time_step(*variant, dtype, FLAGS.steps))
+    # One line per measurement as soon as it exists, so a slow variant loses nothing before it.
     if devices == 1:
-        results["loss"] = _time_loss_share(FLAGS.steps)
-    print("RESULTS " + json.dumps(results))
+        for row in _time_loss_share(FLAGS.steps):
+            print("LOSS " + json.dumps(row), flush=True)
+    for name, model, crop, bk, dim in VARIANTS:
+        if model == "densenet121":
+            if FLAGS.skip_densenet:
+                continue
+            bk = (8, FLAGS.densenet_crops // 8)
+        for dtype in ("float32", "bfloat16"):
+            row = _time_step(f"{name} x{bk[0] * bk[1]}", model, crop, bk, dim, dtype, FLAGS.steps)
+            print("STEP " + json.dumps(row), flush=True)
 
 
 def main(argv):
@@ -121,19 +125,23 @@ def main(argv):
         elif devices > jax.device_count():
             continue
         cmd = [sys.executable, "-m", "benchmarks.train_step", f"--worker_devices={devices}",
-               f"--steps={FLAGS.steps}", f"--skip_densenet={FLAGS.skip_densenet}"]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-        results = json.loads(next(l for l in out.splitlines() if l.startswith("RESULTS "))[8:])
-        rows += results["steps"]
-        loss_rows += results["loss"]
+               f"--steps={FLAGS.steps}", f"--skip_densenet={FLAGS.skip_densenet}",
+               f"--densenet_crops={FLAGS.densenet_crops}"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout:
+            kind, _, payload = line.partition(" ")
+            if kind in ("STEP", "LOSS"):
+                (rows if kind == "STEP" else loss_rows).append(json.loads(payload))
+                print(line.strip(), flush=True)
+        proc.wait()
 
     print(f"\nTrain step ({jax.default_backend()}, {os.cpu_count()} CPU cores; "
           f"mean of {FLAGS.steps} steps after compile)")
-    print(f"{'variant':<22} {'dtype':<9} {'devices':>7} {'compile s':>10} {'step ms':>10} {'crops/s':>9} {'vs f32':>7}")
+    print(f"{'variant':<27} {'dtype':<9} {'devices':>7} {'compile s':>10} {'step ms':>10} {'crops/s':>9} {'vs f32':>7}")
     f32 = {(r["variant"], r["devices"]): r["step_ms"] for r in rows if r["dtype"] == "float32"}
     for r in rows:
-        ratio = f32[(r["variant"], r["devices"])] / r["step_ms"]
-        print(f"{r['variant']:<22} {r['dtype']:<9} {r['devices']:>7} {r['compile_s']:>10.1f} "
+        ratio = f32.get((r["variant"], r["devices"]), float("nan")) / r["step_ms"]
+        print(f"{r['variant']:<27} {r['dtype']:<9} {r['devices']:>7} {r['compile_s']:>10.1f} "
               f"{r['step_ms']:>10.1f} {r['crops_per_s']:>9.0f} {ratio:>6.2f}x")
     print("\nDistance-loss share")
     for r in loss_rows:
