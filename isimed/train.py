@@ -5,7 +5,6 @@ NNX encoder with `nnx.split`, so it can be donated, sharded and checkpointed as 
 plugs in through `isimed.methods` (what the pipeline samples and the loss on embeddings).
 """
 
-
 import json
 import os
 import signal
@@ -144,7 +143,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: Model, tx, schedul
             state["params"], state["batch_stats"], batch
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         candidate = {
             "step": state["step"] + 1,
             "params": optax.apply_updates(state["params"], updates),
@@ -311,7 +310,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
 
             is_last = step == config.total_steps
-            if step % config.log_every == 0 or is_last or preemption.requested:
+            will_save = step % config.checkpoint_every == 0 or is_last or preemption.requested
+            # The NaN guard is checked before every save as well as at every log step.
+            if step % config.log_every == 0 or will_save:
                 scalars = accumulated.compute()
                 accumulated = None
                 if scalars["nonfinite"] > 0:
@@ -331,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 enc = embed(state["params"]["encoder"], state["batch_stats"])
                 summary["validation"] = held_out_summary(config, enc, "validation", with_probe=False)
                 writer.write_scalars(step, summary["validation"], prefix="validation/")
-            if step % config.checkpoint_every == 0 or is_last or preemption.requested:
+            if will_save:
                 _save(mngr, step, state, data_iter, config)
             if preemption.requested:
                 mngr.wait_until_finished()

@@ -1,6 +1,8 @@
 import os
+import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,3 +38,16 @@ def pretrained(phantom_dir, tmp_path_factory):
     config.data.data_dir = phantom_dir
     workdir = str(tmp_path_factory.mktemp("pretrain"))
     return workdir, train.train_and_evaluate(config, workdir)
+
+
+@pytest.fixture
+def run_on_devices(tmp_path):
+    """`run(script, n) -> dict of arrays`: runs `script OUT.npz` on n simulated CPU devices."""
+
+    def run(script: str, n: int) -> dict:
+        out = str(tmp_path / f"{os.path.basename(script)}-{n}.npz")
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
+        subprocess.run([sys.executable, script, out], cwd=ROOT, env=env, check=True, timeout=300)
+        return dict(np.load(out))
+
+    return run

@@ -1,7 +1,3 @@
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +5,6 @@ import pytest
 
 from isimed import losses
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # --- Brute-force float64 references, straight from the formulas -----------------------------------
@@ -210,15 +205,9 @@ def test_embedding_std_detects_collapse():
 # --- Global batch: same values on 1 and 8 devices -------------------------------------------------
 
 
-def run_devices(n: int, out: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "tests/ssl_sharding_check.py", out], cwd=ROOT, env=env, check=True, timeout=300)
-    return dict(np.load(out))
-
-
-def test_one_device_equals_eight_devices(tmp_path):
-    one = run_devices(1, str(tmp_path / "one.npz"))
-    eight = run_devices(8, str(tmp_path / "eight.npz"))
+def test_one_device_equals_eight_devices(run_on_devices):
+    one = run_on_devices("tests/ssl_sharding_check.py", 1)
+    eight = run_on_devices("tests/ssl_sharding_check.py", 8)
     assert int(one.pop("devices")) == 1 and int(eight.pop("devices")) == 8
     assert one.keys() == eight.keys() and len(one) == 16
     for key in one:

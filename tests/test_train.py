@@ -14,15 +14,9 @@ from isimed import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_devices(n: int, out: str) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "tests/sharding_check.py", out], cwd=ROOT, env=env, check=True, timeout=300)
-    return dict(np.load(out))
-
-
-def test_one_device_equals_eight_devices(tmp_path):
-    one = run_devices(1, str(tmp_path / "one.npz"))
-    eight = run_devices(8, str(tmp_path / "eight.npz"))
+def test_one_device_equals_eight_devices(run_on_devices):
+    one = run_on_devices("tests/sharding_check.py", 1)
+    eight = run_on_devices("tests/sharding_check.py", 8)
     assert int(one.pop("devices")) == 1 and int(eight.pop("devices")) == 8
     assert one.keys() == eight.keys() and len(one) > 10
     # Entries that are exactly zero in theory (the head bias: distances ignore a common shift) are
