@@ -310,7 +310,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
 
             is_last = step == config.total_steps
-            will_save = step % config.checkpoint_every == 0 or is_last or preemption.requested
+            # Read the flag once per step: a SIGTERM arriving later in this step must not skip
+            # the save yet still end the run.
+            stop = preemption.requested
+            will_save = step % config.checkpoint_every == 0 or is_last or stop
             # The NaN guard is checked before every save as well as at every log step.
             if step % config.log_every == 0 or will_save:
                 scalars = accumulated.compute()
@@ -326,7 +329,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 scalars["crops_per_s"] = (step - step_log) * crops_per_step / max(elapsed, 1e-9)
                 eta = (config.total_steps - step) * elapsed / max(step - step_log, 1)
                 writer.write_scalars(step, scalars, prefix="train/")
-                writer.log(f"step {step}/{config.total_steps}, {scalars['crops_per_s']:.0f} crops/s, ETA {eta:.0f} s")
+                writer.log(
+                    f"step {step}/{config.total_steps}, "
+                    f"{scalars['crops_per_s']:.0f} crops/s, ETA {eta:.0f} s"
+                )
                 t_log, step_log = time.time(), step
             if step % config.eval_every == 0 or is_last:
                 enc = embed(state["params"]["encoder"], state["batch_stats"])
@@ -334,7 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.write_scalars(step, summary["validation"], prefix="validation/")
             if will_save:
                 _save(mngr, step, state, data_iter, config)
-            if preemption.requested:
+            if stop:
                 mngr.wait_until_finished()
                 writer.close()
                 return {"preempted_at_step": step}
