@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import jax
 import ml_collections
+from absl import logging
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -81,6 +82,8 @@ def collect(
             del element["crops"]
         for key, value in element.items():
             parts.setdefault(key, []).append(value)
+        if (n + 1) % 50 == 0:
+            logging.info("embedded %d images of split %r", n + 1, split)
     if not parts:
         raise ValueError(f"split {split!r} of {config.data.name} has no images")
     return {key: np.stack(value) for key, value in parts.items()}
