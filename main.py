@@ -4,8 +4,6 @@ Resumes from the latest checkpoint in DIR. Writes checkpoints, TensorBoard event
 log.txt and summary.json there.
 """
 
-import json
-
 from absl import app
 from absl import flags
 from absl import logging
