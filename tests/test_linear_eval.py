@@ -87,3 +87,17 @@ def test_pretraining_adds_position_information(eval_config, tmp_path):
     rows = linear_eval.evaluate(eval_config, str(tmp_path))["feature_sets"]
     assert rows["pretrained"]["spearman_within"] > rows["random_init"]["spearman_within"] + 0.15
     assert rows["pretrained"]["position_probe"]["mae_mm"] < 0.9 * rows["random_init"]["position_probe"]["mae_mm"]
+
+
+def test_best_checkpoint_is_the_best_logged_validation_step(pretrained):
+    workdir = pretrained[0]
+    saved = {int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()}
+    logged = {}
+    for line in open(os.path.join(workdir, "metrics.jsonl")):
+        row = json.loads(line)
+        if "validation/spearman_within" in row and row["step"] in saved:
+            logged[row["step"]] = row["validation/spearman_within"]
+    assert len(logged) >= 2
+    assert linear_eval._select_step(workdir, "best") == max(logged, key=logged.get)
+    assert linear_eval._select_step(workdir, "latest") is None
+    assert linear_eval._select_step(workdir, "50") == 50
