@@ -3,6 +3,7 @@
 Presets (`--config=configs/isimed_chest.py:PRESET`):
   (none)  paper scale: 3D DenseNet-121, 32^3 crops, 1024 crops per step, bf16 compute (accelerators).
   demo    a few minutes on 2 CPU cores: small 3D CNN, 16^3 crops.
+  demo2d  the same on the phantom's 2D coronal projections (X-ray-like), 16^2 crops.
   test    seconds: tiny phantom, few steps.
 """
 
@@ -11,8 +12,8 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     preset = arg or "paper"
-    if preset not in ("paper", "demo", "test"):
-        raise ValueError(f"unknown preset {preset!r}; use one of: paper, demo, test")
+    if preset not in ("paper", "demo", "demo2d", "test"):
+        raise ValueError(f"unknown preset {preset!r}; use one of: paper, demo, demo2d, test")
     c = ml_collections.ConfigDict()
     c.method = "isimed"
     c.seed = 0
@@ -67,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.max_images = 32
     c.eval.probe_train_images = 64  # Train-split images for the ridge position probe.
 
-    if preset == "demo":
+    if preset in ("demo", "demo2d"):
         c.data.variant = "demo3d"
         c.data.crop_size = (16, 16, 16)
         c.data.crops_per_image = 16
@@ -85,6 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint_every = 200
         c.eval.max_images = 16
         c.eval.probe_train_images = 32
+        if preset == "demo2d":
+            c.data.variant = "demo2d"
+            c.data.crop_size = (16, 16)
+            c.total_steps = 400
     elif preset == "test":
         c.data.variant = "tiny3d"
         c.data.crop_size = (8, 8, 8)

@@ -8,6 +8,8 @@ from configs import linear_eval_chest
 def test_presets_build_and_unknown_preset_fails(module):
     for preset in (None, "demo", "test"):
         module.get_config(preset)
+    if module is isimed_chest:
+        assert len(module.get_config("demo2d").data.crop_size) == 2
     with pytest.raises(ValueError, match="unknown preset"):
         module.get_config("tset")
 
