@@ -91,3 +91,22 @@ def test_nan_guard_stops_and_keeps_last_good_checkpoint(test_config, tmp_path):
     step, params = restored_params(str(tmp_path))
     assert step == 20
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
+
+
+def test_learnable_scale_is_trained(test_config):
+    test_config.loss.learnable_scale = True
+    model = train.Model(test_config)
+    tx, schedule = train.make_optimizer(test_config.optim, test_config.total_steps)
+    state = train.init_state(test_config, model, tx)
+    assert float(np.exp(state["params"]["log_scale"])) == pytest.approx(test_config.loss.scale)
+    step = jax.jit(train.make_train_step(test_config, model, tx, schedule))
+    rng = np.random.default_rng(0)
+    b, k, c = 4, test_config.data.crops_per_image, test_config.data.crop_size
+    batch = {
+        "crops": rng.uniform(-1, 1, size=(b, k, *c, 1)).astype(np.float32),
+        "centres": rng.uniform(-150, 150, size=(b, k, 3)).astype(np.float32),
+    }
+    for _ in range(10):
+        state, metrics = step(state, batch)
+    scale = float(metrics.compute()["target_scale"])
+    assert np.isfinite(scale) and scale != pytest.approx(test_config.loss.scale, rel=1e-3)
