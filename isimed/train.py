@@ -197,24 +197,27 @@ def held_out_summary(
     raw crop intensities is the reference row.
     """
     held = features_lib.collect(
-        config, split, embed, max_images=config.eval.max_images, with_crops=with_probe
+        config, split, {"model": embed}, max_images=config.eval.max_images, with_crops=with_probe
     )
+    z = held["embeddings"]["model"]
     out: dict[str, Any] = {
-        f"spearman_{pairs}": metrics_lib.distance_spearman(held["embeddings"], held["centres"], pairs)
+        f"spearman_{pairs}": metrics_lib.distance_spearman(z, held["centres"], pairs)
         for pairs in ("within", "all")
     }
     if with_probe:
         train = features_lib.collect(
-            config, "train", embed, max_images=config.eval.probe_train_images, with_crops=True
+            config, "train", {"model": embed}, max_images=config.eval.probe_train_images,
+            with_crops=True,
         )
-        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
-        raw = lambda a: a.reshape(a.shape[0] * a.shape[1], -1)  # noqa: E731
+        flat = features_lib.flatten
         out["position_probe"] = metrics_lib.position_probe(
-            flat(train["embeddings"]), flat(train["centres"]),
-            flat(held["embeddings"]), flat(held["centres"]),
+            flat(train["embeddings"]["model"]), flat(train["centres"]),
+            flat(z), flat(held["centres"]),
         )
+        n_train, n_held = len(flat(train["centres"])), len(flat(held["centres"]))
         out["position_probe_raw_intensity"] = metrics_lib.position_probe(
-            raw(train["crops"]), flat(train["centres"]), raw(held["crops"]), flat(held["centres"])
+            flat(train["crops"]).reshape(n_train, -1), flat(train["centres"]),
+            flat(held["crops"]).reshape(n_held, -1), flat(held["centres"]),
         )
     return out
 

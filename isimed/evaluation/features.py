@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import ml_collections
-from absl import logging
 import numpy as np
+from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -50,21 +50,27 @@ def make_embed_fn(model, mesh: jax.sharding.Mesh, chunk: int = 256):
     return bind
 
 
+def flatten(a: np.ndarray) -> np.ndarray:
+    """`(B, K, ...)` per-image arrays -> `(B*K, ...)` per-crop rows."""
+    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
 def collect(
     config: ml_collections.ConfigDict,
     split: str,
-    embed: EmbedFn,
+    embeds: Mapping[str, EmbedFn],
     *,
     max_images: int,
     crops_per_image: int | None = None,
     lesion_share: float = 0.0,
     with_crops: bool = False,
     seed: int = 1234,
-) -> dict[str, np.ndarray]:
+) -> dict:
     """Embeds fixed crops (same crops every call for a seed) of the first `max_images` images.
 
-    Returns `(B, K, ...)` arrays: embeddings, centres (mm), lesion_fraction, has_lesion, image_id
-    `(B,)` and, with `with_crops`, the crops themselves (for raw-intensity reference features).
+    Every encoder in `embeds` sees the same crops, read and sampled once. Returns `(B, K, ...)`
+    arrays: centres (mm), lesion_fraction, has_lesion, image_id `(B,)`, `embeddings` as
+    `{name: (B, K, D)}` and, with `with_crops`, the crops themselves (raw-intensity features).
     """
     k = crops_per_image or config.eval.crops_per_image
     ds = pipeline.make_dataset(
@@ -72,12 +78,13 @@ def collect(
         lesion_share=lesion_share,
     )
     parts: dict[str, list[np.ndarray]] = {}
+    embedded: dict[str, list[np.ndarray]] = {name: [] for name in embeds}
     for n, element in enumerate(ds):
         if n >= max_images:
             break
-        crops = element["crops"][0]
         element = {key: value[0] for key, value in element.items()}
-        element["embeddings"] = embed(crops)
+        for name, embed in embeds.items():
+            embedded[name].append(embed(element["crops"]))
         if not with_crops:
             del element["crops"]
         for key, value in element.items():
@@ -86,4 +93,6 @@ def collect(
             logging.info("embedded %d images of split %r", n + 1, split)
     if not parts:
         raise ValueError(f"split {split!r} of {config.data.name} has no images")
-    return {key: np.stack(value) for key, value in parts.items()}
+    out = {key: np.stack(value) for key, value in parts.items()}
+    out["embeddings"] = {name: np.stack(value) for name, value in embedded.items()}
+    return out

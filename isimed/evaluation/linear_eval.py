@@ -57,22 +57,13 @@ def _pool(crops: np.ndarray, factor: int) -> np.ndarray:
 
 
 def _collect_all(config, pre_config, embed_fns, split, k, lesion_share, max_images):
-    """Embeds the same crops with every encoder; adds pooled raw intensities."""
-    sets = {}
-    for name, embed in embed_fns.items():
-        sets[name] = features_lib.collect(
-            pre_config, split, embed, max_images=max_images, crops_per_image=k,
-            lesion_share=lesion_share, with_crops=name == "pretrained", seed=config.seed + 17,
-        )
-    base = sets["pretrained"]
-    sets["raw_intensity"] = {**base, "embeddings": _pool(base.pop("crops"), config.raw_pool)}
-    for name in embed_fns:
-        np.testing.assert_array_equal(sets[name]["centres"], base["centres"])  # Same crops.
-    return sets
-
-
-def _flat(a: np.ndarray) -> np.ndarray:
-    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+    """Per feature set, the same crops' features and labels; raw intensities pooled."""
+    data = features_lib.collect(
+        pre_config, split, embed_fns, max_images=max_images, crops_per_image=k,
+        lesion_share=lesion_share, with_crops=True, seed=config.seed + 17,
+    )
+    features = {**data.pop("embeddings"), "raw_intensity": _pool(data.pop("crops"), config.raw_pool)}
+    return {name: {**data, "embeddings": z} for name, z in features.items()}
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -116,26 +107,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "lesion_crop_share": float(evaluation["pretrained"]["has_lesion"].mean()),
         "feature_sets": {},
     }
+    flat = features_lib.flatten
     for name in FEATURE_SETS:
         ev, ref, uni = evaluation[name], reference[name], uniform[name]
-        x = _flat(ev["embeddings"])
+        x = flat(ev["embeddings"])
         groups = np.repeat(ev["image_id"], ev["embeddings"].shape[1])
         image_x = ev["embeddings"].mean(axis=1)  # Image level: mean of its crop features.
         image_y = ev["has_lesion"].max(axis=1)
         row = {
             "lesion_crop": probes.cross_validate(
-                x, _flat(ev["has_lesion"]), groups, task="binary", folds=config.folds,
+                x, flat(ev["has_lesion"]), groups, task="binary", folds=config.folds,
                 val_fraction=config.val_fraction, **probe_kwargs),
             "lesion_fraction": probes.cross_validate(
-                x, _flat(ev["lesion_fraction"]), groups, task="regression", folds=config.folds,
+                x, flat(ev["lesion_fraction"]), groups, task="regression", folds=config.folds,
                 val_fraction=config.val_fraction, **probe_kwargs),
-            "rankme": probes.rankme(_flat(uni["embeddings"])),
+            "rankme": probes.rankme(flat(uni["embeddings"])),
             "knn_accuracy": probes.knn_accuracy(
-                _flat(ref["embeddings"]), _flat(ref["has_lesion"]), x, _flat(ev["has_lesion"]),
+                flat(ref["embeddings"]), flat(ref["has_lesion"]), x, flat(ev["has_lesion"]),
                 k=config.knn_k),
             "position_probe": metrics_lib.position_probe(
-                _flat(ref["embeddings"]), _flat(ref["centres"]), _flat(uni["embeddings"]),
-                _flat(uni["centres"])),
+                flat(ref["embeddings"]), flat(ref["centres"]), flat(uni["embeddings"]),
+                flat(uni["centres"])),
             "spearman_within": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "within"),
             "spearman_cross": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "cross"),
         }
