@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.window = (-1000.0, 1000.0)  # CT HU window -> [-1, 1].
     c.data.min_foreground = 0.5  # Crops hold at least this share of voxels inside the body.
     c.data.foreground_threshold = -900.0  # HU; air outside the body is about -1000.
+    # Two-view methods (SimCLR, VICReg, Barlow): the second crop is shifted by up to this share of
+    # the crop size per axis.
+    c.data.view_offset = 0.25
     c.data.num_threads = 8
     c.data.prefetch = 4
     c.data.num_workers = 4

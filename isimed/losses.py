@@ -216,3 +216,13 @@ def embedding_std(z: jnp.ndarray) -> jnp.ndarray:
     L2-normalised rows of `z` `(N, D)`. 0 when all rows point the same way; about 1/sqrt(D) for
     isotropic embeddings."""
     return jnp.mean(jnp.std(l2_normalize(z), axis=0))
+
+
+def rankme(z: jnp.ndarray, eps: float = 1e-7) -> jnp.ndarray:
+    """RankMe (Garrido et al., 2023), the smooth effective rank of `z` `(N, D)`:
+    `exp(-sum_k p_k log p_k)` with `p_k = s_k / sum(s) + eps` over the singular values `s`. Not
+    centred, as in the paper. An all-zero matrix has no spectrum and gives 0."""
+    s = jnp.linalg.svd(z.astype(jnp.float32), compute_uv=False)
+    total = jnp.sum(s)
+    p = s / jnp.where(total > 0, total, 1.0) + eps
+    return jnp.where(total > 0, jnp.exp(-jnp.sum(p * jnp.log(p))), 0.0)

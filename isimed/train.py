@@ -26,8 +26,11 @@ from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from isimed import augment
+from isimed import losses
 from isimed import methods
 from isimed import models
+from isimed.models.heads import MLPHead
 from isimed.data import pipeline
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
@@ -36,15 +39,15 @@ from isimed.writers import MetricWriter
 State = dict[str, Any]
 
 
-@struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-    loss: clu_metrics.Average.from_output("loss")
-    within: clu_metrics.Average.from_output("within")
-    cross: clu_metrics.Average.from_output("cross")
-    grad_norm: clu_metrics.Average.from_output("grad_norm")
-    nonfinite: clu_metrics.Average.from_output("nonfinite")
-    learning_rate: clu_metrics.LastValue.from_output("learning_rate")
-    target_scale: clu_metrics.LastValue.from_output("target_scale")
+def metrics_class(method: methods.Method, with_scale: bool) -> type[clu_metrics.Collection]:
+    """Per-step training metrics: the method's loss terms plus what every method logs. The
+    collapse indicators (std of the normalised embeddings, RankMe) are on encoder embeddings."""
+    averaged = ("loss", *method.terms, "grad_norm", "nonfinite", "embedding_std", "rankme")
+    last = ("learning_rate", "target_scale") if with_scale else ("learning_rate",)
+    return clu_metrics.Collection.create(
+        **{name: clu_metrics.Average.from_output(name) for name in averaged},
+        **{name: clu_metrics.LastValue.from_output(name) for name in last},
+    )
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -56,15 +59,17 @@ def make_mesh() -> jax.sharding.Mesh:
 
 
 class Model:
-    """An encoder split into its static graph (train and eval mode) and its initial variables."""
+    """An encoder split into its static graph (train and eval mode) and its initial variables,
+    plus the method's MLP head (pretraining only; parameters alone, no batch statistics)."""
 
     def __init__(self, config: ml_collections.ConfigDict):
+        rngs = nnx.Rngs(config.seed)
         encoder = models.create_encoder(
             config.model.name,
             spatial_dims=len(config.data.crop_size),
             embed_dim=config.model.embed_dim,
             dtype=config.model.dtype,
-            rngs=nnx.Rngs(config.seed),
+            rngs=rngs,
         )
         encoder.train()
         # Pure dicts of arrays: plain pytrees for jit donation, sharding and orbax.
@@ -72,12 +77,20 @@ class Model:
         self.params, self.batch_stats = params.to_pure_dict(), batch_stats.to_pure_dict()
         encoder.eval()
         self.eval_graph = nnx.split(encoder, nnx.Param, ...)[0]
+        self.head_graph, self.head_params = None, None
+        if methods.get(config.method).head:
+            head = MLPHead(config.model.embed_dim, tuple(config.model.head_dims), rngs=rngs)
+            self.head_graph, head_params = nnx.split(head, nnx.Param)
+            self.head_params = head_params.to_pure_dict()
 
     def apply(self, params, batch_stats, x: jnp.ndarray, *, train: bool):
         """Embeds `x` (N, *spatial, C); returns (N, D) float32 and the updated batch statistics."""
         encoder = nnx.merge(self.train_graph if train else self.eval_graph, params, batch_stats)
         z = encoder(x)
         return z.astype(jnp.float32), nnx.split(encoder, nnx.Param, ...)[2].to_pure_dict()
+
+    def apply_head(self, head_params, z: jnp.ndarray) -> jnp.ndarray:
+        return nnx.merge(self.head_graph, head_params)(z)
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
@@ -105,7 +118,9 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
 
 def init_state(config: ml_collections.ConfigDict, model: Model, tx) -> State:
     params = {"encoder": model.params}
-    if config.loss.learnable_scale:
+    if model.head_params is not None:
+        params["head"] = model.head_params
+    if config.loss.get("learnable_scale", False):
         params["log_scale"] = jnp.log(jnp.float32(config.loss.scale))
     return {
         "step": jnp.zeros((), jnp.int32),
@@ -116,31 +131,49 @@ def init_state(config: ml_collections.ConfigDict, model: Model, tx) -> State:
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, model: Model):
-    """`loss_fn(params, batch_stats, batch) -> (loss, (aux, new_batch_stats, scale))`.
+    """`loss_fn(params, batch_stats, batch, key) -> (loss, (aux, new_batch_stats, scale, z))`.
 
-    All B*K crops go through the encoder in one pass (train mode), then the method's loss.
+    All crops of the step (B*K, times two for two-view methods) go through the encoder in one pass
+    (train mode, so batch-norm statistics cover both views), then the head and the method's loss.
+    Two-view methods augment both views on device with `key`.
     """
     method = methods.get(config.method)
 
-    def loss_fn(params, batch_stats, batch):
+    def loss_fn(params, batch_stats, batch, key):
         crops = batch["crops"]
         b, k = crops.shape[:2]
-        z, batch_stats = model.apply(
-            params["encoder"], batch_stats, crops.reshape(b * k, *crops.shape[2:]), train=True
-        )
-        scale = jnp.exp(params["log_scale"]) if "log_scale" in params else config.loss.scale
-        loss, aux = method.loss(z.reshape(b, k, -1), batch, config.loss, scale)
-        return loss, (aux, batch_stats, scale)
+        spatial = crops.shape[2:]
+        if method.views == 2:
+            # Stacked after the image axis, so the batch stays sharded by image.
+            x = jnp.stack([crops, batch["views"]], axis=2).reshape(b * k * 2, *spatial)
+            x = augment.augment(key, x, config.augment)
+        else:
+            x = crops.reshape(b * k, *spatial)
+        z, batch_stats = model.apply(params["encoder"], batch_stats, x, train=True)
+        z = z.reshape(b, k, method.views, -1)
+        outputs = {"z": z[:, :, 0]}
+        if method.head:
+            p = model.apply_head(params["head"], z.reshape(b * k * method.views, -1))
+            p = p.reshape(b * k, method.views, -1)
+            outputs["p1"], outputs["p2"] = p[:, 0], p[:, 1]
+        scale = jnp.exp(params["log_scale"]) if "log_scale" in params else config.loss.get("scale")
+        loss, aux = method.loss(outputs, batch, config.loss, scale)
+        return loss, (aux, batch_stats, scale, outputs["z"])
 
     return loss_fn
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: Model, tx, schedule):
+    method = methods.get(config.method)
     loss_fn = make_loss_fn(config, model)
+    with_scale = "scale" in config.loss
+    metrics = metrics_class(method, with_scale)
 
     def train_step(state: State, batch: dict[str, jnp.ndarray]):
-        (loss, (aux, batch_stats, scale)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["batch_stats"], batch
+        # Augmentation randomness is a function of (seed, step): resuming replays it exactly.
+        key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+        (loss, (aux, batch_stats, scale, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["batch_stats"], batch, key
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         grad_norm = optax.tree.norm(grads)
@@ -155,14 +188,16 @@ def make_train_step(config: ml_collections.ConfigDict, model: Model, tx, schedul
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, state)
         new_state["step"] = state["step"] + 1
-        step_metrics = TrainMetrics.single_from_model_output(
+        z = jax.lax.stop_gradient(z.reshape(-1, z.shape[-1]))
+        step_metrics = metrics.single_from_model_output(
             loss=loss,
-            within=aux["within"],
-            cross=aux["cross"],
+            **{name: aux[name] for name in method.terms},
+            embedding_std=losses.embedding_std(z),
+            rankme=losses.rankme(z),
             grad_norm=grad_norm,
             nonfinite=1.0 - finite.astype(jnp.float32),
             learning_rate=schedule(state["step"]),
-            target_scale=jnp.asarray(scale, jnp.float32),
+            **({"target_scale": jnp.asarray(scale, jnp.float32)} if with_scale else {}),
         )
         return new_state, step_metrics
 
@@ -264,6 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{jax.device_count()} devices (the batch is sharded by image)"
         )
 
+    method = methods.get(config.method)
     model = Model(config)
     logging.info("Encoder parameters:\n%s", parameter_overview.get_parameter_overview(model.params))
     tx, schedule = make_optimizer(config.optim, config.total_steps)
@@ -277,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     embed = features_lib.make_embed_fn(model, mesh)
 
     train_ds = pipeline.make_dataset(
-        config.data, "train", seed=config.seed, train=True,
+        config.data, "train", seed=config.seed, train=True, views=method.views,
         process_index=jax.process_index(), process_count=jax.process_count(),
     )
     data_iter = iter(train_ds)
@@ -300,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         summary["initial"] = held_out_summary(config, enc, "validation", with_probe=False)
         writer.write_scalars(0, summary["initial"], prefix="validation/")
 
+    step_keys = ("crops", "centres", "views") if method.views == 2 else ("crops", "centres")
     accumulated = None
     t_log, step_log = time.time(), start_step
     with _Preemption() as preemption:
@@ -307,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = next(data_iter)
             batch = {
                 k: jax.make_array_from_process_local_data(data_sharding, np.asarray(batch[k]))
-                for k in ("crops", "centres")
+                for k in step_keys
             }
             state, step_metrics = train_step(state, batch)
             accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
@@ -328,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         f"{mngr.latest_step()} in {mngr.directory}"
                     )
                 elapsed = time.time() - t_log
-                crops_per_step = config.data.images_per_batch * config.data.crops_per_image
+                crops_per_step = config.data.images_per_batch * config.data.crops_per_image * method.views
                 scalars["crops_per_s"] = (step - step_log) * crops_per_step / max(elapsed, 1e-9)
                 eta = (config.total_steps - step) * elapsed / max(step - step_log, 1)
                 writer.write_scalars(step, scalars, prefix="train/")

@@ -42,12 +42,13 @@ def pretrained(phantom_dir, tmp_path_factory):
 
 @pytest.fixture
 def run_on_devices(tmp_path):
-    """`run(script, n) -> dict of arrays`: runs `script OUT.npz` on n simulated CPU devices."""
+    """`run(script, n, *args) -> dict of arrays`: runs `script OUT.npz *args` on n simulated CPU
+    devices."""
 
-    def run(script: str, n: int) -> dict:
-        out = str(tmp_path / f"{os.path.basename(script)}-{n}.npz")
+    def run(script: str, n: int, *args: str) -> dict:
+        out = str(tmp_path / f"{os.path.basename(script)}-{'-'.join(args)}-{n}.npz")
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu")
-        subprocess.run([sys.executable, script, out], cwd=ROOT, env=env, check=True, timeout=300)
+        subprocess.run([sys.executable, script, out, *args], cwd=ROOT, env=env, check=True, timeout=300)
         return dict(np.load(out))
 
     return run

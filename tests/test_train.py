@@ -14,9 +14,10 @@ from isimed import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_one_device_equals_eight_devices(run_on_devices):
-    one = run_on_devices("tests/sharding_check.py", 1)
-    eight = run_on_devices("tests/sharding_check.py", 8)
+@pytest.mark.parametrize("config_name", ["isimed_chest", "isimed_vicreg_chest"])
+def test_one_device_equals_eight_devices(run_on_devices, config_name):
+    one = run_on_devices("tests/sharding_check.py", 1, config_name)
+    eight = run_on_devices("tests/sharding_check.py", 8, config_name)
     assert int(one.pop("devices")) == 1 and int(eight.pop("devices")) == 8
     assert one.keys() == eight.keys() and len(one) > 10
     # Entries that are exactly zero in theory (the head bias: distances ignore a common shift) are

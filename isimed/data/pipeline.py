@@ -8,6 +8,9 @@ index -> world mm) and optionally `mask` (lesion voxels). One pipeline element i
   lesion_fraction  (K,)          float32, share of lesion voxels in each crop
   has_lesion       (K,)          int32, crop contains any lesion voxel
   image_id         ()            int32
+  views            (K, *crop, 1) float32, only with `views=2`: a second crop of each position,
+                   shifted by up to `view_offset` of the crop size per axis (for two-view methods)
+  labels           (L,)          float32, only if the record has image-level `labels`
 
 and batching B images gives a leading B axis. Crops are sampled from the raw record and the window
 normalisation, being pointwise, is applied to the crops only: the same result as normalising the
@@ -17,6 +20,7 @@ whole volume first at a fraction of the cost.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,8 +51,13 @@ def check_record(record: Record, ndim: int) -> None:
         raise ValueError(f"{where}: mask shape {mask.shape} != image shape {image.shape}")
 
 
-def normalise_window(x: np.ndarray, window: Sequence[float]) -> np.ndarray:
-    """Maps intensities in [lo, hi] (e.g. a CT HU window) linearly to [-1, 1], clipping outside."""
+def normalise_window(x: np.ndarray, window: Sequence[float] | None) -> np.ndarray:
+    """Maps intensities in [lo, hi] (e.g. a CT HU window) linearly to [-1, 1], clipping outside.
+
+    `window=None`: the data was normalised when it was prepared; only cast to float32.
+    """
+    if window is None:
+        return np.asarray(x, np.float32)
     lo, hi = float(window[0]), float(window[1])
     if not hi > lo:
         raise ValueError(f"intensity window must have hi > lo, got {tuple(window)}")
@@ -68,10 +77,12 @@ class SampleCrops(grain.transforms.RandomMap):
 
     crop_shape: tuple[int, ...]
     num_crops: int
-    window: tuple[float, float]
+    window: tuple[float, float] | None
     min_foreground: float = 0.0
     foreground_threshold: float = -900.0
     lesion_share: float = 0.0
+    views: int = 1
+    view_offset: float = 0.25
 
     def random_map(self, record: Record, rng: np.random.Generator) -> dict[str, np.ndarray]:
         ndim = len(self.crop_shape)
@@ -90,6 +101,16 @@ class SampleCrops(grain.transforms.RandomMap):
         ]).astype(np.int64)
 
         crops = geometry.extract_crops(image, starts, self.crop_shape)
+        extra = {}
+        if self.views == 2:
+            extra["views"] = normalise_window(
+                geometry.extract_crops(image, self._shifted(rng, starts, image.shape), self.crop_shape),
+                self.window,
+            )[..., None]
+        elif self.views != 1:
+            raise ValueError(f"views must be 1 or 2, got {self.views}")
+        if "labels" in record:
+            extra["labels"] = np.asarray(record["labels"], np.float32)
         if mask is not None:
             lesion = geometry.extract_crops(mask, starts, self.crop_shape) > 0
             fraction = lesion.reshape(len(starts), -1).mean(axis=1)
@@ -103,7 +124,16 @@ class SampleCrops(grain.transforms.RandomMap):
             "lesion_fraction": fraction.astype(np.float32),
             "has_lesion": (fraction > 0).astype(np.int32),
             "image_id": np.int32(record["id"]),
+            **extra,
         }
+
+    def _shifted(self, rng, starts: np.ndarray, image_shape) -> np.ndarray:
+        """Second-view starts: each first-view start moved by up to `view_offset` of the crop size
+        per axis, clipped to the image (so the two views overlap by at least 1 - view_offset)."""
+        crop = np.asarray(self.crop_shape)
+        reach = np.floor(self.view_offset * crop).astype(np.int64)
+        shift = rng.integers(-reach, reach + 1, size=starts.shape)
+        return np.clip(starts + shift, 0, np.asarray(image_shape) - crop)
 
     def _uniform_starts(self, rng, image, n: int, where: str) -> np.ndarray:
         if self.min_foreground <= 0:
@@ -135,7 +165,14 @@ def open_source(data: ml_collections.ConfigDict, split: str):
         from isimed.data import chest_phantom  # Imports tfds only when needed.
 
         return chest_phantom.data_source(data.variant, split, data.data_dir)
-    raise ValueError(f"unknown data set {data.name!r}; known: 'chest_phantom'")
+    if data.name == "prepared":
+        # Written by `python -m isimed.data.prepare`; images are already normalised to [-1, 1].
+        from isimed.data import prepared
+
+        if not data.get("dir"):
+            raise ValueError("data.name='prepared' needs --config.data.dir=<prepare --out folder>")
+        return prepared.data_source(os.path.expanduser(data.dir), split)
+    raise ValueError(f"unknown data set {data.name!r}; known: 'chest_phantom', 'prepared'")
 
 
 def check_data_config(data: ml_collections.ConfigDict) -> None:
@@ -156,6 +193,7 @@ def make_dataset(
     batch_size: int | None = None,
     lesion_share: float = 0.0,
     crops_per_image: int | None = None,
+    views: int = 1,
     process_index: int = 0,
     process_count: int = 1,
     source=None,
@@ -164,7 +202,8 @@ def make_dataset(
 
     train=True: shuffled, reshuffled each epoch, repeated forever, batches of `images_per_batch`
     (divided across processes). train=False: every image of this process's shard once, in a fixed
-    order with fixed crops for a given seed, final partial batch kept.
+    order with fixed crops for a given seed, final partial batch kept. `views=2` adds a second,
+    shifted crop of every position (two-view methods such as SimCLR).
     """
     check_data_config(data)
     source = open_source(data, split) if source is None else source
@@ -176,10 +215,12 @@ def make_dataset(
     sampler = SampleCrops(
         crop_shape=tuple(data.crop_size),
         num_crops=crops_per_image or data.crops_per_image,
-        window=tuple(data.window),
+        window=None if data.window is None else tuple(data.window),
         min_foreground=data.min_foreground,
         foreground_threshold=data.foreground_threshold,
         lesion_share=lesion_share,
+        views=views,
+        view_offset=data.view_offset,
     )
     ds = ds.random_map(sampler, seed=seed + 1)
     if batch_size is None:

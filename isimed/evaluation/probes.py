@@ -29,6 +29,8 @@ import sklearn.metrics
 import sklearn.model_selection
 import sklearn.neighbors
 
+from isimed import losses
+
 TASKS = ("binary", "multilabel", "regression")
 
 
@@ -48,17 +50,12 @@ def rankme(embeddings: np.ndarray, eps: float = 1e-7) -> float:
     non-finite embeddings (a diverged encoder) return nan rather than raising, so a
     whole evaluation run still finishes and reports the failure.
     """
-    x = np.asarray(embeddings, dtype=np.float64)
+    x = np.asarray(embeddings, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"rankme expects a (N, D) matrix, got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         return float("nan")
-    s = np.linalg.svd(x, compute_uv=False)
-    total = s.sum()
-    if total <= 0.0:
-        return 0.0
-    p = s / total + eps
-    return float(np.exp(-np.sum(p * np.log(p))))
+    return float(losses.rankme(x, eps))
 
 
 def knn_accuracy(
@@ -397,6 +394,33 @@ def _targets(y: np.ndarray, task: str, n: int) -> tuple[np.ndarray, bool]:
 # Subject-grouped cross-validation.
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Predictions:
+    """Out-of-fold test-set predictions of `cross_validate`, one row per input row.
+
+    Every row is in exactly one test fold, so these are honest held-out scores for ROC curves.
+    Kept as arrays (not in results.json: `linear_eval` strips the "predictions" key).
+
+    Attributes:
+      y_true: the labels as given; score: the probe's probabilities (binary `(N,)`, multilabel
+        `(N, L)`) or predicted values (regression); fold: `(N,)` index of the fold that tested
+        the row.
+    """
+
+    y_true: np.ndarray
+    score: np.ndarray
+    fold: np.ndarray
+
+    def __eq__(self, other: object) -> bool:
+        # Arrays compare elementwise; repeated runs must compare equal (nan included).
+        if not isinstance(other, Predictions):
+            return NotImplemented
+        return all(
+            np.array_equal(getattr(self, f), getattr(other, f), equal_nan=True)
+            for f in ("y_true", "score", "fold")
+        )
+
+
 def cross_validate(
     features: np.ndarray,
     labels: np.ndarray,
@@ -427,8 +451,9 @@ def cross_validate(
     Returns:
       {"folds": [metrics of each fold plus "selected", "n_subjects" and "n_samples"],
        "mean": {metric: nanmean over folds}, "std": {metric: nanstd (ddof=0) over folds},
-       "fold_subjects": [(train ids, val ids, test ids) per fold]} for every scalar metric
-      (multilabel's per-label list is kept per fold only).
+       "fold_subjects": [(train ids, val ids, test ids) per fold],
+       "predictions": `Predictions` (out-of-fold scores, for ROC curves; not JSON)} for every
+      scalar metric (multilabel's per-label list is kept per fold only).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -456,6 +481,8 @@ def cross_validate(
                  "regression": regression_metrics}[task]
 
     per_fold, fold_subjects = [], []
+    oof_score: np.ndarray | None = None
+    oof_fold = np.full(len(features), -1, np.int64)
     outer = sklearn.model_selection.GroupKFold(n_splits=folds)
     for i, (fit_idx, test_idx) in enumerate(outer.split(features, groups=groups)):
         if len(np.unique(groups[fit_idx])) < 2:
@@ -470,7 +497,11 @@ def cross_validate(
         probe = fit_linear_probe(
             features[train_idx], labels[train_idx], features[val_idx], labels[val_idx],
             task=task, seed=seed, **probe_kwargs)
-        metrics = metric_fn(labels[test_idx], probe.predict(features[test_idx]))
+        predicted = probe.predict(features[test_idx])
+        metrics = metric_fn(labels[test_idx], predicted)
+        if oof_score is None:
+            oof_score = np.full((len(features), *predicted.shape[1:]), np.nan)
+        oof_score[test_idx], oof_fold[test_idx] = predicted, i
         subjects = tuple(np.unique(groups[idx]).tolist() for idx in (train_idx, val_idx, test_idx))
         per_fold.append({
             **metrics,
@@ -488,4 +519,5 @@ def cross_validate(
         for k in scalar:
             values = np.array([f[k] for f in per_fold], dtype=np.float64)
             mean[k], std[k] = float(np.nanmean(values)), float(np.nanstd(values))
-    return {"folds": per_fold, "mean": mean, "std": std, "fold_subjects": fold_subjects}
+    return {"folds": per_fold, "mean": mean, "std": std, "fold_subjects": fold_subjects,
+            "predictions": Predictions(y_true=labels.copy(), score=oof_score, fold=oof_fold)}

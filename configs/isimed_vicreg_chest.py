@@ -1,0 +1,14 @@
+"""Hybrid ISImed + VICReg: `isimed_weight * distance loss + vicreg_weight * VICReg` (the ISImed
+authors also tried distance + Barlow Twins hybrids). Presets as `isimed_chest.py`:
+
+  python main.py --config=configs/isimed_vicreg_chest.py:demo --workdir=workdirs/isimed_vicreg_demo
+"""
+
+import ml_collections
+
+from configs import baselines
+from configs import isimed_chest
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    return baselines.two_view(isimed_chest.get_config(arg), "isimed_vicreg", arg or "paper")

@@ -1,0 +1,126 @@
+"""Every registered method trains through the one loop; two-view sampling; baseline configs."""
+
+import importlib
+
+import jax
+import numpy as np
+import pytest
+
+from isimed import losses
+from isimed import methods
+from isimed import train
+from isimed.data import pipeline
+
+BASELINE_CONFIGS = ["simclr_chest", "vicreg_chest", "barlow_chest", "isimed_vicreg_chest"]
+
+
+def _config(name, preset="test"):
+    return importlib.import_module(f"configs.{name}").get_config(preset)
+
+
+def _random_batch(config, rng, b=4):
+    k, c = config.data.crops_per_image, tuple(config.data.crop_size)
+    batch = {
+        "crops": rng.uniform(-1, 1, size=(b, k, *c, 1)).astype(np.float32),
+        "centres": rng.uniform(-150, 150, size=(b, k, len(c))).astype(np.float32),
+    }
+    if methods.get(config.method).views == 2:
+        # A second view near the first, as the pipeline samples it.
+        batch["views"] = np.clip(batch["crops"] + rng.normal(0, 0.1, batch["crops"].shape), -1, 1).astype(np.float32)
+    return batch
+
+
+@pytest.mark.parametrize("name", ["isimed_chest", *BASELINE_CONFIGS])
+def test_each_method_lowers_its_loss_and_logs_its_terms(name):
+    config = _config(name)
+    method = methods.get(config.method)
+    if method.views == 2:  # Fixed views: the loss on a fixed batch must then go down.
+        for key in config.augment:
+            if key.endswith("_prob"):
+                config.augment[key] = 0.0
+    model = train.Model(config)
+    assert (model.head_params is not None) == method.head
+    tx, schedule = train.make_optimizer(config.optim, config.total_steps)
+    state = train.init_state(config, model, tx)
+    initial = jax.tree.map(np.asarray, state["params"])
+    step = jax.jit(train.make_train_step(config, model, tx, schedule))
+    batch = _random_batch(config, np.random.default_rng(0))
+    losses_seen = []
+    for _ in range(15):
+        state, metrics = step(state, batch)
+        scalars = metrics.compute()
+        losses_seen.append(float(scalars["loss"]))
+    assert set(method.terms) <= set(scalars) and {"embedding_std", "rankme"} <= set(scalars)
+    assert np.all(np.isfinite(losses_seen))
+    assert np.mean(losses_seen[-3:]) < losses_seen[0], losses_seen
+    for part in state["params"]:  # Encoder and head (if any) are both trained.
+        changed = jax.tree.map(lambda a, b: not np.allclose(a, b), initial[part], jax.tree.map(np.asarray, state["params"][part]))
+        assert any(jax.tree.leaves(changed)), part
+
+
+def test_hybrid_loss_is_the_weighted_sum_of_its_parts():
+    config = _config("isimed_vicreg_chest")
+    config.loss.isimed_weight, config.loss.vicreg_weight = 0.7, 0.2
+    rng = np.random.default_rng(1)
+    outputs = {
+        "z": rng.normal(size=(3, 5, 8)).astype(np.float32),
+        "p1": rng.normal(size=(15, 6)).astype(np.float32),
+        "p2": rng.normal(size=(15, 6)).astype(np.float32),
+    }
+    batch = {"centres": rng.uniform(-100, 100, size=(3, 5, 3)).astype(np.float32)}
+    loss, aux = methods.get("isimed_vicreg").loss(outputs, batch, config.loss, 50.0)
+    distance, _ = losses.isimed_loss(outputs["z"], batch["centres"], scale=50.0, pairs=config.loss.pairs)
+    vicreg, _ = losses.vicreg_loss(outputs["p1"], outputs["p2"])
+    np.testing.assert_allclose(loss, 0.7 * distance + 0.2 * vicreg, rtol=1e-5)
+    np.testing.assert_allclose(aux["isimed"], distance, rtol=1e-6)
+
+
+def test_augmentation_is_a_function_of_seed_and_step():
+    """Resuming replays the same augmented views: the step's key depends only on (seed, step)."""
+    config = _config("simclr_chest")
+    model = train.Model(config)
+    tx, schedule = train.make_optimizer(config.optim, config.total_steps)
+    step = jax.jit(train.make_train_step(config, model, tx, schedule))
+    batch = _random_batch(config, np.random.default_rng(2))
+    runs = [step(train.init_state(config, model, tx), batch)[1].compute()["loss"] for _ in range(2)]
+    assert float(runs[0]) == float(runs[1])
+    config.seed = 1
+    other = jax.jit(train.make_train_step(config, model, tx, schedule))
+    assert float(other(train.init_state(config, model, tx), batch)[1].compute()["loss"]) != float(runs[0])
+
+
+@pytest.mark.parametrize("name", BASELINE_CONFIGS)
+@pytest.mark.parametrize("preset", [None, "demo", "demo2d", "test"])
+def test_baselines_match_isimed_budget(name, preset):
+    isimed, baseline = _config("isimed_chest", preset), _config(name, preset)
+    assert methods.get(baseline.method).views == 2
+    # The same encoder, optimiser and steps, and the same crops through the encoder per step.
+    assert baseline.model.name == isimed.model.name and baseline.total_steps == isimed.total_steps
+    assert baseline.optim.to_dict() == isimed.optim.to_dict()
+    assert 2 * baseline.data.crops_per_image == isimed.data.crops_per_image
+    assert baseline.data.images_per_batch == isimed.data.images_per_batch
+    if baseline.method == "simclr":
+        assert baseline.model.head_dims[-1] == 128 and baseline.loss.temperature == 0.1
+    if baseline.method == "vicreg":
+        w = baseline.loss
+        assert (w.invariance_weight, w.variance_weight, w.covariance_weight) == (25.0, 25.0, 1.0)
+    if baseline.method == "barlow":
+        assert baseline.loss.lambda_offdiag == 0.0051
+
+
+def test_second_view_is_a_shifted_crop_inside_the_image():
+    image = np.arange(20 * 24 * 28, dtype=np.float32).reshape(20, 24, 28)
+    record = {"id": 3, "image": image, "affine": np.eye(4)}
+    crop = (8, 8, 8)
+    offset = 0.25
+    sampler = pipeline.SampleCrops(crop, 64, window=None, views=2, view_offset=offset)
+    out = sampler.random_map(record, np.random.default_rng(0))
+    assert out["views"].shape == out["crops"].shape == (64, *crop, 1)
+    # Voxel values encode their index, so each crop's first voxel gives its start.
+    start = lambda v: np.stack(np.unravel_index(v[:, 0, 0, 0, 0].astype(int), image.shape), axis=1)
+    shift = start(out["views"]) - start(out["crops"])
+    assert np.all(np.abs(shift) <= np.floor(offset * np.array(crop)))
+    assert np.any(shift != 0)
+    same = pipeline.SampleCrops(crop, 8, window=None, views=2, view_offset=0.0)
+    out = same.random_map(record, np.random.default_rng(0))
+    np.testing.assert_array_equal(out["views"], out["crops"])
