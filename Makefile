@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/isimed_chest_demo
 
-.PHONY: install test demo benchmark clean
+.PHONY: install test demo benchmark compare clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -29,6 +29,11 @@ benchmark: install
 	# 16 DenseNet-121 crops per step keeps this to ~15 min on 2 CPU cores; on a GPU run
 	# `python -m benchmarks.train_step` for the 128-crop rows.
 	$(PY) -m benchmarks.train_step --densenet_crops=16
+
+# ISImed vs SimCLR, VICReg, Barlow Twins on the phantom (demo preset; SEEDS=3 for seed spread).
+SEEDS ?= 1
+compare: install
+	$(PY) -m benchmarks.compare_methods --seeds=$(SEEDS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
