@@ -1,6 +1,6 @@
 """Train-step benchmark: crops/s and compile time per encoder, dtype and device count.
 
-python -m benchmarks.train_step [--steps=3] [--skip_densenet]
+python -m benchmarks.train_step [--steps=3] [--skip_densenet] [--methods=isimed,simclr,vicreg,barlow]
 
 Each device count runs in its own process (8 devices are simulated on the CPU with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 unless real accelerators are present). The last
@@ -19,6 +19,8 @@ from absl import flags
 flags.DEFINE_integer("steps", 3, "Timed steps per variant (after one compile step).")
 flags.DEFINE_bool("skip_densenet", False, "Leave out DenseNet-121 (slow on CPU).")
 flags.DEFINE_integer("densenet_crops", 128, "Crops per DenseNet-121 step (8 images x crops/8).")
+flags.DEFINE_list("methods", ["isimed"], "configs/<method>_chest.py to time (same crops through the "
+                  "encoder per step: two-view methods take half the positions, twice).")
 flags.DEFINE_integer("worker_devices", 0, "Internal: run the variants in this process and print JSON.")
 FLAGS = flags.FLAGS
 
@@ -31,18 +33,21 @@ VARIANTS = [
 ]
 
 
-def _time_step(name, model_name, crop, bk, embed_dim, dtype, steps):
+def _time_step(name, model_name, crop, bk, embed_dim, dtype, steps, method="isimed"):
+    import importlib
+
     import jax
     import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from configs import isimed_chest
+    from isimed import methods
     from isimed import train
 
-    config = isimed_chest.get_config("demo")
+    config = importlib.import_module(f"configs.{method}_chest").get_config("demo")
+    views = methods.get(config.method).views
     config.data.crop_size = crop
-    config.data.images_per_batch, config.data.crops_per_image = bk
+    config.data.images_per_batch, config.data.crops_per_image = bk[0], bk[1] // views
     config.model.name, config.model.embed_dim, config.model.dtype = model_name, embed_dim, dtype
     mesh = train.make_mesh()
     model = train.Model(config)
@@ -53,10 +58,14 @@ def _time_step(name, model_name, crop, bk, embed_dim, dtype, steps):
                    in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                    donate_argnums=0)
     rng = np.random.default_rng(0)
-    batch = jax.device_put({
-        "crops": rng.uniform(-1, 1, (*bk, *crop, 1)).astype(np.float32),
-        "centres": rng.uniform(-100, 100, (*bk, len(crop))).astype(np.float32),
-    }, data)
+    positions = (bk[0], bk[1] // views)
+    batch = {
+        "crops": rng.uniform(-1, 1, (*positions, *crop, 1)).astype(np.float32),
+        "centres": rng.uniform(-100, 100, (*positions, len(crop))).astype(np.float32),
+    }
+    if views == 2:
+        batch["views"] = rng.uniform(-1, 1, (*positions, *crop, 1)).astype(np.float32)
+    batch = jax.device_put(batch, data)
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(state)
@@ -66,7 +75,7 @@ def _time_step(name, model_name, crop, bk, embed_dim, dtype, steps):
         state, m = step(state, batch)
     jax.block_until_ready(state)
     step_s = (time.perf_counter() - t0) / steps
-    return {"variant": name, "dtype": dtype, "devices": jax.device_count(),
+    return {"variant": name, "method": method, "dtype": dtype, "devices": jax.device_count(),
             "compile_s": compile_s, "step_ms": step_s * 1e3, "crops_per_s": bk[0] * bk[1] / step_s}
 
 
@@ -106,9 +115,11 @@ def _worker(devices):
             if FLAGS.skip_densenet:
                 continue
             bk = (8, FLAGS.densenet_crops // 8)
-        for dtype in ("float32", "bfloat16"):
-            row = _time_step(f"{name} x{bk[0] * bk[1]}", model, crop, bk, dim, dtype, FLAGS.steps)
-            print("STEP " + json.dumps(row), flush=True)
+        for method in FLAGS.methods:
+            for dtype in ("float32", "bfloat16"):
+                row = _time_step(f"{name} x{bk[0] * bk[1]}", model, crop, bk, dim, dtype, FLAGS.steps,
+                                 method)
+                print("STEP " + json.dumps(row), flush=True)
 
 
 def main(argv):
@@ -126,7 +137,7 @@ def main(argv):
             continue
         cmd = [sys.executable, "-m", "benchmarks.train_step", f"--worker_devices={devices}",
                f"--steps={FLAGS.steps}", f"--skip_densenet={FLAGS.skip_densenet}",
-               f"--densenet_crops={FLAGS.densenet_crops}"]
+               f"--densenet_crops={FLAGS.densenet_crops}", f"--methods={','.join(FLAGS.methods)}"]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
         for line in proc.stdout:
             kind, _, payload = line.partition(" ")
@@ -137,12 +148,17 @@ def main(argv):
 
     print(f"\nTrain step ({jax.default_backend()}, {os.cpu_count()} CPU cores; "
           f"mean of {FLAGS.steps} steps after compile)")
-    print(f"{'variant':<27} {'dtype':<9} {'devices':>7} {'compile s':>10} {'step ms':>10} {'crops/s':>9} {'vs f32':>7}")
-    f32 = {(r["variant"], r["devices"]): r["step_ms"] for r in rows if r["dtype"] == "float32"}
+    print(f"{'variant':<27} {'method':<8} {'dtype':<9} {'devices':>7} {'compile s':>10} {'step ms':>10} "
+          f"{'crops/s':>9} {'vs f32':>7} {'vs isimed':>9}")
+    key = lambda r: (r["variant"], r["devices"])
+    f32 = {(*key(r), r["method"]): r["step_ms"] for r in rows if r["dtype"] == "float32"}
+    isimed = {(*key(r), r["dtype"]): r["step_ms"] for r in rows if r["method"] == "isimed"}
     for r in rows:
-        ratio = f32.get((r["variant"], r["devices"]), float("nan")) / r["step_ms"]
-        print(f"{r['variant']:<27} {r['dtype']:<9} {r['devices']:>7} {r['compile_s']:>10.1f} "
-              f"{r['step_ms']:>10.1f} {r['crops_per_s']:>9.0f} {ratio:>6.2f}x")
+        vs_f32 = f32.get((*key(r), r["method"]), float("nan")) / r["step_ms"]
+        vs_isimed = r["step_ms"] / isimed.get((*key(r), r["dtype"]), float("nan"))
+        print(f"{r['variant']:<27} {r['method']:<8} {r['dtype']:<9} {r['devices']:>7} "
+              f"{r['compile_s']:>10.1f} {r['step_ms']:>10.1f} {r['crops_per_s']:>9.0f} "
+              f"{vs_f32:>6.2f}x {vs_isimed:>8.2f}x")
     print("\nDistance-loss share")
     for r in loss_rows:
         print(f"{r['what']:<58} {r['ms']:>9.1f} ms")

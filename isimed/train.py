@@ -30,6 +30,7 @@ from isimed import augment
 from isimed import losses
 from isimed import methods
 from isimed import models
+from isimed import plots
 from isimed.models.heads import MLPHead
 from isimed.data import pipeline
 from isimed.evaluation import features as features_lib
@@ -224,16 +225,17 @@ def _save(mngr, step: int, state: State, data_iter, config) -> None:
 
 
 def held_out_summary(
-    config: ml_collections.ConfigDict, embed, split: str, *, with_probe: bool
+    config: ml_collections.ConfigDict, embed, split: str, *, with_probe: bool, held=None
 ) -> dict[str, Any]:
     """Spearman(latent, physical) on fixed crops of held-out subjects, and the ridge position probe.
 
     The probe is trained on crops of training-split images and tested on `split`; the same probe on
-    raw crop intensities is the reference row.
+    raw crop intensities is the reference row. `held`: those crops, already collected (with crops).
     """
-    held = features_lib.collect(
-        config, split, {"model": embed}, max_images=config.eval.max_images, with_crops=with_probe
-    )
+    if held is None:
+        held = features_lib.collect(
+            config, split, {"model": embed}, max_images=config.eval.max_images, with_crops=with_probe
+        )
     z = held["embeddings"]["model"]
     out: dict[str, Any] = {
         f"spearman_{pairs}": metrics_lib.distance_spearman(z, held["centres"], pairs)
@@ -387,12 +389,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mngr.wait_until_finished()
 
     enc = embed(state["params"]["encoder"], state["batch_stats"])
-    summary["final"] = held_out_summary(config, enc, "test", with_probe=True)
+    held = features_lib.collect(
+        config, "test", {"model": enc}, max_images=config.eval.max_images, with_crops=True
+    )
+    summary["final"] = held_out_summary(config, enc, "test", with_probe=True, held=held)
     summary["step"] = int(state["step"])
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-    writer.close()
+    writer.close()  # Flushes metrics.jsonl before it is plotted.
+    if jax.process_index() == 0:
+        learned = state["params"].get("log_scale")
+        plots.write_training_plots(
+            workdir, config, held["embeddings"]["model"], held["centres"],
+            lesion=held["has_lesion"],
+            scale_mm=None if learned is None else float(jnp.exp(learned)),
+        )
     return summary
 
 

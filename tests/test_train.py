@@ -41,6 +41,8 @@ def test_preset_learns_and_writes_outputs(pretrained, test_config):
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert max(line["step"] for line in lines) == test_config.total_steps
     assert "train/loss" in lines[-2] or "train/loss" in lines[-1]
+    for png in ("training_curves.png", "distance_scatter.png", "pca.png"):
+        assert (tmp_path / png).stat().st_size > 10_000, png
 
 
 def restored_params(workdir):

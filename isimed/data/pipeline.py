@@ -171,7 +171,8 @@ def open_source(data: ml_collections.ConfigDict, split: str):
 
         if not data.get("dir"):
             raise ValueError("data.name='prepared' needs --config.data.dir=<prepare --out folder>")
-        return prepared.data_source(os.path.expanduser(data.dir), split)
+        # Images stay float16 as stored; only the sampled crops are cast to float32.
+        return prepared.data_source(os.path.expanduser(data.dir), split, dtype=np.float16)
     raise ValueError(f"unknown data set {data.name!r}; known: 'chest_phantom', 'prepared'")
 
 

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from isimed import plots
 from isimed import train
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
@@ -75,6 +76,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     pre_config, model, state = train.load_checkpoint(pretrain_workdir, step)
     if config.data_dir:
         pre_config.data.data_dir = config.data_dir
+        if pre_config.data.name == "prepared":  # Prepared data lives in data.dir.
+            pre_config.data.dir = config.data_dir
     pre_config.data.data_dir = os.path.expanduser(pre_config.data.data_dir)
 
     mesh = train.make_mesh()
@@ -108,30 +111,42 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "feature_sets": {},
     }
     flat = features_lib.flatten
+    # Tasks follow the data: lesion tasks need crops with and without lesion (masks), the
+    # image-level multi-label task needs 0/1 `labels` (e.g. ChestMNIST's 14 findings).
+    has_lesions = len(np.unique(evaluation["pretrained"]["has_lesion"])) == 2
+    labels = evaluation["pretrained"].get("labels")
+    has_labels = labels is not None and bool(np.all(np.isin(labels, (0, 1))))
+    results["tasks"] = {"lesion": has_lesions, "labels": has_labels}
     for name in FEATURE_SETS:
         ev, ref, uni = evaluation[name], reference[name], uniform[name]
         x = flat(ev["embeddings"])
         groups = np.repeat(ev["image_id"], ev["embeddings"].shape[1])
         image_x = ev["embeddings"].mean(axis=1)  # Image level: mean of its crop features.
         image_y = ev["has_lesion"].max(axis=1)
-        row = {
-            "lesion_crop": probes.cross_validate(
+        row = {}
+        if has_lesions:
+            row["lesion_crop"] = probes.cross_validate(
                 x, flat(ev["has_lesion"]), groups, task="binary", folds=config.folds,
-                val_fraction=config.val_fraction, **probe_kwargs),
-            "lesion_fraction": probes.cross_validate(
+                val_fraction=config.val_fraction, **probe_kwargs)
+            row["lesion_fraction"] = probes.cross_validate(
                 x, flat(ev["lesion_fraction"]), groups, task="regression", folds=config.folds,
-                val_fraction=config.val_fraction, **probe_kwargs),
-            "rankme": probes.rankme(flat(uni["embeddings"])),
-            "knn_accuracy": probes.knn_accuracy(
+                val_fraction=config.val_fraction, **probe_kwargs)
+            row["knn_accuracy"] = probes.knn_accuracy(
                 flat(ref["embeddings"]), flat(ref["has_lesion"]), x, flat(ev["has_lesion"]),
-                k=config.knn_k),
+                k=config.knn_k)
+        if has_labels and len(image_x) >= 2 * config.folds:
+            row["labels_image"] = probes.cross_validate(
+                image_x, ev["labels"], ev["image_id"], task="multilabel", folds=config.folds,
+                val_fraction=config.val_fraction, **probe_kwargs)
+        row.update({
+            "rankme": probes.rankme(flat(uni["embeddings"])),
             "position_probe": metrics_lib.position_probe(
                 flat(ref["embeddings"]), flat(ref["centres"]), flat(uni["embeddings"]),
                 flat(uni["centres"])),
             "spearman_within": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "within"),
             "spearman_cross": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "cross"),
-        }
-        if len(np.unique(image_y)) == 2 and len(image_y) >= 2 * config.folds:
+        })
+        if has_lesions and len(np.unique(image_y)) == 2 and len(image_y) >= 2 * config.folds:
             row["lesion_image"] = probes.cross_validate(
                 image_x, image_y, ev["image_id"], task="binary", folds=config.folds,
                 val_fraction=config.val_fraction, **probe_kwargs)
@@ -141,10 +156,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=float)
+            json.dump(_without_predictions(results), f, indent=2, default=float)
         with open(os.path.join(workdir, "results.md"), "w") as f:
             f.write(format_results(results) + "\n")
+        # roc.png (out-of-fold lesion-probe scores) and pca.png (pretrained embeddings).
+        plots.write_linear_eval_plots(workdir, results, pretrained=evaluation["pretrained"])
     return results
+
+
+def _without_predictions(tree: Any) -> Any:
+    """A copy without the probes' out-of-fold "predictions" (arrays: kept out of results.json)."""
+    if isinstance(tree, dict):
+        return {k: _without_predictions(v) for k, v in tree.items() if k != "predictions"}
+    return tree
 
 
 def _pm(cv: dict, metric: str) -> str:
@@ -158,17 +182,21 @@ def format_results(results: dict[str, Any]) -> str:
         f"({results['num_subjects']} {results['eval_split']} subjects x {results['crops_per_subject']} "
         f"crops, {results['lesion_crop_share']:.0%} contain lesion; mean ± std over subject-grouped folds)",
         "",
-        "| features | crop AUC | crop acc | crop F1 | sens | spec | image AUC | lesion-fraction MAE "
-        "| kNN acc | RankMe | position MAE mm | Spearman within | Spearman cross |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| features | crop AUC | crop acc | crop F1 | sens | spec | image AUC | labels mean AUC "
+        "| lesion-fraction MAE | kNN acc | RankMe | position MAE mm | Spearman within "
+        "| Spearman cross |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in results["feature_sets"].items():
-        crop = row["lesion_crop"]
-        image = _pm(row["lesion_image"], "auc") if "lesion_image" in row else "n/a"
+        def cell(task, metric):  # "n/a" for tasks the data cannot pose (no masks, no labels).
+            return _pm(row[task], metric) if task in row else "n/a"
+
+        knn = f"{row['knn_accuracy']:.3f}" if "knn_accuracy" in row else "n/a"
         lines.append(
-            f"| {name} | {_pm(crop, 'auc')} | {_pm(crop, 'accuracy')} | {_pm(crop, 'f1')} "
-            f"| {_pm(crop, 'sensitivity')} | {_pm(crop, 'specificity')} | {image} "
-            f"| {_pm(row['lesion_fraction'], 'mae')} | {row['knn_accuracy']:.3f} "
+            f"| {name} | {cell('lesion_crop', 'auc')} | {cell('lesion_crop', 'accuracy')} "
+            f"| {cell('lesion_crop', 'f1')} | {cell('lesion_crop', 'sensitivity')} "
+            f"| {cell('lesion_crop', 'specificity')} | {cell('lesion_image', 'auc')} "
+            f"| {cell('labels_image', 'mean_auc')} | {cell('lesion_fraction', 'mae')} | {knn} "
             f"| {row['rankme']:.1f} | {row['position_probe']['mae_mm']:.1f} "
             f"| {row['spearman_within']:.3f} | {row['spearman_cross']:.3f} |"
         )

@@ -1,0 +1,37 @@
+"""ISImed pretraining on AutoPET whole-body CT (`CTres`; real data, download it yourself).
+
+CTres is the CT resampled onto the PET grid (so it shares the grid of SUV and SEG and the lesion
+masks apply as they are). Spacing stays anisotropic unless --spacing is given: crop centres are in
+world mm either way. The subjects are NOT registered to one frame (each scan has its own field of
+view and scanner origin), so only pairs of crops within one image carry a true distance:
+`loss.pairs = "within"` (set "all" only for data registered to a common frame).
+
+  python -m isimed.data.prepare --layout=autopet --image=CTres --splits=autopet_ctres \
+      --intensity=ct --window=-1000,1000 --root=~/data/autoPET --out=~/data/prepared/autopet_ctres
+  python main.py --config=configs/isimed_autopet.py \
+      --config.data.dir=~/data/prepared/autopet_ctres --workdir=workdirs/isimed_autopet
+
+Presets: (none) paper scale, `demo`, `test` (see `isimed_chest.py`; only the data differ).
+"""
+
+import ml_collections
+
+from configs import isimed_chest
+
+PRESETS = ("paper", "demo", "test")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = arg or "paper"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
+    c = isimed_chest.get_config(preset)
+    c.data.name = "prepared"
+    c.data.dir = ml_collections.config_dict.placeholder(str)  # Required: the prepare --out folder.
+    c.data.variant = ""  # Unused by prepared data (as is data.data_dir).
+    c.data.window = None  # Normalised when prepared: HU window [-1000, 1000] -> [-1, 1].
+    # -900 HU in that window's units: crops must be at least half inside the body.
+    c.data.foreground_threshold = -0.9
+    c.data.min_foreground = 0.5
+    c.loss.pairs = "within"
+    return c

@@ -1,0 +1,38 @@
+"""ISImed pretraining on BraTS 2021 T1 MRI (real data; download it yourself), as in the paper.
+
+Prepare once (MRI foreground percentiles 5..95 -> [-1, 1], the authors' split lists), then train:
+
+  python -m isimed.data.prepare --layout=brats --modality=t1 --splits=brats2021_t1 \
+      --root=~/data/BraTS2021_Training_Data --out=~/data/prepared/brats2021_t1 --crop_foreground
+  python main.py --config=configs/isimed_brats.py \
+      --config.data.dir=~/data/prepared/brats2021_t1 --workdir=workdirs/isimed_brats
+
+Presets (`configs/isimed_brats.py:PRESET`): (none) paper scale, 3D DenseNet-121 on 32^3 crops,
+1024 crops per step; `demo` small CNN on 16^3 crops (CPU minutes; preparing with --spacing=2 makes a
+16^3 crop cover 32 mm); `test` tiny, for the test suite. Everything but the data comes from
+`isimed_chest.py`'s preset of the same name.
+"""
+
+import ml_collections
+
+from configs import isimed_chest
+
+PRESETS = ("paper", "demo", "test")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = arg or "paper"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
+    c = isimed_chest.get_config(preset)
+    c.data.name = "prepared"
+    c.data.dir = ml_collections.config_dict.placeholder(str)  # Required: the prepare --out folder.
+    c.data.variant = ""  # Unused by prepared data (as is data.data_dir).
+    c.data.window = None  # Normalised when prepared: MRI foreground percentiles 5..95 -> [-1, 1].
+    # Normalised units: the skull-stripped background (0) and the darkest 5% of the brain are -1.
+    c.data.foreground_threshold = -0.99
+    c.data.min_foreground = 0.5
+    # BraTS volumes are co-registered to one atlas (SRI24, 1 mm), so distances between crops of
+    # different subjects are meaningful too.
+    c.loss.pairs = "all"
+    return c

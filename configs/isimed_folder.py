@@ -1,0 +1,36 @@
+"""ISImed pretraining on any folder prepared with `isimed.data.prepare` (NIfTI / NRRD / DICOM).
+
+  python -m isimed.data.prepare --layout=glob --root=~/data/my_ct \
+      --image_pattern='*/image.nii.gz' --mask_pattern='*/mask.nii.gz' \
+      --intensity=ct --window=-1000,1000 --spacing=1.5 --out=~/data/prepared/my_ct
+  python main.py --config=configs/isimed_folder.py:demo \
+      --config.data.dir=~/data/prepared/my_ct --workdir=workdirs/isimed_my_ct
+
+3D crops by default; for 2D data set `--config.data.crop_size='(32, 32)'`. The foreground
+threshold is in normalised units ([-1, 1]): -0.9 is -900 HU in a [-1000, 1000] HU window; MRI
+background is -1. Pairs are "within" images unless the subjects are registered to one frame
+(then `--config.loss.pairs=all`).
+
+Presets: (none) paper scale, `demo`, `test` (see `isimed_chest.py`; only the data differ).
+"""
+
+import ml_collections
+
+from configs import isimed_chest
+
+PRESETS = ("paper", "demo", "test")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    preset = arg or "paper"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
+    c = isimed_chest.get_config(preset)
+    c.data.name = "prepared"
+    c.data.dir = ml_collections.config_dict.placeholder(str)  # Required: the prepare --out folder.
+    c.data.variant = ""  # Unused by prepared data (as is data.data_dir).
+    c.data.window = None  # Normalised when prepared.
+    c.data.foreground_threshold = -0.9
+    c.data.min_foreground = 0.5
+    c.loss.pairs = "within"
+    return c

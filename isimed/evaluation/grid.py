@@ -1,0 +1,126 @@
+"""Crops on a regular grid over whole images, with world-mm centres and lesion labels.
+
+Random crops (the training pipeline, `features.collect`) answer "how good is the embedding on
+average"; a regular grid shows *where* in the body it does what, e.g. embedding PCs coloured by
+position over a whole held-out subject.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import ml_collections
+import numpy as np
+
+from isimed import geometry
+from isimed.data import pipeline
+from isimed.evaluation.features import EmbedFn
+
+
+def grid_starts(
+    image_shape: Sequence[int], crop_shape: Sequence[int], stride: Sequence[int] | int | None = None
+) -> np.ndarray:
+    """Start indices `(n, ndim)` of a regular grid of crops that fit inside the image.
+
+    `stride` defaults to the crop size (non-overlapping tiles). The leftover margin on each axis
+    is split evenly between both ends, so the grid is centred on the image.
+    """
+    image_shape = tuple(int(s) for s in image_shape)
+    crop_shape = tuple(int(c) for c in crop_shape)
+    geometry.check_crop_fits(image_shape, crop_shape)
+    if stride is None:
+        stride = crop_shape
+    elif isinstance(stride, (int, np.integer)):
+        stride = (int(stride),) * len(crop_shape)
+    stride = tuple(int(s) for s in stride)
+    if len(stride) != len(crop_shape) or any(s < 1 for s in stride):
+        raise ValueError(f"stride must be {len(crop_shape)} integers >= 1, got {stride}")
+    axes = []
+    for size, crop, step in zip(image_shape, crop_shape, stride):
+        span = size - crop  # Largest valid start.
+        offset = (span % step) // 2
+        axes.append(np.arange(offset, span + 1, step))
+    mesh = np.meshgrid(*axes, indexing="ij")
+    return np.stack([m.ravel() for m in mesh], axis=-1).astype(np.int64)
+
+
+def grid_crops(
+    record: pipeline.Record,
+    crop_shape: Sequence[int],
+    stride: Sequence[int] | int | None = None,
+    *,
+    window: Sequence[float],
+    min_foreground: float = 0.0,
+    foreground_threshold: float = -900.0,
+) -> dict[str, np.ndarray]:
+    """All grid crops of one record, with the same keys and conventions as the training pipeline.
+
+    Crops with less than `min_foreground` of voxels above `foreground_threshold` (air outside the
+    body) are dropped, as the pipeline never samples them either.
+
+    Returns:
+      {"crops" (n, *crop, 1) float32 in [-1, 1], "centres" (n, ndim) world mm, "starts" (n, ndim),
+       "lesion_fraction" (n,), "has_lesion" (n,) int32, "image_id" (n,) int32}.
+    """
+    crop_shape = tuple(int(c) for c in crop_shape)
+    ndim = len(crop_shape)
+    pipeline.check_record(record, ndim)
+    image = record["image"]
+    starts = grid_starts(image.shape, crop_shape, stride)
+    raw = geometry.extract_crops(image, starts, crop_shape)
+    if min_foreground > 0:
+        fg = (raw > foreground_threshold).reshape(len(starts), -1).mean(axis=1)
+        keep = fg >= min_foreground
+        starts, raw = starts[keep], raw[keep]
+    mask = record.get("mask")
+    if mask is not None and len(starts):
+        fraction = (geometry.extract_crops(mask, starts, crop_shape) > 0).reshape(len(starts), -1)
+        fraction = fraction.mean(axis=1)
+    else:
+        fraction = np.zeros(len(starts))
+    return {
+        "crops": pipeline.normalise_window(raw, window)[..., None],
+        "centres": geometry.crop_centres_mm(starts, crop_shape, record["affine"]).astype(np.float32),
+        "starts": starts,
+        "lesion_fraction": fraction.astype(np.float32),
+        "has_lesion": (fraction > 0).astype(np.int32),
+        "image_id": np.full(len(starts), int(record["id"]), np.int32),
+    }
+
+
+def grid_features(
+    data: ml_collections.ConfigDict,
+    split: str,
+    embeds: Mapping[str, EmbedFn],
+    *,
+    max_images: int,
+    stride: Sequence[int] | int | None = None,
+    with_crops: bool = False,
+) -> dict:
+    """Embeds the grid crops of the first `max_images` images of a split (in source order).
+
+    Images have different numbers of grid crops, so rows are crops, not images: returns
+    `(N, ...)` arrays centres, starts, lesion_fraction, has_lesion, image_id (the grouping key for
+    subject-grouped probes), `embeddings` as `{name: (N, D)}` and, with `with_crops`, the crops.
+    """
+    source = pipeline.open_source(data, split)
+    parts: dict[str, list[np.ndarray]] = {}
+    embedded: dict[str, list[np.ndarray]] = {name: [] for name in embeds}
+    for index in range(min(max_images, len(source))):
+        crops = grid_crops(
+            source[index], data.crop_size, stride, window=data.window,
+            min_foreground=data.min_foreground, foreground_threshold=data.foreground_threshold,
+        )
+        if not len(crops["starts"]):
+            continue
+        for name, embed in embeds.items():
+            embedded[name].append(embed(crops["crops"]))
+        if not with_crops:
+            del crops["crops"]
+        for key, value in crops.items():
+            parts.setdefault(key, []).append(value)
+    if not parts:
+        raise ValueError(f"split {split!r} of {data.name} gave no grid crops")
+    out = {key: np.concatenate(value) for key, value in parts.items()}
+    out["embeddings"] = {name: np.concatenate(value) for name, value in embedded.items()}
+    return out

@@ -1,0 +1,315 @@
+"""Preparing real data into array_record and reading it back (isimed.data.prepare / prepared).
+
+Real image: nilearn's MNI152 template (shipped with nilearn, nothing downloaded), written as a
+BraTS-style folder whose cases differ by shifts and flips of the affine, with synthetic tumour
+masks at known world positions.
+"""
+
+import os
+import pickle
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from isimed import geometry
+from isimed.data import pipeline, prepare, prepared
+
+NUM_CASES = 8
+# Explicit split lists: 3 train, 1 validation, 4 test (linear evaluation needs folds + 1 = 4).
+SPLITS = {
+    "train": [f"BraTS2021_{i:05d}" for i in (0, 1, 2)],
+    "validation": ["BraTS2021_00003"],
+    "test": [f"BraTS2021_{i:05d}" for i in (4, 5, 6, 7)],
+}
+
+
+def _case_geometry(template_affine, shape, i):
+    """(flip axis 0?, affine): odd cases store the array flipped (same world), all are shifted."""
+    affine = np.array(template_affine, np.float64)
+    if i % 2:
+        flip = np.eye(4)
+        flip[0, 0], flip[0, 3] = -1.0, shape[0] - 1
+        affine = affine @ flip
+    affine[:3, 3] += [3.0 * i, -2.0 * i, 1.5 * i]  # Subjects are not perfectly registered.
+    return affine
+
+
+def _tumour_mask(shape, affine, centre_mm, radius_mm=12.0):
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    world = geometry.voxel_to_world(index, affine)
+    return (np.linalg.norm(world - centre_mm, axis=-1) < radius_mm).astype(np.uint8) * 2
+
+
+@pytest.fixture(scope="module")
+def brats_raw(tmp_path_factory):
+    from nilearn.datasets import load_mni152_template
+
+    template = load_mni152_template(resolution=2)
+    data = (np.asarray(template.dataobj) * 1000).astype(np.int16)
+    root = tmp_path_factory.mktemp("brats_raw")
+    for i in range(NUM_CASES):
+        name = f"BraTS2021_{i:05d}"
+        affine = _case_geometry(template.affine, data.shape, i)
+        image = data[::-1] if i % 2 else data
+        centre = np.array([20.0 + 2 * i, -10.0, 15.0])  # World mm, inside the brain.
+        os.makedirs(root / name)
+        nib.save(nib.Nifti1Image(image, affine), str(root / name / f"{name}_t1.nii.gz"))
+        nib.save(nib.Nifti1Image(_tumour_mask(data.shape, affine, centre), affine),
+                 str(root / name / f"{name}_seg.nii.gz"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def brats_prepared(brats_raw, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("brats_prepared") / "out")
+    manifest = prepare.prepare("brats", brats_raw, out, spacing=4.0, crop_foreground=True,
+                               splits=SPLITS, progress=False)
+    return out, manifest
+
+
+def test_brats_prepared_keeps_world_mm(brats_raw, brats_prepared):
+    out, manifest = brats_prepared
+    assert manifest["counts"] == {"train": 3, "validation": 1, "test": 4}
+    assert manifest["has_mask"] and manifest["spacing"] == [4.0, 4.0, 4.0]
+    source = prepared.data_source(out, "test")
+    assert len(source) == 4
+    rng = np.random.default_rng(0)
+    for index in range(len(source)):
+        record = source[index]
+        assert record["image"].dtype == np.float32 and record["mask"].dtype == np.uint8
+        assert record["id"] == index and record["case_id"] == SPLITS["test"][index]
+        np.testing.assert_allclose(geometry.spacing_from_affine(record["affine"]), 4.0)
+        assert record["image"].min() >= -1.0 and record["image"].max() <= 1.0
+        raw = nib.load(os.path.join(brats_raw, record["case_id"], record["case_id"] + "_t1.nii.gz"))
+        raw_image = np.asarray(raw.dataobj).astype(np.float64)
+        # bbox: foreground (> min) box in the raw file's indices.
+        fg = np.argwhere(raw_image > raw_image.min())
+        np.testing.assert_array_equal(record["bbox"], [fg.min(0), fg.max(0) + 1])
+        # Any stored voxel shows the raw image at the same world point (linear interpolation).
+        lo, hi = np.percentile(raw_image[raw_image > raw_image.min()], (5, 95))
+        u = rng.integers(0, record["image"].shape, size=(50, 3))
+        v = geometry.world_to_voxel(geometry.voxel_to_world(u, record["affine"]), raw.affine)
+        expected = ndimage.map_coordinates(raw_image, v.T, order=1, mode="nearest")
+        expected = np.clip((expected - lo) * 2 / (hi - lo) - 1, -1, 1)
+        np.testing.assert_allclose(record["image"][tuple(u.T)], expected, atol=2e-3)
+        # The tumour's centroid stays at its world position (to within the 4 mm grid).
+        raw_mask = np.asarray(nib.load(raw.get_filename().replace("_t1", "_seg")).dataobj)
+        centroid = lambda m, a: geometry.voxel_to_world(np.argwhere(m > 0).mean(0), a)
+        np.testing.assert_allclose(centroid(record["mask"], record["affine"]),
+                                   centroid(raw_mask, raw.affine), atol=2.0)
+
+
+def test_process_volume_resample_and_crop_keep_world_positions():
+    # An intensity linear in world mm is reproduced exactly by linear interpolation, so each
+    # stored voxel must hold the value of its own world position, whatever the grid.
+    rng = np.random.default_rng(1)
+    direction, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    affine = geometry.affine_from_spacing([0.8, 1.3, 2.5], [10.0, -40.0, 7.0], direction)
+    shape = (40, 30, 20)
+    world = geometry.voxel_to_world(np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1), affine)
+    gradient = np.array([3.0, -2.0, 5.0])
+    image = world @ gradient
+    offset = -400.0 - image.min()  # Every value in [-400, 1000) HU: above the CT foreground.
+    image += offset
+    image[:5] = -1000.0  # Air (below the CT foreground threshold): cropped away.
+    for spacing, crop in [(None, True), ((1.5, 1.5, 1.5), False), ((2.0, 1.0, 3.0), True)]:
+        out = prepare.process_volume(image, affine, None, intensity="ct", window=(-1000, 1000),
+                                     spacing=spacing, crop_foreground=crop)
+        assert out["image"].dtype == np.float16
+        np.testing.assert_array_equal(out["bbox"], [[5, 0, 0], shape])
+        index = np.argwhere(np.ones(out["image"].shape, bool))[::7]
+        points = geometry.voxel_to_world(index, out["affine"])
+        # Voxels interpolated only from non-air source voxels.
+        inside = geometry.world_to_voxel(points, affine)[:, 0] >= 5 - 1e-6
+        assert inside.mean() > 0.5
+        expected = (points @ gradient + offset) / 1000.0
+        np.testing.assert_allclose(out["image"][tuple(index.T)][inside], expected[inside], atol=1e-3)
+        if crop:  # The first stored voxel is the box's first voxel, at the same world point.
+            np.testing.assert_allclose(geometry.voxel_to_world([0, 0, 0], out["affine"]),
+                                       geometry.voxel_to_world([5, 0, 0], affine))
+
+
+def test_brats_config_trains_and_linear_eval_runs(brats_prepared, tmp_path):
+    from configs import isimed_brats, linear_eval_brats
+    from isimed import train
+    from isimed.evaluation import linear_eval
+
+    out, _ = brats_prepared
+    config = isimed_brats.get_config("test")
+    config.data.dir = out
+    config.data.images_per_batch = 2
+    config.total_steps = 6
+    config.eval_every = 1000
+    config.checkpoint_every = 6
+    config.eval.crops_per_image = 8
+    config.eval.max_images = 4
+    config.eval.probe_train_images = 3
+    workdir = str(tmp_path / "pretrain")
+    summary = train.train_and_evaluate(config, workdir)
+    assert np.isfinite(summary["final"]["spearman_within"])
+
+    eval_config = linear_eval_brats.get_config("test")
+    eval_config.pretrain_workdir = workdir
+    eval_config.probe.epochs = 5
+    results = linear_eval.evaluate(eval_config, str(tmp_path / "eval"))
+    row = results["feature_sets"]["pretrained"]
+    assert results["tasks"]["lesion"] and "lesion_crop" in row and "labels_image" not in row
+    assert 0 < results["lesion_crop_share"] < 1
+    assert "| n/a |" in linear_eval.format_results(results)  # labels mean AUC: no labels.
+
+
+def _medmnist_npz(path, sizes=(12, 5, 8), size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), sizes):
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, size=(n, 14), dtype=np.uint8)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_medmnist_records_carry_labels(tmp_path):
+    from configs import isimed_chestmnist
+
+    arrays = _medmnist_npz(tmp_path / "chestmnist_16.npz")
+    out = str(tmp_path / "out")
+    manifest = prepare.prepare("medmnist", str(tmp_path / "chestmnist_16.npz"), out, spacing=25.0,
+                               shard_size=5, progress=False)
+    assert manifest["counts"] == {"train": 12, "validation": 5, "test": 8}
+    assert manifest["label_names"][:2] == ["atelectasis", "cardiomegaly"]
+    assert manifest["ndim"] == 2 and len(manifest["splits"]["train"]["files"]) == 3
+    source = prepared.data_source(out, "test")
+    record = source[6]
+    assert record["id"] == 6 and record["image"].shape == (16, 16)
+    np.testing.assert_array_equal(record["labels"], arrays["test_labels"][6])
+    np.testing.assert_allclose(record["image"], arrays["test_images"][6] / 127.5 - 1, atol=1e-3)
+    np.testing.assert_allclose(record["affine"], np.diag([25.0, 25.0, 1.0]))
+    assert pickle.loads(pickle.dumps(source))[7]["id"] == 7  # grain workers get a copy.
+
+    config = isimed_chestmnist.get_config("test")
+    config.data.dir = out
+    batch = next(iter(pipeline.make_dataset(config.data, "train", seed=0, train=True)))
+    assert batch["labels"].shape == (config.data.images_per_batch, 14)
+    assert batch["crops"].shape[2:] == (8, 8, 1)
+
+
+def _write_case(root, name, image, affine=np.diag([1.0, 1.0, 1.0, 1.0])):
+    os.makedirs(root / name, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, affine), str(root / name / f"{name}_t1.nii.gz"))
+    return str(root / name / f"{name}_t1.nii.gz")
+
+
+@pytest.fixture
+def raw_with_bad_files(tmp_path):
+    root = tmp_path / "raw"
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        _write_case(root, f"good{i}", rng.integers(1, 500, size=(12, 10, 8)).astype(np.int16))
+    truncated = _write_case(root, "truncated", rng.integers(1, 500, size=(12, 10, 8)).astype(np.int16))
+    with open(truncated, "r+b") as f:
+        f.truncate(os.path.getsize(truncated) // 2)
+    _write_case(root, "empty", np.zeros((12, 10, 8), np.int16))  # No foreground above the minimum.
+    return root
+
+
+def test_bad_files_skipped_and_listed_or_raise(raw_with_bad_files, tmp_path):
+    for bad, problem in [("empty", "no foreground"), ("truncated", "cannot read NIfTI")]:
+        with pytest.raises(prepare.PrepareError, match=f"{bad}_t1.nii.gz: {problem}"):
+            prepare.prepare("brats", str(raw_with_bad_files), str(tmp_path / bad),
+                            splits={"train": ["good0", bad]}, progress=False)
+    manifest = prepare.prepare(
+        "brats", str(raw_with_bad_files), str(tmp_path / "out"), skip_bad=True,
+        splits={"train": ["empty", "good0", "good1", "truncated"], "test": ["good2"]},
+        progress=False)
+    assert manifest["report"]["skipped"] == 2 and manifest["report"]["done"] == 3
+    reasons = {s["case_id"]: s["reason"] for s in manifest["skipped"]}
+    assert "no foreground" in reasons["empty"] and "cannot read NIfTI" in reasons["truncated"]
+    assert [e["case_id"] for e in manifest["splits"]["train"]["files"]] == ["good0", "good1"]
+    assert [prepared.data_source(str(tmp_path / "out"), "train")[i]["id"] for i in (0, 1)] == [1, 2]
+    assert "skipped empty" in prepare.format_report(manifest)
+
+
+def test_rerun_resumes_and_refuses_other_settings(raw_with_bad_files, tmp_path):
+    out = tmp_path / "out"
+    kwargs = dict(splits={"train": ["good0", "good1"], "test": ["good2"]}, skip_bad=True,
+                  progress=False)
+    prepare.prepare("brats", str(raw_with_bad_files), str(out), **kwargs)
+    os.remove(out / "train" / "good1.array_record")  # As if interrupted before this volume...
+    (out / "train" / ".good1.array_record.tmp").write_bytes(b"half")  # ...while writing it.
+    manifest = prepare.prepare("brats", str(raw_with_bad_files), str(out), **kwargs)
+    assert (manifest["report"]["done"], manifest["report"]["resumed"]) == (1, 2)
+    assert not (out / "train" / ".good1.array_record.tmp").exists()
+    assert prepared.data_source(str(out), "train")[1]["case_id"] == "good1"
+    with pytest.raises(prepare.PrepareError, match="other settings.*spacing"):
+        prepare.prepare("brats", str(raw_with_bad_files), str(out), spacing=2.0, **kwargs)
+    with pytest.raises(prepare.PrepareError, match="changed"):
+        prepare.prepare("brats", str(raw_with_bad_files), str(out),
+                        **{**kwargs, "splits": {"train": ["good0"], "test": ["good2"]}})
+
+
+def test_data_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepared.json"):
+        prepared.data_source(str(tmp_path), "train")
+    _medmnist_npz(tmp_path / "chestmnist_16.npz", sizes=(3, 0, 2))
+    prepare.prepare("medmnist", str(tmp_path / "chestmnist_16.npz"), str(tmp_path / "out"),
+                    spacing=25.0, progress=False)
+    with pytest.raises(ValueError, match="'validation' is empty"):
+        prepared.data_source(str(tmp_path / "out"), "validation")
+    with pytest.raises(ValueError, match="no split 'val'"):
+        prepared.data_source(str(tmp_path / "out"), "val")
+
+
+CONFIGS = ("isimed_brats", "isimed_autopet", "isimed_chestmnist", "isimed_folder",
+           "linear_eval_brats", "linear_eval_autopet", "linear_eval_chestmnist")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_load(name):
+    import importlib
+
+    from configs import isimed_chest, linear_eval_chest
+
+    module = importlib.import_module(f"configs.{name}")
+    for preset in (None, "paper", "demo", "test"):
+        c = module.get_config(preset)
+        if name.startswith("isimed_"):
+            assert c.data.name == "prepared" and c.data.window is None
+            assert set(c.data) == set(isimed_chest.get_config(preset).data) | {"dir"}
+            assert set(c) == set(isimed_chest.get_config(preset))
+        else:
+            assert set(c) == set(linear_eval_chest.get_config(preset))
+    with pytest.raises(ValueError, match="unknown preset"):
+        module.get_config("tset")
+
+
+def test_chestmnist_config_trains_and_linear_eval_uses_labels(tmp_path):
+    from configs import isimed_chestmnist, linear_eval_chestmnist
+    from isimed import train
+    from isimed.evaluation import linear_eval
+
+    _medmnist_npz(tmp_path / "chestmnist_16.npz", sizes=(8, 4, 8))
+    out = str(tmp_path / "out")
+    prepare.prepare("medmnist", str(tmp_path / "chestmnist_16.npz"), out, spacing=25.0,
+                    progress=False)
+    config = isimed_chestmnist.get_config("test")
+    config.data.dir = out
+    config.total_steps = 3
+    config.eval_every = 1000
+    config.checkpoint_every = 3
+    config.eval.max_images = 4
+    config.eval.probe_train_images = 4
+    workdir = str(tmp_path / "pretrain")
+    train.train_and_evaluate(config, workdir)
+
+    eval_config = linear_eval_chestmnist.get_config("test")
+    eval_config.pretrain_workdir = workdir
+    eval_config.probe.epochs = 5
+    results = linear_eval.evaluate(eval_config, str(tmp_path / "eval"))
+    row = results["feature_sets"]["pretrained"]
+    assert results["tasks"] == {"lesion": False, "labels": True}
+    assert "labels_image" in row and "lesion_crop" not in row and "knn_accuracy" not in row
+    assert len(row["labels_image"]["folds"][0]["auc_per_label"]) == 14
+    table = linear_eval.format_results(results)
+    assert "| pretrained | n/a | n/a |" in table
