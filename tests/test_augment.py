@@ -37,7 +37,8 @@ def run(config, crops, seed=0):
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_flips_all_or_none(ndim):
     x = coded(3, SHAPES[ndim])
-    np.testing.assert_array_equal(run(only(flip_prob=1.0), x), np.flip(x, axis=tuple(range(1, ndim + 1))))
+    spatial_axes = tuple(range(1, ndim + 1))
+    np.testing.assert_array_equal(run(only(flip_prob=1.0), x), np.flip(x, axis=spatial_axes))
     np.testing.assert_array_equal(run(only(flip_prob=0.0), x), x)
 
 
@@ -49,7 +50,7 @@ def test_flips_are_independent_per_axis_and_crop():
     decisions = []
     for xi, yi in zip(x, y):
         # Each output must be exactly one of the 8 axis-flip combinations (no transposes).
-        found = [c for c in combos if np.array_equal(np.flip(xi, [a for a in range(3) if c[a]]), yi)]
+        found = [c for c in combos if np.array_equal(np.flip(xi, tuple(np.flatnonzero(c))), yi)]
         assert len(found) == 1
         decisions.append(found[0])
     decisions = np.asarray(decisions)
@@ -60,7 +61,8 @@ def test_flips_are_independent_per_axis_and_crop():
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_intensity_shift_only_and_scale_only(ndim):
     x = coded(200, SHAPES[ndim])
-    shift = run(only(intensity_prob=1.0, intensity_scale=0.0, intensity_shift=0.3, clip=False), x) - x
+    shift_only = only(intensity_prob=1.0, intensity_scale=0.0, intensity_shift=0.3, clip=False)
+    shift = run(shift_only, x) - x
     # a == 0: identity scale, so the change is one constant t per crop, t ~ U[-0.3, 0.3].
     t = shift.reshape(len(x), -1)
     np.testing.assert_allclose(t, t[:, :1].repeat(t.shape[1], axis=1), atol=1e-6)
@@ -74,6 +76,32 @@ def test_intensity_shift_only_and_scale_only(ndim):
     np.testing.assert_allclose(flat_y, s[:, None] * flat_x, atol=1e-6)
     assert np.all(np.abs(s - 1.0) <= 0.25 + 1e-6) and abs(s.mean() - 1.0) < 0.04
     assert s.min() < 0.8 and s.max() > 1.2
+
+
+def test_ops_with_known_draws():
+    x = jnp.asarray(coded(1, SHAPES[3])[0])
+    # intensity: s = 0.8 + 0.4 * 0.25 = 0.9, t = -0.1 + 0.2 * 0.75 = 0.05.
+    y = aug.intensity(x, jnp.asarray([0.0, 0.25, 0.75]), 1.0, 0.2, 0.1)
+    np.testing.assert_allclose(y, np.asarray(x) * 0.9 + 0.05, atol=1e-6)
+    assert np.array_equal(aug.intensity(x, jnp.asarray([0.6, 0.25, 0.75]), 0.5, 0.2, 0.1), x)
+    # flip: axes whose draw is below the probability.
+    y = aug.flip(x, jnp.asarray([0.2, 0.7, 0.4]), 0.5)
+    np.testing.assert_array_equal(y, np.flip(np.asarray(x), (0, 2)))
+    # dropout, one box in (6, 8, 7): sides 1 + floor(u * longest), longest (3, 4, 3) -> (2, 4, 1);
+    # starts floor(u * (n - side + 1)) -> (floor(0.4 * 5), floor(0.2 * 5), floor(0.9 * 7)).
+    u = jnp.asarray([0.0, 0.5, 0.99, 0.0, 0.4, 0.2, 0.9])
+    y = aug.coarse_dropout(x, u, 1.0, 1, 0.5, "zero")
+    ref = np.array(x)
+    ref[2:4, 1:5, 6:7] = 0.0
+    np.testing.assert_array_equal(y, ref)
+
+
+def test_disabling_an_op_keeps_the_other_draws():
+    x = coded(20, SHAPES[3])
+    flips = run(only(flip_prob=0.5), x)
+    both = run(only(flip_prob=0.5, dropout_prob=1.0, dropout_fill="min"), x)
+    low = x.min(axis=(1, 2, 3, 4), keepdims=True)
+    assert np.all((both == flips) | (both == low)) and np.mean(both == flips) > 0.5
 
 
 def test_intensity_probability():
@@ -105,14 +133,17 @@ def test_blur_of_constant_is_constant(ndim):
 
 
 @pytest.mark.parametrize(
-    "spatial,sigma", [((12, 10), 0.8), ((6, 8, 7), 1.2), ((3, 9, 5), 1.5)]  # last: radius 5 > side 3
+    # The last case has radius 5 > side 3: repeated reflection.
+    "spatial,sigma", [((12, 10), 0.8), ((6, 8, 7), 1.2), ((3, 9, 5), 1.5)]
 )
 def test_blur_matches_scipy_separable_filter(spatial, sigma):
     x = np.random.default_rng(0).uniform(-1, 1, (3, *spatial, 2)).astype(np.float32)
     y = run(only(blur_prob=1.0, blur_sigma_min=sigma, blur_sigma_max=sigma, clip=False), x)
     ref = x
     for axis in range(1, len(spatial) + 1):
-        ref = scipy.ndimage.gaussian_filter1d(ref, sigma, axis=axis, mode="reflect", radius=math.ceil(3 * sigma))
+        ref = scipy.ndimage.gaussian_filter1d(
+            ref, sigma, axis=axis, mode="reflect", radius=math.ceil(3 * sigma)
+        )
     np.testing.assert_allclose(y, ref, atol=2e-6)
 
 
@@ -166,7 +197,8 @@ def test_dropout_boxes_are_axis_aligned_and_fills(ndim):
         assert np.all(hi - lo <= np.maximum(1, np.floor(0.5 * np.asarray(spatial))))
         np.testing.assert_array_equal(yi[~mask], xi[~mask])
     # The box draws do not depend on the fill: same key, the same boxes hold the crop minimum.
-    low = run(only(dropout_prob=1.0, dropout_boxes=1, dropout_max_fraction=0.5, dropout_fill="min"), x)
+    one_box = dict(dropout_prob=1.0, dropout_boxes=1, dropout_max_fraction=0.5)
+    low = run(only(**one_box, dropout_fill="min"), x)
     minimum = x.min(axis=tuple(range(1, ndim + 2)), keepdims=True)
     np.testing.assert_array_equal(low, np.where(zero == 0, minimum, x))
 
@@ -196,10 +228,13 @@ def test_default_config_shape_dtype_and_range(ndim):
     y = run(aug.default_config(), x)
     assert y.shape == x.shape and y.dtype == np.float32
     assert y.min() >= -1.0 and y.max() <= 1.0
-    unclipped = aug.default_config()
-    unclipped.update(intensity_prob=1.0, intensity_shift=0.5, clip=False)
-    y = run(unclipped, x)
-    assert y.min() < -1.0 or y.max() > 1.0
+
+
+def test_clip_keeps_the_window_range():
+    x = np.full((N_DEFAULT, 4, 4, 4, 1), 0.9, np.float32)
+    shifted = dict(intensity_prob=1.0, intensity_scale=0.0, intensity_shift=0.5)
+    assert run(only(**shifted, clip=True), x).max() == 1.0
+    assert run(only(**shifted, clip=False), x).max() > 1.0
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
@@ -225,7 +260,8 @@ def test_jit_and_one_compile_per_config():
 
 def test_bfloat16_in_bfloat16_out():
     x = jnp.asarray(coded(2, SHAPES[2]), jnp.bfloat16)
-    assert aug.augment(jax.random.key(0), x, aug.default_config()).dtype == jnp.bfloat16
+    y = aug.augment(jax.random.key(0), x, only(intensity_prob=1.0, noise_prob=1.0))
+    assert y.dtype == jnp.bfloat16 and not np.array_equal(np.asarray(y), np.asarray(x))
 
 
 def test_config_validation():
