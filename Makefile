@@ -26,6 +26,7 @@ demo: install
 
 benchmark: install
 	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.augment
 	# 16 DenseNet-121 crops per step keeps this to ~15 min on 2 CPU cores; on a GPU run
 	# `python -m benchmarks.train_step` for the 128-crop rows.
 	$(PY) -m benchmarks.train_step --densenet_crops=16

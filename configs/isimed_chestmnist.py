@@ -1,11 +1,11 @@
 """ISImed pretraining on ChestMNIST (2D chest radiographs from NIH ChestX-ray14, via MedMNIST).
 
-MedMNIST stores no pixel size; prepare with a nominal one (a radiograph spans roughly 400 mm, so
-about 400/S mm for size S: 6.25 mm at 64, 1.8 mm at 224). Images are not registered to each
+MedMNIST stores no pixel size; prepare with a nominal one (a radiograph spans roughly 420 mm, so
+about 420/S mm for size S: 6.5 mm at 64, 1.9 mm at 224). Images are not registered to each
 other, so only within-image pairs count.
 
   python -m isimed.data.prepare --layout=medmnist --root=~/data/chestmnist_64.npz \
-      --spacing=6.25 --out=~/data/prepared/chestmnist_64
+      --spacing=6.5 --out=~/data/prepared/chestmnist_64
   python main.py --config=configs/isimed_chestmnist.py:demo \
       --config.data.dir=~/data/prepared/chestmnist_64 --workdir=workdirs/isimed_chestmnist_demo
 

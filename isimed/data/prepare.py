@@ -477,7 +477,7 @@ def _prepare_medmnist(root, out, settings, shard_size, progress) -> dict:
     if settings["spacing"] is None or len(set(settings["spacing"])) != 1:
         raise PrepareError(
             f"{root}: MedMNIST images carry no pixel size; pass one --spacing in mm (e.g. ChestMNIST "
-            "radiographs span roughly 400 mm, so about 400/S mm for size S)"
+            "radiographs span roughly 420 mm, so about 420/S mm for size S)"
         )
     if settings["crop_foreground"]:
         raise PrepareError("--crop_foreground does not apply to MedMNIST images")
