@@ -135,8 +135,9 @@ def bar_plot(rows: dict[str, dict], out_png: str, title: str) -> str:
     colours = [f"C{i}" for i in range(len(names) - 1)] + ["0.7"]  # The reference in grey.
     for ax, (label, _, higher) in zip(fig.subplots(1, len(METRICS)), METRICS):
         means = np.array([rows[n][label][0] for n in names])
-        spreads = np.nan_to_num(np.array([rows[n][label][1] for n in names]))
-        ax.bar(range(len(names)), np.nan_to_num(means), yerr=spreads, color=colours, capsize=3)
+        spreads = np.array([rows[n][label][1] for n in names])
+        yerr = None if np.all(np.isnan(spreads)) else np.nan_to_num(spreads)  # No spread, no bars.
+        ax.bar(range(len(names)), np.nan_to_num(means), yerr=yerr, color=colours, capsize=3)
         ax.set_xticks(range(len(names)), [n.replace(" (reference)", "\n(reference)") for n in names],
                       rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)

@@ -16,22 +16,13 @@ Presets: (none) paper scale, `demo`, `test` (see `isimed_chest.py`; only the dat
 
 import ml_collections
 
-from configs import isimed_chest
-
-PRESETS = ("paper", "demo", "test")
+from configs import prepared_data
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "paper"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
-    c = isimed_chest.get_config(preset)
-    c.data.name = "prepared"
-    c.data.dir = ml_collections.config_dict.placeholder(str)  # Required: the prepare --out folder.
-    c.data.variant = ""  # Unused by prepared data (as is data.data_dir).
-    c.data.window = None  # Normalised when prepared: HU window [-1000, 1000] -> [-1, 1].
+    c, _ = prepared_data.get_base(arg)
+    # Normalised when prepared: HU window [-1000, 1000] -> [-1, 1].
     # -900 HU in that window's units: crops must be at least half inside the body.
     c.data.foreground_threshold = -0.9
     c.data.min_foreground = 0.5
-    c.loss.pairs = "within"
     return c

@@ -15,20 +15,12 @@ Presets (`configs/isimed_brats.py:PRESET`): (none) paper scale, 3D DenseNet-121 
 
 import ml_collections
 
-from configs import isimed_chest
-
-PRESETS = ("paper", "demo", "test")
+from configs import prepared_data
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "paper"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
-    c = isimed_chest.get_config(preset)
-    c.data.name = "prepared"
-    c.data.dir = ml_collections.config_dict.placeholder(str)  # Required: the prepare --out folder.
-    c.data.variant = ""  # Unused by prepared data (as is data.data_dir).
-    c.data.window = None  # Normalised when prepared: MRI foreground percentiles 5..95 -> [-1, 1].
+    c, _ = prepared_data.get_base(arg)
+    # Normalised when prepared: MRI foreground percentiles 5..95 -> [-1, 1].
     # Normalised units: the skull-stripped background (0) and the darkest 5% of the brain are -1.
     c.data.foreground_threshold = -0.99
     c.data.min_foreground = 0.5

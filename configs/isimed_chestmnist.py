@@ -15,23 +15,14 @@ Presets: (none) paper scale (2D DenseNet-121, 32^2 crops, for chestmnist_224), `
 
 import ml_collections
 
-from configs import isimed_chest
-
-PRESETS = ("paper", "demo", "test")
+from configs import prepared_data
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "paper"
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; use one of: {', '.join(PRESETS)}")
-    c = isimed_chest.get_config(preset)
-    c.data.name = "prepared"
-    c.data.dir = ml_collections.config_dict.placeholder(str)  # Required: the prepare --out folder.
-    c.data.variant = ""  # Unused by prepared data (as is data.data_dir).
-    c.data.window = None  # Normalised when prepared: uint8 [0, 255] -> [-1, 1].
+    c, preset = prepared_data.get_base(arg)
+    # Normalised when prepared: uint8 [0, 255] -> [-1, 1].
     c.data.crop_size = {"paper": (32, 32), "demo": (16, 16), "test": (8, 8)}[preset]
     # Radiographs have no empty background to avoid: every crop is acceptable.
     c.data.min_foreground = 0.0
     c.data.foreground_threshold = -1.0
-    c.loss.pairs = "within"
     return c
