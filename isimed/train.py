@@ -22,7 +22,6 @@ from absl import logging
 from clu import metrics as clu_metrics
 from clu import parameter_overview
 from flax import nnx
-from flax import struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -31,10 +30,10 @@ from isimed import losses
 from isimed import methods
 from isimed import models
 from isimed import plots
-from isimed.models.heads import MLPHead
 from isimed.data import pipeline
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
+from isimed.models.heads import MLPHead
 from isimed.writers import MetricWriter
 
 State = dict[str, Any]
@@ -367,7 +366,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         f"{mngr.latest_step()} in {mngr.directory}"
                     )
                 elapsed = time.time() - t_log
-                crops_per_step = config.data.images_per_batch * config.data.crops_per_image * method.views
+                crops_per_step = (
+                    config.data.images_per_batch * config.data.crops_per_image * method.views
+                )
                 scalars["crops_per_s"] = (step - step_log) * crops_per_step / max(elapsed, 1e-9)
                 eta = (config.total_steps - step) * elapsed / max(step - step_log, 1)
                 writer.write_scalars(step, scalars, prefix="train/")
