@@ -20,9 +20,4 @@ from configs import prepared_data
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c, _ = prepared_data.get_base(arg)
-    # Normalised when prepared: HU window [-1000, 1000] -> [-1, 1].
-    # -900 HU in that window's units: crops must be at least half inside the body.
-    c.data.foreground_threshold = -0.9
-    c.data.min_foreground = 0.5
-    return c
+    return prepared_data.get_base(arg)[0]  # CT defaults: HU window [-1000, 1000] -> [-1, 1].

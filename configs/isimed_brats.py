@@ -23,7 +23,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Normalised when prepared: MRI foreground percentiles 5..95 -> [-1, 1].
     # Normalised units: the skull-stripped background (0) and the darkest 5% of the brain are -1.
     c.data.foreground_threshold = -0.99
-    c.data.min_foreground = 0.5
     # BraTS volumes are co-registered to one atlas (SRI24, 1 mm), so distances between crops of
     # different subjects are meaningful too.
     c.loss.pairs = "all"

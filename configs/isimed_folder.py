@@ -20,8 +20,4 @@ from configs import prepared_data
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c, _ = prepared_data.get_base(arg)
-    # Normalised units: -0.9 is -900 HU under the CT window [-1000, 1000].
-    c.data.foreground_threshold = -0.9
-    c.data.min_foreground = 0.5
-    return c
+    return prepared_data.get_base(arg)[0]  # CT defaults: HU window [-1000, 1000] -> [-1, 1].

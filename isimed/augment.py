@@ -58,28 +58,6 @@ FILLS = ("zero", "min")
 # vector whether or not it is enabled, so disabling one op leaves the others' draws unchanged.
 
 
-def default_config() -> ml_collections.ConfigDict:
-    """The augmentation config (`AugmentConfig`): every probability and strength, intensities in
-    normalised units (the window [lo, hi] spans [-1, 1], so 0.1 is 5 % of the window)."""
-    c = ml_collections.ConfigDict()
-    c.flip_prob = 0.5
-    c.intensity_prob = 0.8
-    c.intensity_scale = 0.2  # s ~ U[0.8, 1.2]
-    c.intensity_shift = 0.1  # t ~ U[-0.1, 0.1]
-    c.noise_prob = 0.5
-    c.noise_std_max = 0.1
-    c.blur_prob = 0.5
-    c.blur_sigma_min = 0.5  # voxels
-    c.blur_sigma_max = 1.5  # voxels; kernel radius ceil(3 * blur_sigma_max)
-    c.dropout_prob = 0.5
-    c.dropout_boxes = 2
-    c.dropout_max_fraction = 0.5  # of each side: one box covers at most 1/8 of a 3D crop
-    c.dropout_fill = "zero"  # 'zero' (mid-window grey) or 'min' (crop minimum, per channel)
-    c.clip = True
-    return c
-
-
-AugmentConfig = default_config  # The name the design notes use for the config factory.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,17 +67,17 @@ class AugmentParams:
 
     flip_prob: float = 0.5
     intensity_prob: float = 0.8
-    intensity_scale: float = 0.2
-    intensity_shift: float = 0.1
+    intensity_scale: float = 0.2  # s ~ U[0.8, 1.2]
+    intensity_shift: float = 0.1  # t ~ U[-0.1, 0.1]
     noise_prob: float = 0.5
     noise_std_max: float = 0.1
     blur_prob: float = 0.5
-    blur_sigma_min: float = 0.5
-    blur_sigma_max: float = 1.5
+    blur_sigma_min: float = 0.5  # voxels
+    blur_sigma_max: float = 1.5  # voxels; kernel radius ceil(3 * blur_sigma_max)
     dropout_prob: float = 0.5
     dropout_boxes: int = 2
-    dropout_max_fraction: float = 0.5
-    dropout_fill: str = "zero"
+    dropout_max_fraction: float = 0.5  # of each side: one box covers at most 1/8 of a 3D crop
+    dropout_fill: str = "zero"  # 'zero' (mid-window grey) or 'min' (crop minimum, per channel)
     clip: bool = True
 
     def __post_init__(self):
@@ -143,6 +121,15 @@ class AugmentParams:
 
 
 jax.tree_util.register_static(AugmentParams)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The augmentation config: every probability and strength (the `AugmentParams` defaults),
+    intensities in normalised units (the window [lo, hi] spans [-1, 1], so 0.1 is 5 % of it)."""
+    return ml_collections.ConfigDict(dataclasses.asdict(AugmentParams()))
+
+
+AugmentConfig = default_config  # The name the design notes use for the config factory.
 
 
 def _check(ok: bool, message: str, value: Any) -> None:

@@ -65,6 +65,28 @@ def normalise_window(x: np.ndarray, window: Sequence[float] | None) -> np.ndarra
     return np.clip(x, -1.0, 1.0)
 
 
+def crops_at(
+    record: Record, starts: np.ndarray, crop_shape: Sequence[int], window: Sequence[float] | None
+) -> dict[str, np.ndarray]:
+    """The crops of `record` at `starts` `(n, ndim)` with their world-mm centres and lesion labels:
+    crops `(n, *crop, 1)`, centres `(n, ndim)`, lesion_fraction `(n,)`, has_lesion `(n,)`, image_id."""
+    crop_shape = tuple(crop_shape)
+    mask = record.get("mask")
+    if mask is not None and len(starts):
+        lesion = geometry.extract_crops(mask, starts, crop_shape) > 0
+        fraction = lesion.reshape(len(starts), -1).mean(axis=1)
+    else:
+        fraction = np.zeros(len(starts))
+    crops = geometry.extract_crops(record["image"], starts, crop_shape)
+    return {
+        "crops": normalise_window(crops, window)[..., None],
+        "centres": geometry.crop_centres_mm(starts, crop_shape, record["affine"]).astype(np.float32),
+        "lesion_fraction": fraction.astype(np.float32),
+        "has_lesion": (fraction > 0).astype(np.int32),
+        "image_id": np.int32(record["id"]),
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleCrops(grain.transforms.RandomMap):
     """Samples K crops per image with world-mm centres and per-crop lesion labels.
@@ -100,32 +122,17 @@ class SampleCrops(grain.transforms.RandomMap):
             self._uniform_starts(rng, image, self.num_crops - num_lesion, where),
         ]).astype(np.int64)
 
-        crops = geometry.extract_crops(image, starts, self.crop_shape)
-        extra = {}
+        out = crops_at(record, starts, self.crop_shape, self.window)
         if self.views == 2:
-            extra["views"] = normalise_window(
+            out["views"] = normalise_window(
                 geometry.extract_crops(image, self._shifted(rng, starts, image.shape), self.crop_shape),
                 self.window,
             )[..., None]
         elif self.views != 1:
             raise ValueError(f"views must be 1 or 2, got {self.views}")
         if "labels" in record:
-            extra["labels"] = np.asarray(record["labels"], np.float32)
-        if mask is not None:
-            lesion = geometry.extract_crops(mask, starts, self.crop_shape) > 0
-            fraction = lesion.reshape(len(starts), -1).mean(axis=1)
-        else:
-            fraction = np.zeros(len(starts))
-        return {
-            "crops": normalise_window(crops, self.window)[..., None],
-            "centres": geometry.crop_centres_mm(starts, self.crop_shape, record["affine"]).astype(
-                np.float32
-            ),
-            "lesion_fraction": fraction.astype(np.float32),
-            "has_lesion": (fraction > 0).astype(np.int32),
-            "image_id": np.int32(record["id"]),
-            **extra,
-        }
+            out["labels"] = np.asarray(record["labels"], np.float32)
+        return out
 
     def _shifted(self, rng, starts: np.ndarray, image_shape) -> np.ndarray:
         """Second-view starts: each first-view start moved by up to `view_offset` of the crop size

@@ -67,25 +67,13 @@ def grid_crops(
     pipeline.check_record(record, ndim)
     image = record["image"]
     starts = grid_starts(image.shape, crop_shape, stride)
-    raw = geometry.extract_crops(image, starts, crop_shape)
     if min_foreground > 0:
+        raw = geometry.extract_crops(image, starts, crop_shape)
         fg = (raw > foreground_threshold).reshape(len(starts), -1).mean(axis=1)
-        keep = fg >= min_foreground
-        starts, raw = starts[keep], raw[keep]
-    mask = record.get("mask")
-    if mask is not None and len(starts):
-        fraction = (geometry.extract_crops(mask, starts, crop_shape) > 0).reshape(len(starts), -1)
-        fraction = fraction.mean(axis=1)
-    else:
-        fraction = np.zeros(len(starts))
-    return {
-        "crops": pipeline.normalise_window(raw, window)[..., None],
-        "centres": geometry.crop_centres_mm(starts, crop_shape, record["affine"]).astype(np.float32),
-        "starts": starts,
-        "lesion_fraction": fraction.astype(np.float32),
-        "has_lesion": (fraction > 0).astype(np.int32),
-        "image_id": np.full(len(starts), int(record["id"]), np.int32),
-    }
+        starts = starts[fg >= min_foreground]
+    out = pipeline.crops_at(record, starts, crop_shape, window)
+    out["image_id"] = np.full(len(starts), out["image_id"], np.int32)
+    return {**out, "starts": starts}
 
 
 def grid_features(
