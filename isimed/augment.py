@@ -26,10 +26,10 @@ draws for all scalar decisions and one normal field for the noise (see `draw_sli
 themselves (`flip`, `gaussian_blur`, `intensity`, `gaussian_noise`, `coarse_dropout`) are
 deterministic functions of the crop and those draws.
 
-Two views for SimCLR / VICReg / Barlow Twins inside the jitted step (config closed over: static):
-
-  k1, k2 = jax.random.split(key)
-  view1, view2 = augment(k1, crops, config), augment(k2, crops, config)
+Two views for SimCLR / VICReg / Barlow Twins: since every crop of the batch gets its own key, one
+`augment` call on a batch holding both views augments them independently. The train step does
+that: it derives its key from (seed, step), stacks the two views into one batch and calls
+`augment` once, inside the jitted step with the config closed over (static).
 
 Why clip by default: the window normalisation already saturates everything outside the window at
 +-1, and the frozen-encoder evaluation only ever sees [-1, 1]; clipping keeps the pretraining input
@@ -50,14 +50,6 @@ import ml_collections
 import numpy as np
 
 FILLS = ("zero", "min")
-
-# Randomness: per crop, one U[0, 1) vector holds every scalar draw (flip decisions, sigmas, scale,
-# box corners...) and one normal field the noise, so the ops below are deterministic functions of
-# (crop, draws). Two random calls instead of one per draw: each threefry call is a loop in the
-# XLA:CPU program, and the few calls keep compile time down. Every op owns a fixed slice of the
-# vector whether or not it is enabled, so disabling one op leaves the others' draws unchanged.
-
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +119,6 @@ def default_config() -> ml_collections.ConfigDict:
     """The augmentation config: every probability and strength (the `AugmentParams` defaults),
     intensities in normalised units (the window [lo, hi] spans [-1, 1], so 0.1 is 5 % of it)."""
     return ml_collections.ConfigDict(dataclasses.asdict(AugmentParams()))
-
-
-AugmentConfig = default_config  # The name the design notes use for the config factory.
 
 
 def _check(ok: bool, message: str, value: Any) -> None:
@@ -314,7 +303,12 @@ def coarse_dropout(
 
 
 def draw_slices(params: AugmentParams, ndim: int) -> dict[str, slice]:
-    """Where each op's draws sit in the per-crop U[0, 1) vector (its length: the last stop)."""
+    """Where each op's draws sit in the per-crop U[0, 1) vector (its length: the last stop).
+
+    Every op owns its slice whether or not it is enabled, so disabling one op leaves the others'
+    draws unchanged. One vector rather than one random call per draw: each threefry call is a loop
+    in the XLA:CPU program, and few calls keep the compile time down.
+    """
     # Dropout last: its size depends on the number of boxes, which must not move the others.
     sizes = {"flip": ndim, "blur": 2, "intensity": 3, "noise": 2}
     sizes["dropout"] = 1 + 2 * params.dropout_boxes * ndim
@@ -364,8 +358,9 @@ def augment(
     """One random view of each crop of a batch `(N, *spatial, C)`, independently per crop.
 
     `config` is `default_config()` (or a part of it, or `AugmentParams`); its values are static.
-    For two views call twice with different keys, e.g. `jax.random.split(key)`. Inside a jitted
-    train step close over the config; `jax.jit(augment)` works directly with `AugmentParams`.
+    The key is split once per crop, so the crops of one call, two views of a crop included, are
+    augmented independently. Inside a jitted train step close over the config; `jax.jit(augment)`
+    works directly with `AugmentParams`.
     """
     crops = jnp.asarray(crops)
     if crops.ndim not in (4, 5):

@@ -213,11 +213,20 @@ def test_box_mask_is_union_of_boxes():
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_deterministic_per_key_and_independent_per_crop(ndim):
-    x = np.repeat(coded(1, SHAPES[ndim]), N_DEFAULT, axis=0)  # Identical crops.
+def test_each_view_depends_on_its_crop_and_key_only(ndim):
+    # The documented draws: the key is split once per crop, and a crop's view is a function of
+    # its key and itself alone, never of the rest of the batch (what lets a (seed, step) key
+    # replay a step exactly, and two views in one batch be independent).
     c = aug.default_config()
-    a, b, other = run(c, x, seed=5), run(c, x, seed=5), run(c, x, seed=6)
-    np.testing.assert_array_equal(a, b)
+    x = coded(N_DEFAULT, SHAPES[ndim])
+    batch = run(c, x, seed=5)
+    one_crop = jax.jit(aug.augment_crop)
+    params = aug.AugmentParams.from_config(c)
+    for key, crop, view in zip(jax.random.split(jax.random.key(5), N_DEFAULT), x, batch):
+        np.testing.assert_allclose(one_crop(key, jnp.asarray(crop), params), view, atol=1e-6)
+    # Identical crops get different views, and another key changes them.
+    same = np.repeat(x[:1], N_DEFAULT, axis=0)
+    a, other = run(c, same, seed=5), run(c, same, seed=6)
     assert not np.array_equal(a, other)
     assert all(not np.array_equal(a[0], a[i]) for i in range(1, N_DEFAULT))
 
@@ -244,18 +253,26 @@ def test_all_probabilities_zero_is_identity(ndim):
 
 
 def test_jit_and_one_compile_per_config():
-    x = jnp.asarray(coded(N_DEFAULT, SHAPES[3]))
-    c = aug.default_config()
-    params = aug.AugmentParams.from_config(c)
-    direct = aug.augment(jax.random.key(0), x, c)
-    np.testing.assert_array_equal(jax.jit(aug.augment)(jax.random.key(0), x, params), direct)
-    closed = jax.jit(functools.partial(aug.augment, config=c))
-    np.testing.assert_array_equal(closed(jax.random.key(0), x), direct)
+    # Under an outer jit, with `AugmentParams` as an argument or the config closed over as in the
+    # train step, the config still applies: flips at probability 1 flip every spatial axis.
+    x = coded(N_DEFAULT, SHAPES[3])
+    flips = only(flip_prob=1.0)
+    flipped = np.flip(x, axis=(1, 2, 3))
+    key = jax.random.key(0)
+    params = aug.AugmentParams.from_config(flips)
+    np.testing.assert_array_equal(jax.jit(aug.augment)(key, jnp.asarray(x), params), flipped)
+    closed = jax.jit(functools.partial(aug.augment, config=flips))
+    np.testing.assert_array_equal(closed(key, jnp.asarray(x)), flipped)
 
+    # One compile per (config, shape): new keys reuse it; another config gets its own program, not
+    # the cached one.
+    c = aug.default_config()
+    aug.augment(key, x, c)
     before = aug._augment_batch._cache_size()
     for seed in range(3):
         aug.augment(jax.random.key(seed), x, c)
     assert aug._augment_batch._cache_size() == before
+    np.testing.assert_array_equal(aug.augment(key, x, flips), flipped)
 
 
 def test_bfloat16_in_bfloat16_out():
