@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -170,20 +171,87 @@ def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
 
 
 def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
+    """One subject's anatomy from `rng`.
+
+    The order of the draws defines the phantom: changing it changes every subject of every seed
+    (and the nodules and noise drawn after it). The helpers below are called in that order, and
+    the keyword arguments of the final `_Anatomy(...)` are evaluated left to right, so their order
+    is part of it too.
+    """
+
     def u(lo: float, hi: float) -> float:
         return float(rng.uniform(lo, hi))
 
     size = u(0.85, 1.15)
     sx, sy, sz = size * u(0.95, 1.05), size * u(0.93, 1.07), size * u(0.95, 1.05)
+    trunk = _draw_trunk(u, size, sx, sy)
+    organs = _draw_organs(u, size, sx, sz, trunk["cav_yc"], trunk["cav_b"])
+    apex_z = u(95, 120) * sz
+    vertebra_pitch = u(22, 28) * sz
+    hu = _draw_tissue_hu(u)
+    return _Anatomy(
+        rotation=_rotation(*np.deg2rad(rng.uniform(-4, 4, size=3))),
+        shift=rng.uniform(-10, 10, size=3),
+        table_offset=rng.uniform(-5, 5, size=3),
+        body_square=u(0.15, 0.45),
+        taper=u(0.03, 0.09),
+        **trunk,
+        **organs,
+        apex_z=apex_z,
+        apex_depth=u(60, 80) * sz,
+        mediastinum_half=u(6, 12),
+        dome_left_z=organs["dome_right_z"] - u(8, 25),
+        dome_depth=u(35, 50) * sz,
+        dome_tilt=u(10, 25),
+        heart_angle=math.radians(u(25, 45)),
+        descending_drift=(u(0.04, 0.1), u(0.03, 0.08)),
+        canal_radius=u(6, 8) * size,
+        vertebra_pitch=vertebra_pitch,
+        vertebra_phase=u(0, vertebra_pitch),
+        rib_top_z=apex_z - u(0, 10),
+        rib_pitch=u(22, 27) * sz,
+        rib_drop=u(40, 70) * sz,
+        rib_offset=u(4, 7),
+        rib_half_width=u(3, 4.5),
+        rib_half_height=u(4, 6),
+        rib_front=u(0.7, 0.85),
+        liver_edge_x=u(-10, 10),
+        liver_bottom_z=organs["dome_right_z"] - u(110, 150) * sz,
+        hu=hu,
+        lung_gradient_hu=u(20, 50),
+    )
 
+
+def _draw_trunk(u: Callable[[float, float], float], size: float, sx: float, sy: float) -> dict:
+    """Body outline, subcutaneous fat and the cavity inside the body wall (`_Anatomy` fields).
+
+    The cavity is what is left of the body after fat and a muscle wall that is thicker at the
+    back (paraspinal muscles), so its centre `cav_yc` sits anterior of the body's.
+    """
     body_a, body_b = 135.0 * sx, 100.0 * sy
     fat_lat = u(5.0, 20.0) * size
     fat_ap = fat_lat * u(0.6, 1.0)
     wall_lat, wall_ant, wall_post = u(12, 18) * size, u(12, 18) * size, u(28, 38) * size
-    cav_a = body_a - fat_lat - wall_lat
-    cav_b = body_b - fat_ap - 0.5 * (wall_ant + wall_post)
-    cav_yc = 0.5 * (wall_ant - wall_post)
+    return {
+        "body_a": body_a,
+        "body_b": body_b,
+        "fat_lat": fat_lat,
+        "fat_ap": fat_ap,
+        "cav_a": body_a - fat_lat - wall_lat,
+        "cav_b": body_b - fat_ap - 0.5 * (wall_ant + wall_post),
+        "cav_yc": 0.5 * (wall_ant - wall_post),
+    }
 
+
+def _draw_organs(
+    u: Callable[[float, float], float], size: float, sx: float, sz: float, cav_yc: float, cav_b: float
+) -> dict:
+    """Diaphragm height, heart, spine, aorta and airways (`_Anatomy` fields).
+
+    Drawn as a chain so the organs stay in anatomical contact: the heart sits on the right dome,
+    the aortic arch above the heart, the descending aorta beside the vertebrae, the trachea in
+    front of the spine with the carina at the height of the arch.
+    """
     dome_right_z = u(-60, -25) * sz
     heart_axes = (u(55, 68) * size, u(42, 52) * size, u(45, 55) * sz)
     heart_z = dome_right_z - 15.0 + heart_axes[2] * u(0.85, 1.0)
@@ -205,9 +273,27 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
     tx, ty = trachea_xy
     bronchus_right_end = (tx - u(30, 40) * size, ty + 5.0, carina_z - u(20, 30))
     bronchus_left_end = (tx + u(40, 50) * size, ty + 8.0, carina_z - u(35, 45))
+    return {
+        "dome_right_z": dome_right_z,
+        "heart_centre": heart_centre,
+        "heart_axes": heart_axes,
+        "aorta_radius": aorta_radius,
+        "ascending_xy": ascending_xy,
+        "descending_xy": descending_xy,
+        "arch_z": arch_z,
+        "trachea_xy": trachea_xy,
+        "trachea_radius": trachea_radius,
+        "carina_z": carina_z,
+        "bronchus_right_end": bronchus_right_end,
+        "bronchus_left_end": bronchus_left_end,
+        "spine_y": spine_y,
+        "vertebra_radius": vertebra_radius,
+    }
 
-    apex_z = u(95, 120) * sz
-    vertebra_pitch = u(22, 28) * sz
+
+def _draw_tissue_hu(u: Callable[[float, float], float]) -> np.ndarray:
+    """HU per label (indexed by STRUCTURES); both lungs share one value. Nodules get their own
+    HU each when they are placed, so the nodule entry stays 0."""
     lung_hu = u(-870, -830)
     tissue_hu = {
         "background": -1000.0,  # air
@@ -221,60 +307,11 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
         "spine": u(650, 750),
         "ribs": u(450, 550),
         "liver": u(55, 65),
-    }  # Nodules get their own HU each when they are placed.
+    }
     hu = np.zeros(max(STRUCTURES.values()) + 1, np.float32)
     for name, value in tissue_hu.items():
         hu[STRUCTURES[name]] = value
-    return _Anatomy(
-        rotation=_rotation(*np.deg2rad(rng.uniform(-4, 4, size=3))),
-        shift=rng.uniform(-10, 10, size=3),
-        table_offset=rng.uniform(-5, 5, size=3),
-        body_a=body_a,
-        body_b=body_b,
-        body_square=u(0.15, 0.45),
-        taper=u(0.03, 0.09),
-        fat_lat=fat_lat,
-        fat_ap=fat_ap,
-        cav_a=cav_a,
-        cav_b=cav_b,
-        cav_yc=cav_yc,
-        apex_z=apex_z,
-        apex_depth=u(60, 80) * sz,
-        mediastinum_half=u(6, 12),
-        dome_right_z=dome_right_z,
-        dome_left_z=dome_right_z - u(8, 25),
-        dome_depth=u(35, 50) * sz,
-        dome_tilt=u(10, 25),
-        heart_centre=heart_centre,
-        heart_axes=heart_axes,
-        heart_angle=math.radians(u(25, 45)),
-        aorta_radius=aorta_radius,
-        ascending_xy=ascending_xy,
-        descending_xy=descending_xy,
-        descending_drift=(u(0.04, 0.1), u(0.03, 0.08)),
-        arch_z=arch_z,
-        trachea_xy=trachea_xy,
-        trachea_radius=trachea_radius,
-        carina_z=carina_z,
-        bronchus_right_end=bronchus_right_end,
-        bronchus_left_end=bronchus_left_end,
-        spine_y=spine_y,
-        vertebra_radius=vertebra_radius,
-        canal_radius=u(6, 8) * size,
-        vertebra_pitch=vertebra_pitch,
-        vertebra_phase=u(0, vertebra_pitch),
-        rib_top_z=apex_z - u(0, 10),
-        rib_pitch=u(22, 27) * sz,
-        rib_drop=u(40, 70) * sz,
-        rib_offset=u(4, 7),
-        rib_half_width=u(3, 4.5),
-        rib_half_height=u(4, 6),
-        rib_front=u(0.7, 0.85),
-        liver_edge_x=u(-10, 10),
-        liver_bottom_z=dome_right_z - u(110, 150) * sz,
-        hu=hu,
-        lung_gradient_hu=u(20, 50),
-    )
+    return hu
 
 
 def _affine(spec: PhantomSpec, table_offset: np.ndarray) -> np.ndarray:
@@ -363,100 +400,29 @@ def _render_labels(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: _Anatomy) -> 
     """Structure label map; later structures overwrite earlier ones where they overlap."""
     labels = np.zeros(x.shape, np.uint8)
     taper = 1.0 - a.taper * z * (1.0 / 150.0)  # narrower toward the head
-
-    def rounded_ellipse(half_a: np.ndarray, half_b: np.ndarray) -> np.ndarray:
-        # u^2 + v^2 - k u^2 v^2 <= 1 squares the corners of an ellipse (k = 1 is a rectangle)
-        # without the cost of a superellipse's fractional powers.
-        u2 = np.square(x / half_a)
-        v2 = np.square(y / half_b)
-        return u2 + v2 - a.body_square * u2 * v2 <= 1.0
-
-    outer_a, outer_b = a.body_a * taper, a.body_b * taper
-    labels[rounded_ellipse(outer_a, outer_b)] = STRUCTURES["fat"]
-    labels[rounded_ellipse(outer_a - a.fat_lat, outer_b - a.fat_ap)] = STRUCTURES["body"]
+    _paint_body_wall(labels, x, y, taper, a)
 
     cav_a, cav_b = a.cav_a * taper, a.cav_b * taper
     cav_r2 = np.square(x / cav_a) + np.square((y - a.cav_yc) / cav_b)
     cavity = cav_r2 <= 1.0
-
-    # Diaphragm: two downward-opening paraboloid domes, deeper posteriorly; the surface is their
-    # upper envelope, so the right (X < 0) dome is higher where dome_right_z > dome_left_z.
-    dome_x, dome_rx = 0.45 * a.cav_a, 0.65 * a.cav_a
-    dome_y, dome_ry = a.cav_yc - 0.15 * a.cav_b, 1.2 * a.cav_b
-    v = (y - dome_y) * (1.0 / dome_ry)
-    dome_common = a.dome_depth * v * v + a.dome_tilt * v
-    diaphragm = np.maximum(
-        a.dome_right_z - a.dome_depth * np.square((x + dome_x) * (1.0 / dome_rx)),
-        a.dome_left_z - a.dome_depth * np.square((x - dome_x) * (1.0 / dome_rx)),
-    )
-    diaphragm -= dome_common
+    diaphragm = _diaphragm_z(x, y, a)
     thorax = cavity & (z > diaphragm)
     labels[thorax] = STRUCTURES["fat"]  # mediastinal fat between the organs painted below
 
-    abs_x = np.abs(x)
-    # Each apex is a paraboloid dome over the lung's cross-section; outside that footprint the
-    # lung top is flat at the dome's rim, so the apex never trims the lower lung.
-    apex_r2 = np.square((abs_x - 0.45 * a.cav_a) * (1.0 / (0.6 * a.cav_a))) + np.square(
-        (y - a.cav_yc - 0.1 * a.cav_b) * (1.0 / a.cav_b)
-    )
-    apex = z < a.apex_z - a.apex_depth * np.minimum(apex_r2, 1.0)
-
-    hx, hy, hz = a.heart_centre
-    ha, hb, hc = a.heart_axes
-    cos_h, sin_h = math.cos(a.heart_angle), math.sin(a.heart_angle)
-    dxh, dyh = x - hx, y - hy
-    heart_q = (
-        np.square((cos_h * dxh - sin_h * dyh) * (1.0 / ha))
-        + np.square((sin_h * dxh + cos_h * dyh) * (1.0 / hb))
-        + np.square((z - hz) * (1.0 / hc))
-    )
+    heart_q = _heart_quadric(x, y, z, a)
     heart = (heart_q <= 1.0) & (z > diaphragm + 3.0) & (cav_r2 <= 0.92)
-
     # Aorta and airways are unions of capsules (plus the arch), with a 4 mm halo kept free of lung.
     z_range = (float(z.min()), float(z.max()))
-    r_a = a.aorta_radius
-    (ax0, ay0), (dx0, dy0) = a.ascending_xy, a.descending_xy
-    kx, ky = a.descending_drift
-    drop = 400.0  # beyond any field of view
-    aorta, aorta_halo = _capsules(
-        x,
-        y,
-        z,
-        z_range,
-        [
-            ((dx0, dy0, a.arch_z), (dx0 - kx * drop, dy0 - ky * drop, a.arch_z - drop), r_a),
-            ((ax0, ay0, hz), (ax0, ay0, a.arch_z), r_a),
-        ],
-    )
-    if z_range[1] >= a.arch_z:
-        arch_d2 = _arch_dist2(x, y, z, a)
-        aorta |= arch_d2 <= r_a**2
-        aorta_halo |= arch_d2 <= (r_a + _HALO_MM) ** 2
-
-    r_t = a.trachea_radius
-    carina = (a.trachea_xy[0], a.trachea_xy[1], a.carina_z)
-    # The trachea runs slightly anteriorly on its way up to the neck.
-    trachea_top = (a.trachea_xy[0], a.trachea_xy[1] - 20.0, a.carina_z + 300.0)
-    trachea, trachea_halo = _capsules(
-        x,
-        y,
-        z,
-        z_range,
-        [
-            (carina, trachea_top, r_t),
-            (carina, a.bronchus_right_end, 0.75 * r_t),
-            (carina, a.bronchus_left_end, 0.7 * r_t),
-        ],
-    )
-
+    aorta, aorta_halo = _aorta(x, y, z, z_range, a)
+    trachea, trachea_halo = _airways(x, y, z, z_range, a)
     spine_r2 = np.square(x) + np.square(y - a.spine_y)
 
     # Lungs fill the thorax above the diaphragm and below the apices, except a soft-tissue margin
     # around the mediastinal organs (so lungs never touch heart, vessels or airways directly).
     lung = (
         thorax
-        & apex
-        & (abs_x > a.mediastinum_half)
+        & _below_apices(x, y, z, a)
+        & (np.abs(x) > a.mediastinum_half)
         & (heart_q > 1.25)  # ~10% larger ellipsoid: 5-6 mm of pericardial fat
         & ~aorta_halo
         & ~trachea_halo
@@ -479,6 +445,114 @@ def _render_labels(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: _Anatomy) -> 
     _paint_spine(labels, x, y, z, spine_r2 <= a.vertebra_radius**2, a)
     _paint_ribs(labels, x, y, z, cav_r2, a)
     return labels
+
+
+def _paint_body_wall(
+    labels: np.ndarray, x: np.ndarray, y: np.ndarray, taper: np.ndarray, a: _Anatomy
+) -> None:
+    """Subcutaneous fat, then the soft tissue inside it, as two nested rounded ellipses."""
+
+    def rounded_ellipse(half_a: np.ndarray, half_b: np.ndarray) -> np.ndarray:
+        # u^2 + v^2 - k u^2 v^2 <= 1 squares the corners of an ellipse (k = 1 is a rectangle)
+        # without the cost of a superellipse's fractional powers.
+        u2 = np.square(x / half_a)
+        v2 = np.square(y / half_b)
+        return u2 + v2 - a.body_square * u2 * v2 <= 1.0
+
+    outer_a, outer_b = a.body_a * taper, a.body_b * taper
+    labels[rounded_ellipse(outer_a, outer_b)] = STRUCTURES["fat"]
+    labels[rounded_ellipse(outer_a - a.fat_lat, outer_b - a.fat_ap)] = STRUCTURES["body"]
+
+
+def _diaphragm_z(x: np.ndarray, y: np.ndarray, a: _Anatomy) -> np.ndarray:
+    """Height (patient z, mm) of the diaphragm surface above each (x, y).
+
+    Two downward-opening paraboloid domes, deeper posteriorly; the surface is their upper
+    envelope, so the right (X < 0) dome is higher where dome_right_z > dome_left_z.
+    """
+    dome_x, dome_rx = 0.45 * a.cav_a, 0.65 * a.cav_a
+    dome_y, dome_ry = a.cav_yc - 0.15 * a.cav_b, 1.2 * a.cav_b
+    v = (y - dome_y) * (1.0 / dome_ry)
+    dome_common = a.dome_depth * v * v + a.dome_tilt * v
+    diaphragm = np.maximum(
+        a.dome_right_z - a.dome_depth * np.square((x + dome_x) * (1.0 / dome_rx)),
+        a.dome_left_z - a.dome_depth * np.square((x - dome_x) * (1.0 / dome_rx)),
+    )
+    diaphragm -= dome_common
+    return diaphragm
+
+
+def _below_apices(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: _Anatomy) -> np.ndarray:
+    """Voxels below the lung apices.
+
+    Each apex is a paraboloid dome over the lung's cross-section; outside that footprint the
+    lung top is flat at the dome's rim, so the apex never trims the lower lung.
+    """
+    apex_r2 = np.square((np.abs(x) - 0.45 * a.cav_a) * (1.0 / (0.6 * a.cav_a))) + np.square(
+        (y - a.cav_yc - 0.1 * a.cav_b) * (1.0 / a.cav_b)
+    )
+    return z < a.apex_z - a.apex_depth * np.minimum(apex_r2, 1.0)
+
+
+def _heart_quadric(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: _Anatomy) -> np.ndarray:
+    """The heart ellipsoid's quadratic form: <= 1 inside. Returned rather than a mask because the
+    lungs keep clear of a slightly larger level set of it (the pericardial fat)."""
+    hx, hy, hz = a.heart_centre
+    ha, hb, hc = a.heart_axes
+    cos_h, sin_h = math.cos(a.heart_angle), math.sin(a.heart_angle)
+    dxh, dyh = x - hx, y - hy
+    return (
+        np.square((cos_h * dxh - sin_h * dyh) * (1.0 / ha))
+        + np.square((sin_h * dxh + cos_h * dyh) * (1.0 / hb))
+        + np.square((z - hz) * (1.0 / hc))
+    )
+
+
+def _aorta(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, z_range: tuple[float, float], a: _Anatomy
+) -> tuple[np.ndarray, np.ndarray]:
+    """(aorta, within _HALO_MM of it) masks: ascending and descending capsules plus the arch,
+    which is only evaluated on slabs that reach up to it."""
+    r_a = a.aorta_radius
+    (ax0, ay0), (dx0, dy0) = a.ascending_xy, a.descending_xy
+    kx, ky = a.descending_drift
+    drop = 400.0  # beyond any field of view
+    aorta, aorta_halo = _capsules(
+        x,
+        y,
+        z,
+        z_range,
+        [
+            ((dx0, dy0, a.arch_z), (dx0 - kx * drop, dy0 - ky * drop, a.arch_z - drop), r_a),
+            ((ax0, ay0, a.heart_centre[2]), (ax0, ay0, a.arch_z), r_a),
+        ],
+    )
+    if z_range[1] >= a.arch_z:
+        arch_d2 = _arch_dist2(x, y, z, a)
+        aorta |= arch_d2 <= r_a**2
+        aorta_halo |= arch_d2 <= (r_a + _HALO_MM) ** 2
+    return aorta, aorta_halo
+
+
+def _airways(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, z_range: tuple[float, float], a: _Anatomy
+) -> tuple[np.ndarray, np.ndarray]:
+    """(trachea and main bronchi, within _HALO_MM of them) masks, as capsules from the carina."""
+    r_t = a.trachea_radius
+    carina = (a.trachea_xy[0], a.trachea_xy[1], a.carina_z)
+    # The trachea runs slightly anteriorly on its way up to the neck.
+    trachea_top = (a.trachea_xy[0], a.trachea_xy[1] - 20.0, a.carina_z + 300.0)
+    return _capsules(
+        x,
+        y,
+        z,
+        z_range,
+        [
+            (carina, trachea_top, r_t),
+            (carina, a.bronchus_right_end, 0.75 * r_t),
+            (carina, a.bronchus_left_end, 0.7 * r_t),
+        ],
+    )
 
 
 def _paint_spine(
