@@ -2,19 +2,18 @@
 
 import numpy as np
 
-from isimed.data import chest_phantom
-from isimed.data import phantom
+from isimed.data import chest_phantom, layouts, phantom
 
 
 def test_splits_are_disjoint_by_subject_and_complete(phantom_dir):
     config = next(c for c in chest_phantom.ChestPhantom.BUILDER_CONFIGS if c.name == "tiny3d")
     ids = {}
-    for split in chest_phantom.SPLITS:
+    for split in layouts.SPLIT_NAMES:
         source = chest_phantom.data_source("tiny3d", split, phantom_dir)
         ids[split] = [int(source[i]["id"]) for i in range(len(source))]
         assert len(set(ids[split])) == len(ids[split])
-    assert [len(ids[s]) for s in chest_phantom.SPLITS] == list(config.num_subjects)
-    train, val, test = (set(ids[s]) for s in chest_phantom.SPLITS)
+    assert [len(ids[s]) for s in layouts.SPLIT_NAMES] == list(config.num_subjects)
+    train, val, test = (set(ids[s]) for s in layouts.SPLIT_NAMES)
     assert not (train & val or train & test or val & test)
     assert train | val | test == set(range(sum(config.num_subjects)))
 

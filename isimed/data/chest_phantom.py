@@ -16,9 +16,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from isimed.data import phantom
-
-SPLITS = ("train", "validation", "test")
+from isimed.data import layouts, phantom
 
 
 @dataclasses.dataclass(eq=False)
@@ -79,7 +77,7 @@ class ChestPhantom(tfds.core.GeneratorBasedBuilder):
         offsets = np.cumsum((0,) + tuple(counts))
         return {
             split: self._generate_examples(range(offsets[i], offsets[i + 1]))
-            for i, split in enumerate(SPLITS)
+            for i, split in enumerate(layouts.SPLIT_NAMES)
         }
 
     def _generate_examples(self, indices):

@@ -28,12 +28,19 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 
+from isimed.data import readers
+
+# The standard splits, in this order: the published split lists, splits by fractions, MedMNIST
+# and the TFDS phantom use them (explicit split lists passed to `prepare` may name others).
 SPLIT_NAMES = ("train", "validation", "test")
 SPLITS_RESOURCE = ("isimed.data", "splits", "isimed_splits.json")
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 AUTOPET_IMAGES = ("CTres", "SUV", "CT", "PET")
-# Longest first, so "a.nii.gz" loses ".nii.gz" and not only ".gz".
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".dcm", ".npz")
+# The formats `readers` reads, plus MedMNIST's npz. ".nii.gz" is listed whole, so "a.nii.gz" loses
+# ".nii.gz" where os.path.splitext would strip only ".gz".
+IMAGE_SUFFIXES = (
+    readers.NIFTI_SUFFIXES + readers.NRRD_SUFFIXES + readers.DICOM_SUFFIXES + (".npz",)
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,13 +44,12 @@ import numpy as np
 from scipy import ndimage
 
 from isimed import geometry
-from isimed.data import prepared
+from isimed.data import layouts, prepared, readers
 
 VOLUME_LAYOUTS = ("brats", "nnunet", "autopet", "glob", "dicom")
 LAYOUTS = VOLUME_LAYOUTS + ("medmnist",)
 INTENSITIES = ("ct", "mri", "uint8")
 DEFAULT_INTENSITY = {"brats": "mri", "autopet": "ct", "medmnist": "uint8"}
-SPLITS = ("train", "validation", "test")
 CT_FOREGROUND_HU = -500.0
 LAYOUT_FLAGS = ("modality", "channel", "image", "image_pattern", "mask_pattern", "subset",
                 "file_pattern", "require_mask")
@@ -145,11 +144,34 @@ def process_volume(
     Raises PrepareError (naming `where`) for NaN/inf voxels, a bad affine, a mask of another
     shape or with values outside 0..255, no foreground, or a constant foreground.
     """
+    image, affine, mask = _checked_volume(image, affine, mask, where)
+    lo, hi, bbox = _intensity_range(image, intensity, window, where)
+    if crop_foreground:
+        image, affine, mask = _crop(image, affine, mask, bbox)
+    if spacing is None:
+        out = np.empty(image.shape, np.float16)
+        for a, b in _slabs(image.shape[0], int(np.prod(image.shape[1:]))):
+            out[a:b] = _to_unit(image[a:b], lo, hi)
+    else:
+        factor, out_shape, affine = resampled_grid(image.shape, affine, spacing)
+        out = np.empty(out_shape, np.float16)
+        for a, b in _slabs(out_shape[0], int(np.prod(out_shape[1:]))):
+            out[a:b] = _to_unit(_resample_slab(image, factor, a, b, out_shape, 1, np.float32), lo, hi)
+        if mask is not None:
+            mask = _resample_slab(mask, factor, 0, out_shape[0], out_shape, 0, np.uint8)
+    return {"image": out, "affine": affine, "bbox": bbox, "mask": mask}
+
+
+def _checked_volume(
+    image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None, where: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(image, float64 affine, uint8 mask or None), refusing what would corrupt a record silently:
+    a bad affine, NaN/inf voxels (they would spread through interpolation), and a mask that is
+    not on the image grid or whose values would wrap around in uint8."""
     image = np.asarray(image)
     affine = np.asarray(affine, np.float64)
-    ndim = image.ndim
     try:
-        geometry.check_affine(affine, ndim, where)
+        geometry.check_affine(affine, image.ndim, where)
     except ValueError as e:
         raise PrepareError(str(e)) from None
     if np.issubdtype(image.dtype, np.floating):
@@ -165,7 +187,14 @@ def process_volume(
                           (mask.dtype.kind == "f" and np.any(mask != np.round(mask)))):
             raise PrepareError(f"{where}: mask values must be integers in 0..255")
         mask = mask.astype(np.uint8, copy=False)
+    return image, affine, mask
 
+
+def _intensity_range(
+    image: np.ndarray, intensity: str, window: Sequence[float], where: str
+) -> tuple[float, float, np.ndarray]:
+    """(lo, hi) mapped to [-1, 1], and the foreground box; both come from one pass over the
+    volume because MRI takes its range from the foreground voxels' percentiles."""
     if intensity == "ct":
         lo, hi = float(window[0]), float(window[1])
         if not hi > lo:
@@ -185,28 +214,19 @@ def process_volume(
         del values
         if not hi > lo:
             raise PrepareError(f"{where}: foreground intensities are constant ({lo:g}); cannot normalise")
+    return lo, hi, bbox
 
-    if crop_foreground:
-        # A view, not a copy; the translation moves to the box's first voxel, so world mm stay put.
-        image = image[tuple(slice(s, e) for s, e in bbox.T)]
-        mask = None if mask is None else mask[tuple(slice(s, e) for s, e in bbox.T)]
-        shift = np.eye(ndim + 1)
-        shift[:ndim, ndim] = bbox[0]
-        affine = affine @ shift
 
-    plane = int(np.prod(image.shape[1:]))
-    if spacing is None:
-        out = np.empty(image.shape, np.float16)
-        for a, b in _slabs(image.shape[0], plane):
-            out[a:b] = _to_unit(image[a:b], lo, hi)
-    else:
-        factor, out_shape, affine = resampled_grid(image.shape, affine, spacing)
-        out = np.empty(out_shape, np.float16)
-        for a, b in _slabs(out_shape[0], int(np.prod(out_shape[1:]))):
-            out[a:b] = _to_unit(_resample_slab(image, factor, a, b, out_shape, 1, np.float32), lo, hi)
-        if mask is not None:
-            mask = _resample_slab(mask, factor, 0, out_shape[0], out_shape, 0, np.uint8)
-    return {"image": out, "affine": affine, "bbox": bbox, "mask": mask}
+def _crop(
+    image: np.ndarray, affine: np.ndarray, mask: np.ndarray | None, bbox: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The foreground box of image and mask, as views (no copy). The affine's translation moves
+    to the box's first voxel, so every voxel keeps its world position."""
+    box = tuple(slice(s, e) for s, e in bbox.T)
+    ndim = image.ndim
+    shift = np.eye(ndim + 1)
+    shift[:ndim, ndim] = bbox[0]
+    return image[box], affine @ shift, None if mask is None else mask[box]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,8 +324,6 @@ def peak_rss_mb() -> float:
 
 
 def _resolve_splits(splits) -> dict[str, list[str]] | None:
-    from isimed.data import layouts
-
     if isinstance(splits, Mapping):
         return {k: list(v) for k, v in splits.items()}
     if splits in (None, "fractions"):
@@ -351,26 +369,8 @@ def prepare(
     """
     out = os.path.abspath(os.path.expanduser(out))
     root = os.path.expanduser(root)
-    if layout not in LAYOUTS:
-        raise PrepareError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
-    intensity = intensity or DEFAULT_INTENSITY.get(layout)
-    if intensity not in INTENSITIES:
-        raise PrepareError(f"layout {layout!r} needs --intensity=ct or --intensity=mri")
-    if spacing is not None:
-        spacing = [float(s) for s in np.atleast_1d(np.asarray(spacing, np.float64))]
-        geometry.check_spacing(spacing, "--spacing")
-        if len(spacing) == 1 and layout != "medmnist":
-            spacing = spacing * ndim  # One number: isotropic.
-        if layout != "medmnist" and len(spacing) != ndim:
-            raise PrepareError(f"--spacing needs 1 or {ndim} values, got {spacing}")
-    settings = {
-        "layout": layout, "options": dict(options or {}), "intensity": intensity,
-        "window": [float(w) for w in window] if intensity == "ct" else None,
-        "spacing": spacing, "crop_foreground": bool(crop_foreground),
-        "splits": splits if isinstance(splits, str) or splits is None else "explicit",
-        "fractions": [float(f) for f in fractions], "seed": int(seed),
-        "ndim": None if layout == "medmnist" else int(ndim),  # MedMNIST: from the file.
-    }
+    settings = _settings(layout, options, intensity, window, spacing, crop_foreground, splits,
+                         fractions, seed, ndim)
     start = time.time()
     if layout == "medmnist":
         manifest = _prepare_medmnist(root, out, settings, shard_size, progress)
@@ -386,6 +386,32 @@ def prepare(
     return manifest
 
 
+def _settings(layout, options, intensity, window, spacing, crop_foreground, splits, fractions,
+              seed, ndim) -> dict[str, Any]:
+    """The validated, JSON-ready settings stored in prepared.json; a rerun into the same OUT must
+    produce the same dict (see `_start`), so every value is normalised to plain types here."""
+    if layout not in LAYOUTS:
+        raise PrepareError(f"unknown layout {layout!r}; use one of {LAYOUTS}")
+    intensity = intensity or DEFAULT_INTENSITY.get(layout)
+    if intensity not in INTENSITIES:
+        raise PrepareError(f"layout {layout!r} needs --intensity=ct or --intensity=mri")
+    if spacing is not None:
+        spacing = [float(s) for s in np.atleast_1d(np.asarray(spacing, np.float64))]
+        geometry.check_spacing(spacing, "--spacing")
+        if len(spacing) == 1 and layout != "medmnist":
+            spacing = spacing * ndim  # One number: isotropic.
+        if layout != "medmnist" and len(spacing) != ndim:
+            raise PrepareError(f"--spacing needs 1 or {ndim} values, got {spacing}")
+    return {
+        "layout": layout, "options": dict(options or {}), "intensity": intensity,
+        "window": [float(w) for w in window] if intensity == "ct" else None,
+        "spacing": spacing, "crop_foreground": bool(crop_foreground),
+        "splits": splits if isinstance(splits, str) or splits is None else "explicit",
+        "fractions": [float(f) for f in fractions], "seed": int(seed),
+        "ndim": None if layout == "medmnist" else int(ndim),  # MedMNIST: from the file.
+    }
+
+
 def _normalisation(settings: dict) -> dict[str, Any]:
     text = {
         "ct": f"HU window {settings['window']} -> [-1, 1], clipped",
@@ -396,9 +422,26 @@ def _normalisation(settings: dict) -> dict[str, Any]:
             "dtype": "float16"}
 
 
-def _prepare_volumes(root, out, settings, split_lists, ndim, skip_bad, progress) -> dict:
-    from isimed.data import layouts, readers
+def _manifest(settings, plan, root, ndim, *, has_mask, label_names, splits_out, skipped, counts,
+              **extra) -> dict[str, Any]:
+    """prepared.json's content (still "incomplete"; `prepare` adds the report and completes it).
+    `extra` keys go after the common ones; the key order is the file's."""
+    return {
+        "format": prepared.FORMAT, "version": prepared.VERSION, "status": "incomplete",
+        "settings": settings, "plan": plan, "root": os.path.abspath(root), "ndim": ndim,
+        "spacing": settings["spacing"], "normalisation": _normalisation(settings),
+        "has_mask": has_mask, "label_names": label_names, "splits": splits_out,
+        "counts": {s: v["count"] for s, v in splits_out.items()}, "skipped": skipped,
+        **extra, "_report": counts,
+    }
 
+
+def _plan_volumes(root, settings, split_lists):
+    """(split assignment, {split: cases sorted by id}, {split: case ids}) of a volume layout.
+
+    The plan (ids per split) is stored in prepared.json: a rerun on a changed raw folder is
+    refused rather than mixing two different sets of cases in one output.
+    """
     cases = layouts.find_cases(settings["layout"], root, **settings["options"])
     if not cases:
         raise PrepareError(f"no {settings['layout']} cases found under {root}")
@@ -412,6 +455,11 @@ def _prepare_volumes(root, out, settings, split_lists, ndim, skip_bad, progress)
         names = [safe_name(c.case_id) for c in cs]
         if len(set(names)) != len(names):
             raise PrepareError(f"case ids of split {split!r} collide after making them file names")
+    return assignment, assigned, plan
+
+
+def _prepare_volumes(root, out, settings, split_lists, ndim, skip_bad, progress) -> dict:
+    assignment, assigned, plan = _plan_volumes(root, settings, split_lists)
     _start(out, settings, plan, list(plan))
 
     bar = _Progress(sum(len(c) for c in assigned.values()), "prepare", progress)
@@ -423,57 +471,55 @@ def _prepare_volumes(root, out, settings, split_lists, ndim, skip_bad, progress)
             name = safe_name(case.case_id) + ".array_record"
             path = os.path.join(out, split, name)
             has_mask |= case.mask is not None
-            entry = {"id": index, "case_id": case.case_id, "file": name, "records": 1}
-            if os.path.exists(path):
+            if os.path.exists(path):  # Written by an earlier run: files appear only when complete.
+                reason = None
                 counts["resumed"] += 1
-                entries.append(entry)
-                bar.update()
-                continue
-            try:
-                volume = readers.read_volume(case.image, case.mask, ndim=ndim)
-                if volume.image.ndim != ndim:
-                    raise PrepareError(f"expected a {ndim}D image, got shape {volume.image.shape}")
-                fields = process_volume(
-                    volume.image, volume.affine, volume.mask, intensity=settings["intensity"],
-                    window=settings["window"] or (0, 1), spacing=settings["spacing"],
-                    crop_foreground=settings["crop_foreground"], where=case.image,
-                )
-                del volume  # Only one volume in memory: free the source before serialising.
-                data = prepared.serialize({"id": np.int32(index), "case_id": np.str_(case.case_id),
-                                           **{k: v for k, v in fields.items() if v is not None}})
-                del fields
-                _write_records(path, [data])
-                del data
-            except Exception as e:  # noqa: BLE001 - every failure is reported or re-raised.
-                reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-                if not skip_bad:
-                    where = "" if case.image in reason else f" ({case.image})"
-                    raise PrepareError(f"case {case.case_id}{where}: {reason}") from e
+            else:
+                reason = _prepare_case(case, index, path, ndim, settings, skip_bad)
+                counts["done" if reason is None else "skipped"] += 1
+            bar.update()
+            if reason is None:
+                entries.append({"id": index, "case_id": case.case_id, "file": name, "records": 1})
+            else:
                 skipped.append({"split": split, "case_id": case.case_id, "image": case.image,
                                 "mask": case.mask, "reason": reason})
-                counts["skipped"] += 1
-                bar.update()
-                continue
-            counts["done"] += 1
-            entries.append(entry)
-            bar.update()
         splits_out[split] = {"count": len(entries), "files": entries}
-    return {
-        "format": prepared.FORMAT, "version": prepared.VERSION, "status": "incomplete",
-        "settings": settings, "plan": plan, "root": os.path.abspath(root), "ndim": ndim,
-        "spacing": settings["spacing"], "normalisation": _normalisation(settings),
-        "has_mask": has_mask, "label_names": None, "splits": splits_out,
-        "counts": {s: v["count"] for s, v in splits_out.items()}, "skipped": skipped,
+    return _manifest(
+        settings, plan, root, ndim, has_mask=has_mask, label_names=None, splits_out=splits_out,
+        skipped=skipped, counts=counts,
         # Split lists vs cases found: cases in no list, listed ids without a case.
-        "unassigned": [c.case_id for c in getattr(assignment, "unassigned", [])],
-        "missing": {k: len(v) for k, v in getattr(assignment, "missing", {}).items()},
-        "_report": counts,
-    }
+        unassigned=[c.case_id for c in getattr(assignment, "unassigned", [])],
+        missing={k: len(v) for k, v in getattr(assignment, "missing", {}).items()},
+    )
+
+
+def _prepare_case(case, index: int, path: str, ndim: int, settings: dict, skip_bad: bool):
+    """Reads, processes and writes one case; None on success, else the reason it was skipped
+    (with `skip_bad`; without it the failure is raised, naming the case and its file)."""
+    try:
+        volume = readers.read_volume(case.image, case.mask, ndim=ndim)
+        if volume.image.ndim != ndim:
+            raise PrepareError(f"expected a {ndim}D image, got shape {volume.image.shape}")
+        fields = process_volume(
+            volume.image, volume.affine, volume.mask, intensity=settings["intensity"],
+            window=settings["window"] or (0, 1), spacing=settings["spacing"],
+            crop_foreground=settings["crop_foreground"], where=case.image,
+        )
+        del volume  # Only one volume in memory: free the source before serialising.
+        data = prepared.serialize({"id": np.int32(index), "case_id": np.str_(case.case_id),
+                                   **{k: v for k, v in fields.items() if v is not None}})
+        del fields
+        _write_records(path, [data])
+    except Exception as e:  # noqa: BLE001 - every failure is reported or re-raised.
+        reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        if not skip_bad:
+            where = "" if case.image in reason else f" ({case.image})"
+            raise PrepareError(f"case {case.case_id}{where}: {reason}") from e
+        return reason
+    return None
 
 
 def _prepare_medmnist(root, out, settings, shard_size, progress) -> dict:
-    from isimed.data import readers
-
     if settings["spacing"] is None or len(set(settings["spacing"])) != 1:
         raise PrepareError(
             f"{root}: MedMNIST images carry no pixel size; pass one --spacing in mm (e.g. ChestMNIST "
@@ -490,10 +536,10 @@ def _prepare_medmnist(root, out, settings, shard_size, progress) -> dict:
                    else [f"label_{j}" for j in range(labels.shape[1])])
     # The npz is the only input: a different file (name or size) is a different plan.
     plan = {"file": os.path.basename(root), "bytes": os.path.getsize(root)}
-    _start(out, settings, plan, SPLITS)
+    _start(out, settings, plan, layouts.SPLIT_NAMES)
     splits_out, counts = {}, {"done": 0, "resumed": 0, "skipped": 0}
     bbox = np.array([[0] * ndim, list(images.shape[1:])], np.int64)
-    for split in SPLITS:
+    for split in layouts.SPLIT_NAMES:
         if split != "train":
             images, labels = readers.read_medmnist(root, split)
         n = len(images)
@@ -507,28 +553,25 @@ def _prepare_medmnist(root, out, settings, shard_size, progress) -> dict:
             path = os.path.join(out, split, name)
             if os.path.exists(path):
                 counts["resumed"] += b - a
-                bar.update(b - a)
-                continue
-            _write_records(path, [
-                prepared.serialize({
-                    "id": np.int32(i), "case_id": np.str_(f"{split}_{i:06d}"),
-                    "image": _to_unit(images[i], 0.0, 255.0).astype(np.float16),
-                    "affine": affine, "bbox": bbox, "labels": np.asarray(labels[i], np.float32),
-                })
-                for i in range(a, b)
-            ])
-            counts["done"] += b - a
+            else:
+                _write_records(path, [_medmnist_record(images, labels, i, split, affine, bbox)
+                                      for i in range(a, b)])
+                counts["done"] += b - a
             bar.update(b - a)
         splits_out[split] = {"count": n, "files": entries}
         del images, labels
-    return {
-        "format": prepared.FORMAT, "version": prepared.VERSION, "status": "incomplete",
-        "settings": settings, "plan": plan, "root": os.path.abspath(root), "ndim": ndim,
-        "spacing": settings["spacing"], "normalisation": _normalisation(settings),
-        "has_mask": False, "label_names": label_names, "splits": splits_out,
-        "counts": {s: v["count"] for s, v in splits_out.items()}, "skipped": [],
-        "_report": counts,
-    }
+    return _manifest(settings, plan, root, ndim, has_mask=False, label_names=label_names,
+                     splits_out=splits_out, skipped=[], counts=counts)
+
+
+def _medmnist_record(images, labels, i: int, split: str, affine, bbox) -> bytes:
+    """Image i of a MedMNIST split as a serialised record. MedMNIST has no case names, so the
+    case id is the split and index."""
+    return prepared.serialize({
+        "id": np.int32(i), "case_id": np.str_(f"{split}_{i:06d}"),
+        "image": _to_unit(images[i], 0.0, 255.0).astype(np.float16),
+        "affine": affine, "bbox": bbox, "labels": np.asarray(labels[i], np.float32),
+    })
 
 
 # ------------------------------------------------------------------------------------------------
