@@ -2,14 +2,28 @@ import numpy as np
 import pytest
 
 from isimed import geometry
-from isimed.data import pipeline
+from isimed.evaluation import features
 from isimed.evaluation import grid
 
 
+def code(index):
+    """The value a coded image holds at voxel (i, j, k)."""
+    i, j, k = np.moveaxis(np.asarray(index), -1, 0)
+    return 10000 * i + 100 * j + k
+
+
+# Window (0, 2**18): the voxel value v maps to v / 2**17 - 1, exactly in float32 for v < 2**17.
+WINDOW = (0.0, 2.0**18)
+
+
+def decode(crops):
+    return np.rint((crops.astype(np.float64) + 1.0) * 2.0**17).astype(np.int64)
+
+
 def make_record(shape=(12, 20, 16), spacing=(3.0, 2.0, 1.5)):
-    rng = np.random.default_rng(0)
-    image = rng.uniform(-1000, 400, size=shape).astype(np.float32)
-    image[:, :3] = -1000.0  # An air band: crops there have little foreground.
+    """A coded image (each voxel's value encodes its index), a 3 x 3 x 4 lesion at
+    [4:7, 10:13, 5:9], spacing 3 / 2 / 1.5 mm, origin (-10, 5, 7) mm."""
+    image = code(np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1)).astype(np.float32)
     mask = np.zeros(shape, np.uint8)
     mask[4:7, 10:13, 5:9] = 1
     affine = geometry.affine_from_spacing(spacing, origin=(-10.0, 5.0, 7.0))
@@ -37,40 +51,49 @@ def test_grid_starts_rejects_bad_input():
         grid.grid_starts((8, 8), (4, 4), stride=(0, 2))
 
 
-def test_grid_crops_match_geometry_and_pipeline_conventions():
-    record = make_record()
-    crop = (4, 4, 4)
-    out = grid.grid_crops(record, crop, 4, window=(-1000.0, 1000.0))
+def test_grid_crops_coded_voxels_centres_and_lesion():
+    out = grid.grid_crops(make_record(), (4, 4, 4), 4, window=WINDOW)
     starts = out["starts"]
-    assert len(starts) == len(grid.grid_starts(record["image"].shape, crop, 4))
-    np.testing.assert_allclose(out["centres"], geometry.crop_centres_mm(starts, crop, record["affine"]),
-                               rtol=1e-6)
-    expected = pipeline.normalise_window(geometry.extract_crops(record["image"], starts, crop),
-                                         (-1000.0, 1000.0))
-    np.testing.assert_array_equal(out["crops"][..., 0], expected)
-    assert out["crops"].shape == (len(starts), *crop, 1) and out["crops"].dtype == np.float32
-    fraction = geometry.extract_crops(record["mask"], starts, crop).reshape(len(starts), -1).mean(1)
-    np.testing.assert_allclose(out["lesion_fraction"], fraction, rtol=1e-6)
-    np.testing.assert_array_equal(out["has_lesion"], fraction > 0)
-    assert out["has_lesion"].sum() > 0
-    assert np.all(out["image_id"] == 7)
+    # Spans 8, 16, 12 with stride 4: starts 0, 4, 8 x 0..16 x 0..12, no leftover margin.
+    assert starts.shape == (3 * 5 * 4, 3)
+    assert starts[0].tolist() == [0, 0, 0] and starts[-1].tolist() == [8, 16, 12]
+    assert out["crops"].shape == (60, 4, 4, 4, 1) and out["crops"].dtype == np.float32
+    # Every crop holds exactly the voxels at its start + (0..3)^3, in array order.
+    offsets = np.stack(np.meshgrid(*[np.arange(4)] * 3, indexing="ij"), -1)
+    for n, start in enumerate(starts):
+        np.testing.assert_array_equal(decode(out["crops"][n, ..., 0]), code(start + offsets))
+    # Centre = origin + spacing * (start + 1.5): the voxel-centre convention.
+    np.testing.assert_allclose(out["centres"][0], [-5.5, 8.0, 9.25], rtol=1e-6)
+    np.testing.assert_allclose(out["centres"][-1], [18.5, 40.0, 27.25], rtol=1e-6)
+    # The lesion overlaps four crops: (rows of i) x (rows of j) x (rows of k) of its voxels, / 64.
+    lesion = {tuple(s): f for s, f in zip(starts.tolist(), out["lesion_fraction"]) if f > 0}
+    assert lesion == {(4, 8, 4): 18 / 64, (4, 8, 8): 6 / 64, (4, 12, 4): 9 / 64, (4, 12, 8): 3 / 64}
+    np.testing.assert_array_equal(out["has_lesion"], out["lesion_fraction"] > 0)
+    assert out["has_lesion"].dtype == np.int32
+    assert np.all(out["image_id"] == 7) and out["image_id"].shape == (60,)
 
 
 def test_grid_crops_drop_background_like_the_pipeline():
     record = make_record()
-    crop = (4, 4, 4)
-    every = grid.grid_crops(record, crop, 2, window=(-1000.0, 1000.0))
-    kept = grid.grid_crops(record, crop, 2, window=(-1000.0, 1000.0), min_foreground=0.9,
+    record["image"][:, :3] = -1000.0  # An air band in j < 3.
+    every = grid.grid_crops(record, (4, 4, 4), 2, window=WINDOW)
+    kept = grid.grid_crops(record, (4, 4, 4), 2, window=WINDOW, min_foreground=0.9,
                            foreground_threshold=-900.0)
-    assert 0 < len(kept["starts"]) < len(every["starts"])
-    fg = geometry.extract_crops(record["image"], kept["starts"], crop) > -900.0
-    assert np.all(fg.reshape(len(kept["starts"]), -1).mean(1) >= 0.9)
+    # Stride 2: j starts 0, 2, ..., 16; those at 0 (3 of 4 rows air) and 2 (1 of 4) fall below 90 %.
+    assert np.unique(every["starts"][:, 1]).tolist() == list(range(0, 17, 2))
+    assert np.unique(kept["starts"][:, 1]).tolist() == list(range(4, 17, 2))
+    assert len(every["starts"]) == 5 * 9 * 7 and len(kept["starts"]) == 5 * 7 * 7
+    # The surviving crops keep their own voxels, centres and labels.
+    first = kept["starts"][0]
+    assert first.tolist() == [0, 4, 0]
+    assert decode(kept["crops"][0, 0, 0, 0, 0]) == code(first)
+    np.testing.assert_allclose(kept["centres"][0], [-5.5, 16.0, 9.25], rtol=1e-6)
 
 
 def test_grid_crops_reject_a_wrong_rank_record():
     record = make_record()
     with pytest.raises(ValueError, match="record id=7: expected a 2D image"):
-        grid.grid_crops(record, (4, 4), window=(-1000.0, 1000.0))
+        grid.grid_crops(record, (4, 4), window=WINDOW)
 
 
 def test_grid_features_on_the_phantom(test_config):
@@ -86,3 +109,22 @@ def test_grid_features_on_the_phantom(test_config):
     assert len(np.unique(out["image_id"])) == 3
     np.testing.assert_allclose(out["embeddings"]["stats"], embed(out["crops"]))
     assert {"starts", "lesion_fraction", "has_lesion", "image_id"} <= set(out)
+
+
+def test_embed_elements_stacks_or_concatenates_every_key():
+    def elements():  # Two "images" of two crops each; the helper deletes "crops" in place.
+        return [{"crops": np.full((2, 3), float(v)), "image_id": np.array([v, v])} for v in (1, 2)]
+
+    def total(crops):
+        return crops.sum(axis=1, keepdims=True)
+
+    out = features.embed_elements(elements(), {"sum": total}, np.stack, with_crops=False)
+    assert set(out) == {"image_id", "embeddings"}
+    np.testing.assert_array_equal(out["image_id"], [[1, 1], [2, 2]])
+    np.testing.assert_array_equal(out["embeddings"]["sum"], [[[3.0], [3.0]], [[6.0], [6.0]]])
+    out = features.embed_elements(elements(), {"sum": total, "twice": lambda c: 2 * total(c)},
+                                  np.concatenate, with_crops=True)
+    assert out["crops"].shape == (4, 3)
+    np.testing.assert_array_equal(out["embeddings"]["sum"][:, 0], [3.0, 3.0, 6.0, 6.0])
+    np.testing.assert_array_equal(out["embeddings"]["twice"][:, 0], [6.0, 6.0, 12.0, 12.0])
+    assert features.embed_elements([], {"sum": total}, np.stack, with_crops=False) == {}

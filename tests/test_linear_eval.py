@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import linear_eval_chest
-from isimed import train
+from isimed import checkpoints
 from isimed.evaluation import linear_eval
 
 
@@ -78,7 +78,7 @@ def test_mismatched_encoder_is_a_clear_error(pretrained, tmp_path):
     stored["model"]["embed_dim"] = 7
     json.dump(stored, open(config_file, "w"))
     with pytest.raises(ValueError, match="does not match.*embed_dim|expected.*found"):
-        train.load_checkpoint(str(workdir))
+        checkpoints.load_encoder(str(workdir))
 
 
 def test_pretraining_adds_position_information(eval_config, tmp_path):
@@ -89,15 +89,27 @@ def test_pretraining_adds_position_information(eval_config, tmp_path):
     assert rows["pretrained"]["position_probe"]["mae_mm"] < 0.9 * rows["random_init"]["position_probe"]["mae_mm"]
 
 
-def test_best_checkpoint_is_the_best_logged_validation_step(pretrained):
-    workdir = pretrained[0]
-    saved = {int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()}
-    logged = {}
-    for line in open(os.path.join(workdir, "metrics.jsonl")):
-        row = json.loads(line)
-        if "validation/spearman_within" in row and row["step"] in saved:
-            logged[row["step"]] = row["validation/spearman_within"]
-    assert len(logged) >= 2
-    assert linear_eval._select_step(workdir, "best") == max(logged, key=logged.get)
-    assert linear_eval._select_step(workdir, "latest") is None
-    assert linear_eval._select_step(workdir, "50") == 50
+def test_select_step_picks_the_best_saved_validation_step(tmp_path):
+    for step in (100, 200, 300):
+        (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+    (tmp_path / "checkpoints" / "tmp_save").mkdir()  # Not a step: ignored.
+    rows = [
+        {"step": 50, "train/loss": 1.0},
+        {"step": 100, "validation/spearman_within": 0.3},
+        {"step": 200, "validation/spearman_within": 0.7},
+        {"step": 300, "validation/spearman_within": 0.5},
+        {"step": 400, "validation/spearman_within": 0.9},  # Best, but its checkpoint is gone.
+    ]
+    log = tmp_path / "metrics.jsonl"
+    # A run killed mid-write leaves a truncated last line.
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 500, "validation/spe')
+    assert linear_eval._select_step(str(tmp_path), "best") == 200
+    # A resumed run logs step 300 again; the later value (the run that continued) counts.
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows)
+                   + json.dumps({"step": 300, "validation/spearman_within": 0.8}) + "\n")
+    assert linear_eval._select_step(str(tmp_path), "best") == 300
+    assert linear_eval._select_step(str(tmp_path), "latest") is None
+    assert linear_eval._select_step(str(tmp_path), "50") == 50
+    log.write_text(json.dumps({"step": 400, "validation/spearman_within": 0.9}) + "\n")
+    with pytest.raises(FileNotFoundError, match="saved steps: \\[100, 200, 300\\]"):
+        linear_eval._select_step(str(tmp_path), "best")

@@ -53,8 +53,6 @@ def test_notebook_executes_without_errors(name, phantom_dir, tmp_path, monkeypat
     )
     client.execute()  # Raises CellExecutionError with the cell's traceback on any error.
 
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors
     assert nb.cells[-1].outputs[-1]["text"].strip() == sys.prefix
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs)

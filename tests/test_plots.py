@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 
@@ -5,12 +6,11 @@ import matplotlib.image
 import ml_collections
 import numpy as np
 import pytest
-import scipy.stats
 import sklearn.decomposition
-import sklearn.metrics
 
-from isimed import plots
-from isimed.evaluation import metrics as metrics_lib
+from isimed.evaluation import metrics
+from isimed.evaluation import metrics_log
+from isimed.evaluation import plots
 from isimed.evaluation import probes
 
 
@@ -19,12 +19,11 @@ def read_png(path: str) -> np.ndarray:
     return matplotlib.image.imread(path)
 
 
-def assert_png_matches(path: str, fig) -> None:
-    """The PNG reads back with exactly the figure's size in pixels."""
-    w, h = fig.get_size_inches() * plots.DPI
+def assert_png(path: str, height: int, width: int) -> None:
+    """The PNG has exactly panels x panel size x DPI pixels (no tight bbox) and is not blank."""
     image = read_png(path)
-    assert image.shape[:2] == (round(h), round(w))
-    assert image[..., :3].std() > 0.01  # Not a blank canvas.
+    assert image.shape[:2] == (height, width)
+    assert image[..., :3].std() > 0.01
 
 
 def write_jsonl(path, rows):
@@ -59,7 +58,7 @@ def test_training_curves_any_keys_resume_and_size(tmp_path):
     rows.append({"step": 50, "validation/spearman_within": 0.5})
     rows.append({"step": 50, "train/loss": 123.0})  # A resumed run repeats step 50: later wins.
     write_jsonl(log, rows)
-    series = plots.read_metrics(str(log))
+    series = metrics_log.read_metrics(str(log))
     assert set(series) == {"train/loss", "train/invariance", "train/embedding_std", "train/rankme",
                            "validation/spearman_within"}
     steps, values = series["train/loss"]
@@ -69,8 +68,8 @@ def test_training_curves_any_keys_resume_and_size(tmp_path):
 
     out = plots.training_curves(str(log), str(tmp_path / "curves.png"))
     assert out == str(tmp_path / "curves.png")
+    assert_png(out, 2 * 280, 4 * 360)  # 5 panels: 2 rows x 4 columns of 3.6 x 2.8 inches.
     fig = plots._training_curves_figure(series, "t")
-    assert_png_matches(out, fig)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles[0] == "train/loss" and titles[-1] == "validation/spearman_within"
     scales = {ax.get_title(): ax.get_yscale() for ax in fig.axes if ax.get_title()}
@@ -88,45 +87,35 @@ def test_training_curves_without_metrics_is_a_clear_error(tmp_path):
 def test_read_metrics_skips_a_truncated_last_line_only(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/loss": 1.0}\n{"step": 3, "tr')
-    steps, values = plots.read_metrics(str(log))["train/loss"]
+    steps, values = metrics_log.read_metrics(str(log))["train/loss"]
     assert list(steps) == [1, 2] and list(values) == [2.0, 1.0]
     log.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "tr\n{"step": 3, "train/loss": 1.0}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2: not valid JSON"):
-        plots.read_metrics(str(log))
+        metrics_log.read_metrics(str(log))
 
 
-def test_within_image_pairs_match_brute_force():
-    rng = np.random.default_rng(0)
-    z, centres = fake_embeddings(rng)
-    latent, physical = plots.within_image_pairs(z, centres)
-    expected_l, expected_p = [], []
-    for b in range(z.shape[0]):
-        for i in range(z.shape[1]):
-            for j in range(i + 1, z.shape[1]):
-                expected_l.append(np.linalg.norm(z[b, i] - z[b, j]))
-                expected_p.append(np.linalg.norm(centres[b, i] - centres[b, j]))
-    np.testing.assert_allclose(latent, expected_l, rtol=1e-12)
-    np.testing.assert_allclose(physical, expected_p, rtol=1e-12)
-    with pytest.raises(ValueError, match="same B and K"):
-        plots.within_image_pairs(z[:, :4], centres)
+def test_distance_scatter_panels_hand_spearman_and_fitted_scale(tmp_path):
+    # One image, crops at 0, 1, 3 mm: physical distances (1, 3, 2) for pairs (01, 02, 12).
+    centres = np.array([[[0.0], [1.0], [3.0]]])
+    trained = np.array([[[0.0], [2.0], [3.0]]])  # Latent distances (2, 3, 1): Spearman 0.5.
+    exact = centres / 100.0  # Latent distance x 100 mm is the physical distance: Spearman 1.
+    out = plots.distance_scatter(exact, centres, 100.0, str(tmp_path / "one.png"))
+    assert_png(out, 400, 420)
+    fig = plots._distance_scatter_figure({"embeddings": exact}, centres, 100.0, 4000, 0)
+    assert fig.axes[0].get_title() == "embeddings: Spearman 1.000\n(3 within-image pairs, 3 shown)"
+    assert fig.axes[0].get_ylabel() == "latent distance x 100 mm"
 
-
-def test_distance_scatter_panels_and_spearman_in_title(tmp_path):
-    rng = np.random.default_rng(1)
-    z, centres = fake_embeddings(rng)
-    random_z = rng.standard_normal(z.shape)
-    out = plots.distance_scatter(z, centres, 100.0, str(tmp_path / "one.png"))
-    assert_png_matches(out, plots._distance_scatter_figure({"embeddings": z}, centres, 100.0, 4000, 0))
-
-    panels = {"random init": random_z, "trained": z}
-    out = plots.distance_scatter(panels, centres, None, str(tmp_path / "two.png"), max_pairs=10)
-    fig = plots._distance_scatter_figure(panels, centres, None, 10, 0)
-    assert_png_matches(out, fig)
-    for ax, (name, emb) in zip(fig.axes, panels.items()):
-        rho = metrics_lib.distance_spearman(emb, centres, "within")
-        assert ax.get_title().startswith(f"{name}: Spearman {rho:.3f}")
-        assert "10 shown" in ax.get_title()
-        assert "fitted" in ax.get_ylabel()
+    panels = {"exact": exact, "trained": trained}
+    out = plots.distance_scatter(panels, centres, None, str(tmp_path / "two.png"), max_pairs=2)
+    assert_png(out, 400, 2 * 420)
+    fig = plots._distance_scatter_figure(panels, centres, None, 2, 0)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["exact: Spearman 1.000\n(3 within-image pairs, 2 shown)",
+                      "trained: Spearman 0.500\n(3 within-image pairs, 2 shown)"]
+    # Least-squares scale latent.physical / latent.latent: 100 for "exact"; (2 + 9 + 2) / (4 + 9 + 1)
+    # = 13 / 14 = 0.929 for "trained".
+    assert [ax.get_ylabel() for ax in fig.axes] == ["latent distance x 100 mm (fitted)",
+                                                    "latent distance x 0.929 mm (fitted)"]
 
 
 def test_pca_matches_sklearn():
@@ -145,8 +134,9 @@ def test_embedding_pca_one_panel_per_axis_plus_lesion(tmp_path, ndim, lesion):
     z = np.concatenate([centres / 50, rng.standard_normal((n, 4))], axis=1)
     labels = {"binary": (rng.random(n) < 0.2).astype(int), "fraction": rng.random(n), None: None}[lesion]
     out = plots.embedding_pca(z, centres, str(tmp_path / "pca.png"), lesion=labels)
+    columns = ndim + (lesion is not None)
+    assert_png(out, 2 * 330, columns * 380)  # 2 rows of 3.8 x 3.3 inch panels.
     fig = plots._embedding_pca_figure(z, centres, labels, None, 4000, 0)
-    assert_png_matches(out, fig)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title().startswith("coloured")]
     # Two rows (PC1-PC2, PC1-PC3), one panel per world axis plus the lesion panel.
     assert len(titles) == 2 * (ndim + (lesion is not None))
@@ -158,23 +148,35 @@ def test_embedding_pca_rejects_mismatched_centres(tmp_path):
         plots.embedding_pca(np.zeros((10, 4)), np.zeros((9, 3)), str(tmp_path / "p.png"))
 
 
-def test_roc_auc_in_legend_equals_sklearn(tmp_path):
+def _mann_whitney_auc(y, score):
+    """P(score of a positive > score of a negative), ties counting 1/2: every pair, by brute force."""
+    pos, neg = score[y == 1], score[y == 0]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_roc_auc_in_legend_hand_cases_and_brute_force(tmp_path):
     rng = np.random.default_rng(4)
-    y = (rng.random(300) < 0.4).astype(int)
+    y = (rng.random(60) < 0.4).astype(int)
+    noisy = np.round(y + rng.normal(0, 0.7, size=60), 1)  # Rounded: ties between classes.
     curves = {
-        "good": (y, y + rng.normal(0, 0.7, size=300)),
-        "weak": (y, y + rng.normal(0, 3.0, size=300)),
+        # Pairs (pos, neg): (.4, .1) ok, (.4, .6) wrong, (.9, .1) ok, (.9, .6) ok -> 3/4.
+        "hand": (np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9])),
+        # (.5, .5) tie 1/2, (.5, .2) ok, (.9, .5) ok, (.9, .2) ok -> 3.5/4.
+        "ties": (np.array([0, 1, 0, 1]), np.array([0.5, 0.5, 0.2, 0.9])),
+        "noisy": (y, noisy),
         "one class": (np.zeros(10, int), rng.random(10)),
     }
     out = plots.roc_curves(curves, str(tmp_path / "roc.png"))
-    fig = plots._roc_figure(curves, "ROC")
-    assert_png_matches(out, fig)
-    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    for name in ("good", "weak"):
-        auc = sklearn.metrics.roc_auc_score(*curves[name])
-        assert f"{name} (AUC {auc:.3f})" in legend
-        assert plots.roc_label(name, *curves[name])[1] == pytest.approx(auc, abs=1e-15)
-    assert "one class (AUC undefined: one class)" in legend
+    assert_png(out, 460, 500)
+    legend = [t.get_text() for t in plots._roc_figure(curves, "ROC").axes[0].get_legend().get_texts()]
+    assert legend[:2] == ["hand (AUC 0.750)", "ties (AUC 0.875)"]
+    assert plots.roc_label("hand", *curves["hand"])[1] == 0.75
+    assert plots.roc_label("ties", *curves["ties"])[1] == 0.875
+    expected = _mann_whitney_auc(y, noisy)
+    assert plots.roc_label("noisy", y, noisy)[1] == pytest.approx(expected, abs=1e-12)
+    assert legend[2] == f"noisy (AUC {expected:.3f})"
+    assert legend[3] == "one class (AUC undefined: one class)"
     assert np.isnan(plots.roc_label("x", *curves["one class"])[1])
 
 
@@ -191,7 +193,7 @@ def test_cross_validate_returns_out_of_fold_predictions():
     assert sorted(np.unique(pred.fold)) == [0, 1, 2]
     for i, (_, _, test_ids) in enumerate(res["fold_subjects"]):
         assert set(groups[pred.fold == i]) == set(test_ids)
-        fold_auc = probes.binary_metrics(y[pred.fold == i], pred.score[pred.fold == i])["auc"]
+        fold_auc = metrics.binary_metrics(y[pred.fold == i], pred.score[pred.fold == i])["auc"]
         assert fold_auc == res["folds"][i]["auc"]
     again = probes.cross_validate(x, y, groups, task="binary", folds=3, epochs=5,
                                   weight_decays=(0.0,))
@@ -255,11 +257,3 @@ def test_linear_eval_writes_plots_and_keeps_predictions_out_of_json(pretrained, 
     assert json.loads(text)["feature_sets"]["pretrained"]["lesion_crop"]["mean"]
     for name in ("roc.png", "pca.png"):
         read_png(str(tmp_path / name))
-
-
-def test_spearman_of_fake_embeddings_is_high():
-    # Sanity check of the fixture the scatter tests rely on.
-    z, centres = fake_embeddings(np.random.default_rng(8), b=4, k=12)
-    latent, physical = plots.within_image_pairs(z, centres)
-    assert scipy.stats.spearmanr(latent, physical)[0] > 0.9
-    assert np.allclose(physical, plots.within_image_pairs(centres, centres)[0])

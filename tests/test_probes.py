@@ -1,9 +1,11 @@
-"""Tests for isimed.evaluation.probes: hand-computed metric cases and grouped-CV hygiene."""
+"""Tests for isimed.evaluation.metrics and .probes: hand-computed metric cases, brute-force
+distances, the linear probe and grouped-CV hygiene."""
 
 import numpy as np
 import pytest
 import sklearn.metrics
 
+from isimed.evaluation import metrics
 from isimed.evaluation import probes
 
 # Small shared shapes: every probe test pads to 3 minibatches of 64 rows, so the jitted trainer
@@ -20,26 +22,76 @@ def _orthonormal(rng, n, k):
 
 
 def test_rankme_known_spectrum():
-    rng = np.random.default_rng(0)
-    s = np.array([3.0, 1.0, 0.0, 0.0])
-    x = _orthonormal(rng, 10, 4) @ np.diag(s) @ _orthonormal(rng, 4, 4).T
-    eps = 1e-7
-    p = np.array([0.75, 0.25, 0.0, 0.0]) + eps
-    expected = np.exp(-np.sum(p * np.log(p)))
-    assert probes.rankme(x, eps=eps) == pytest.approx(expected, rel=1e-6)
-    # Sanity of the hand value itself: entropy of (3/4, 1/4) is 0.5623 nats -> RankMe ~1.755.
-    assert expected == pytest.approx(np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))), rel=1e-4)
+    # Singular values 3 and 1 (and two zeros), readable off the matrix: p = (3/4, 1/4, 0, 0).
+    x = np.zeros((5, 4))
+    x[0, 0], x[1, 1] = 3.0, 1.0
+    # exp(-(0.75 ln 0.75 + 0.25 ln 0.25)) = exp(0.215762 + 0.346574) = exp(0.562335) = 1.754765;
+    # eps = 1e-7 on the two zero values adds 2 * 1e-7 * ln(1e7) = 3.2e-6 nats.
+    assert metrics.rankme(x, eps=1e-7) == pytest.approx(1.754771, rel=2e-6)
+    # A rotation does not change the spectrum: rows (1, 1) and (1, -1) have s = (sqrt 2, sqrt 2).
+    assert metrics.rankme(np.array([[1.0, 1.0], [1.0, -1.0]]), eps=0.0) == pytest.approx(2.0, rel=1e-6)
+
+
+def test_rankme_of_non_finite_embeddings_is_nan():
+    x = np.eye(3)
+    x[1, 2] = np.inf
+    assert np.isnan(metrics.rankme(x))
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        metrics.rankme(np.ones(3))
 
 
 def test_rankme_extremes():
     rng = np.random.default_rng(1)
     rank_one = np.outer(rng.normal(size=50), rng.normal(size=16))
-    assert probes.rankme(rank_one) == pytest.approx(1.0, abs=1e-3)
+    assert metrics.rankme(rank_one) == pytest.approx(1.0, abs=1e-3)
     d = 12
-    assert probes.rankme(_orthonormal(rng, d, d)) == pytest.approx(d, rel=1e-4)
+    assert metrics.rankme(_orthonormal(rng, d, d)) == pytest.approx(d, rel=1e-4)
     # Not centred: a constant offset on every row is one used dimension, not zero.
-    assert probes.rankme(np.ones((20, 5))) == pytest.approx(1.0, abs=1e-3)
-    assert probes.rankme(np.zeros((4, 3))) == 0.0
+    assert metrics.rankme(np.ones((20, 5))) == pytest.approx(1.0, abs=1e-3)
+    assert metrics.rankme(np.zeros((4, 3))) == 0.0
+
+
+# ------------------------------------------------------------------------- distances
+
+
+@pytest.mark.parametrize("pairs", ["within", "cross", "all"])
+def test_pair_distances_match_brute_force(pairs):
+    rng = np.random.default_rng(0)
+    z, centres = rng.normal(size=(3, 4, 5)), rng.uniform(-100, 100, size=(3, 4, 3))
+    expected_l, expected_p = [], []
+    crops = [(b, i) for b in range(3) for i in range(4)]  # Row-major, as the function orders pairs.
+    for n, (b1, i1) in enumerate(crops):
+        for b2, i2 in crops[n + 1:]:
+            if {"within": b1 == b2, "cross": b1 != b2, "all": True}[pairs]:
+                expected_l.append(np.linalg.norm(z[b1, i1] - z[b2, i2]))
+                expected_p.append(np.linalg.norm(centres[b1, i1] - centres[b2, i2]))
+    # 12 crops: 66 pairs, of which 3 images x 6 are within an image and the other 48 across.
+    assert len(expected_l) == {"within": 18, "cross": 48, "all": 66}[pairs]
+    latent, physical = metrics.pair_distances(z, centres, pairs)
+    np.testing.assert_allclose(latent, expected_l, rtol=1e-12)
+    np.testing.assert_allclose(physical, expected_p, rtol=1e-12)
+
+
+def test_pair_distances_reject_mismatched_shapes():
+    with pytest.raises(ValueError, match="same B and K"):
+        metrics.pair_distances(np.zeros((3, 4, 5)), np.zeros((3, 5, 3)))
+    with pytest.raises(ValueError, match="pairs"):
+        metrics.pair_distances(np.zeros((3, 4, 5)), np.zeros((3, 4, 3)), "some")
+
+
+def test_distance_spearman_hand_case():
+    # One image, three crops on a line at 0, 1, 3 mm -> distances (1, 3, 2) for pairs (01, 02, 12);
+    # embeddings at 0, 2, 3 -> (2, 3, 1). Ranks (1, 3, 2) vs (2, 3, 1): d = (-1, 0, 1),
+    # rho = 1 - 6 * 2 / (3 * 8) = 0.5.
+    centres = np.array([[[0.0], [1.0], [3.0]]])
+    z = np.array([[[0.0], [2.0], [3.0]]])
+    assert metrics.distance_spearman(z, centres, "within") == pytest.approx(0.5)
+    assert np.isnan(metrics.distance_spearman(z, centres, "cross"))  # One image: no cross pairs.
+    # Two images of two crops: one within pair each, physical distances (1, 2) vs latent (3, 1).
+    two_c = np.array([[[0.0], [1.0]], [[0.0], [2.0]]])
+    two_z = np.array([[[0.0], [3.0]], [[0.0], [1.0]]])
+    assert metrics.distance_spearman(two_z, two_c, "within") == pytest.approx(-1.0)
+    assert np.isnan(metrics.distance_spearman(two_z[:1], two_c[:1], "within"))  # A single pair.
 
 
 # ------------------------------------------------------------------------------------ kNN
@@ -56,15 +108,29 @@ def test_knn_separated_clusters_and_chance():
     yr = rng.integers(0, 2, size=1000)
     acc = probes.knn_accuracy(xr[:500], yr[:500], xr[500:], yr[500:], k=20)
     assert 0.4 < acc < 0.6
-    # k larger than the training set is clipped rather than failing.
-    assert 0.0 <= probes.knn_accuracy(xr[:7], yr[:7], xr[500:], yr[500:], k=20) <= 1.0
+
+
+def test_knn_hand_cases_cosine_ties_and_clipped_k():
+    train_x = np.array([[1.0, 0.0], [0.0, 100.0]])
+    train_y = np.array([0, 1])
+    # (3, 4) is 4.5 from (1, 0) and 96 from (0, 100), but at cosine 0.6 vs 0.8: label 1.
+    assert probes.knn_accuracy(train_x, train_y, [[3.0, 4.0]], [1], k=1) == 1.0
+    # k = 2: one vote each; the tie goes to the smaller label.
+    assert probes.knn_accuracy(train_x, train_y, [[3.0, 4.0]], [0], k=2) == 1.0
+    # k = 20 is clipped to the 5 training rows: every test row gets the majority label 0.
+    x5 = np.array([[1.0, 0.0], [2.0, 0.1], [3.0, -0.1], [0.0, 1.0], [0.1, 2.0]])
+    y5 = np.array([0, 0, 0, 1, 1])
+    test_x = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 5.0], [4.0, 0.0]])
+    test_y = np.array([0, 1, 1, 0])
+    assert probes.knn_accuracy(x5, y5, test_x, test_y, k=20) == 0.5
+    assert probes.knn_accuracy(x5, y5, test_x, test_y, k=1) == 1.0
 
 
 # -------------------------------------------------------------------------------- metrics
 
 
 def test_binary_metrics_hand_case():
-    m = probes.binary_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]))
+    m = metrics.binary_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9]))
     # Pairs (pos, neg): (.4,.1) ok, (.4,.6) wrong, (.9,.1) ok, (.9,.6) ok -> 3/4.
     assert m["auc"] == pytest.approx(0.75)
     # Predictions [0,1,0,1]: TP=1, FP=1, FN=1, TN=1.
@@ -73,24 +139,24 @@ def test_binary_metrics_hand_case():
     assert m["specificity"] == pytest.approx(0.5)
     assert m["f1"] == pytest.approx(0.5)
     # A stricter threshold turns .6 into a negative: TN=2, TP=1, FN=1.
-    m = probes.binary_metrics([0, 0, 1, 1], [0.1, 0.6, 0.4, 0.9], threshold=0.7)
+    m = metrics.binary_metrics([0, 0, 1, 1], [0.1, 0.6, 0.4, 0.9], threshold=0.7)
     assert (m["accuracy"], m["sensitivity"], m["specificity"]) == pytest.approx((0.75, 0.5, 1.0))
     assert m["f1"] == pytest.approx(2 / 3)
 
 
 def test_binary_metrics_single_class_is_nan():
-    m = probes.binary_metrics([1, 1, 1], [0.2, 0.7, 0.9])
+    m = metrics.binary_metrics([1, 1, 1], [0.2, 0.7, 0.9])
     assert np.isnan(m["auc"]) and np.isnan(m["specificity"])
     assert m["sensitivity"] == pytest.approx(2 / 3)
     assert m["accuracy"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
-        probes.binary_metrics([0, 2], [0.1, 0.2])
+        metrics.binary_metrics([0, 2], [0.1, 0.2])
 
 
 def test_multilabel_metrics_excludes_single_class_label():
     y = np.array([[0, 0, 1], [0, 1, 1], [1, 0, 1], [1, 1, 1]])
     prob = np.array([[0.1, 0.2, 0.5], [0.6, 0.8, 0.5], [0.4, 0.1, 0.5], [0.9, 0.7, 0.5]])
-    m = probes.multilabel_metrics(y, prob)
+    m = metrics.multilabel_metrics(y, prob)
     assert m["auc_per_label"][0] == pytest.approx(0.75)
     assert m["auc_per_label"][1] == pytest.approx(1.0)
     assert np.isnan(m["auc_per_label"][2])
@@ -98,7 +164,7 @@ def test_multilabel_metrics_excludes_single_class_label():
 
 
 def test_regression_metrics_hand_case():
-    m = probes.regression_metrics(np.zeros(4), np.array([1.0, -1.0, 3.0, -3.0]))
+    m = metrics.regression_metrics(np.zeros(4), np.array([1.0, -1.0, 3.0, -3.0]))
     assert m["mae"] == pytest.approx(2.0)
     assert m["rmse"] == pytest.approx(np.sqrt(5.0))
 
@@ -107,7 +173,7 @@ def test_vectorised_auc_matches_sklearn_with_ties():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, size=40)
     scores = np.round(rng.normal(size=(3, 40)), 1)  # Rounding creates ties.
-    ours = probes._auc_from_ranks(y, scores)
+    ours = metrics.auc_from_ranks(y, scores)
     ref = [sklearn.metrics.roc_auc_score(y, s) for s in scores]
     np.testing.assert_allclose(ours, ref, rtol=1e-12)
 
@@ -128,7 +194,7 @@ def test_fit_linear_probe_binary_separable():
     probe = probes.fit_linear_probe(x[:160], y[:160], x[160:], y[160:], task="binary", **PROBE_KW)
     prob = probe.predict(x[160:])
     assert prob.shape == (60,) and np.all((prob >= 0) & (prob <= 1))
-    val_auc = probes.binary_metrics(y[160:], prob)["auc"]
+    val_auc = metrics.binary_metrics(y[160:], prob)["auc"]
     assert val_auc > 0.99
     sel = probe.selected
     assert set(sel) == {"weight_decay", "epoch", "val_score"}
@@ -180,7 +246,7 @@ def test_fit_linear_probe_regression_exact_linear():
                                     weight_decays=(0.0, 1e-2), **PROBE_KW)
     pred = probe.predict(x[160:])
     assert pred.shape == (60,)
-    m = probes.regression_metrics(t[160:], pred)
+    m = metrics.regression_metrics(t[160:], pred)
     assert m["mae"] < 1e-2 * t.std()
     assert probe.selected["weight_decay"] in (0.0, 1e-2)
     assert probe.selected["val_score"] == pytest.approx(-m["rmse"] ** 2, rel=1e-6, abs=1e-9)
@@ -193,7 +259,7 @@ def test_fit_linear_probe_multilabel():
     probe = probes.fit_linear_probe(x[:160], y[:160], x[160:], y[160:], task="multilabel", **PROBE_KW)
     prob = probe.predict(x[160:])
     assert prob.shape == (60, 3)
-    m = probes.multilabel_metrics(y[160:], prob)
+    m = metrics.multilabel_metrics(y[160:], prob)
     assert m["mean_auc"] > 0.97
     assert probe.selected["val_score"] == pytest.approx(m["mean_auc"], abs=1e-9)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import ml_collections
@@ -52,7 +52,38 @@ def make_embed_fn(model, mesh: jax.sharding.Mesh, chunk: int = 256):
 
 def flatten(a: np.ndarray) -> np.ndarray:
     """`(B, K, ...)` per-image arrays -> `(B*K, ...)` per-crop rows."""
+    a = np.asarray(a)
     return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+
+def embed_elements(
+    elements: Iterable[dict[str, np.ndarray]],
+    embeds: Mapping[str, EmbedFn],
+    combine: Callable[[list[np.ndarray]], np.ndarray],
+    *,
+    with_crops: bool,
+) -> dict:
+    """Runs every encoder on the "crops" of each element and gathers all elements' arrays.
+
+    Returns `{key: combine([values of every element])}` for every key of the elements (without
+    "crops" unless `with_crops`) plus `embeddings` as `{name: combine([embedded crops])}`; `{}`
+    when there are no elements. `combine` is `np.stack` for equal-sized elements (one image each
+    in `collect`) or `np.concatenate` to pool rows (grid crops of images of different sizes).
+    """
+    parts: dict[str, list[np.ndarray]] = {}
+    embedded: dict[str, list[np.ndarray]] = {name: [] for name in embeds}
+    for element in elements:
+        for name, embed in embeds.items():
+            embedded[name].append(embed(element["crops"]))
+        if not with_crops:
+            del element["crops"]
+        for key, value in element.items():
+            parts.setdefault(key, []).append(value)
+    if not parts:
+        return {}
+    out = {key: combine(value) for key, value in parts.items()}
+    out["embeddings"] = {name: combine(value) for name, value in embedded.items()}
+    return out
 
 
 def collect(
@@ -77,22 +108,16 @@ def collect(
         config.data, split, seed=seed, train=False, batch_size=1, crops_per_image=k,
         lesion_share=lesion_share,
     )
-    parts: dict[str, list[np.ndarray]] = {}
-    embedded: dict[str, list[np.ndarray]] = {name: [] for name in embeds}
-    for n, element in enumerate(ds):
-        if n >= max_images:
-            break
-        element = {key: value[0] for key, value in element.items()}
-        for name, embed in embeds.items():
-            embedded[name].append(embed(element["crops"]))
-        if not with_crops:
-            del element["crops"]
-        for key, value in element.items():
-            parts.setdefault(key, []).append(value)
-        if (n + 1) % 50 == 0:
-            logging.info("embedded %d images of split %r", n + 1, split)
-    if not parts:
+
+    def first_images():
+        for n, element in enumerate(ds):
+            if n >= max_images:
+                break
+            yield {key: value[0] for key, value in element.items()}
+            if (n + 1) % 50 == 0:
+                logging.info("embedded %d images of split %r", n + 1, split)
+
+    out = embed_elements(first_images(), embeds, np.stack, with_crops=with_crops)
+    if not out:
         raise ValueError(f"split {split!r} of {config.data.name} has no images")
-    out = {key: np.stack(value) for key, value in parts.items()}
-    out["embeddings"] = {name: np.stack(value) for name, value in embedded.items()}
     return out

@@ -14,7 +14,7 @@ import numpy as np
 
 from isimed import geometry
 from isimed.data import pipeline
-from isimed.evaluation.features import EmbedFn
+from isimed.evaluation import features
 
 
 def grid_starts(
@@ -79,7 +79,7 @@ def grid_crops(
 def grid_features(
     data: ml_collections.ConfigDict,
     split: str,
-    embeds: Mapping[str, EmbedFn],
+    embeds: Mapping[str, features.EmbedFn],
     *,
     max_images: int,
     stride: Sequence[int] | int | None = None,
@@ -92,23 +92,17 @@ def grid_features(
     subject-grouped probes), `embeddings` as `{name: (N, D)}` and, with `with_crops`, the crops.
     """
     source = pipeline.open_source(data, split)
-    parts: dict[str, list[np.ndarray]] = {}
-    embedded: dict[str, list[np.ndarray]] = {name: [] for name in embeds}
-    for index in range(min(max_images, len(source))):
-        crops = grid_crops(
-            source[index], data.crop_size, stride, window=data.window,
-            min_foreground=data.min_foreground, foreground_threshold=data.foreground_threshold,
-        )
-        if not len(crops["starts"]):
-            continue
-        for name, embed in embeds.items():
-            embedded[name].append(embed(crops["crops"]))
-        if not with_crops:
-            del crops["crops"]
-        for key, value in crops.items():
-            parts.setdefault(key, []).append(value)
-    if not parts:
+
+    def non_empty_grids():
+        for index in range(min(max_images, len(source))):
+            crops = grid_crops(
+                source[index], data.crop_size, stride, window=data.window,
+                min_foreground=data.min_foreground, foreground_threshold=data.foreground_threshold,
+            )
+            if len(crops["starts"]):
+                yield crops
+
+    out = features.embed_elements(non_empty_grids(), embeds, np.concatenate, with_crops=with_crops)
+    if not out:
         raise ValueError(f"split {split!r} of {data.name} gave no grid crops")
-    out = {key: np.concatenate(value) for key, value in parts.items()}
-    out["embeddings"] = {name: np.concatenate(value) for name, value in embedded.items()}
     return out

@@ -5,6 +5,7 @@ initialised, and raw crop intensities, so the table shows what pretraining adds.
 same crops. Encoders run frozen in eval mode (BatchNorm running statistics, never updated).
 """
 
+import functools
 import json
 import os
 from typing import Any
@@ -13,10 +14,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from isimed import plots
 from isimed import train
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
+from isimed.evaluation import metrics_log
+from isimed.evaluation import plots
 from isimed.evaluation import probes
 
 FEATURE_SETS = ("pretrained", "random_init", "raw_intensity")
@@ -33,8 +35,7 @@ def _select_step(pretrain_workdir: str, checkpoint: str) -> int | None:
     available = {int(d) for d in os.listdir(ckpt_dir) if d.isdigit()} if os.path.isdir(ckpt_dir) else set()
     scores = {}
     if os.path.exists(log):
-        for line in open(log):
-            row = json.loads(line)
+        for _, row in metrics_log.read_rows(log):
             if "validation/spearman_within" in row and row["step"] in available:
                 scores[row["step"]] = row["validation/spearman_within"]
     if not scores:
@@ -69,6 +70,40 @@ def _collect_all(config, pre_config, embed_fns, split, k, lesion_share, max_imag
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs every task and metric for the three feature sets; writes results.json and results.md."""
+    pretrain_workdir, pre_config, model, state = _load_pretrained(config)
+    embed_fns = _embed_fns(model, state)
+    evaluation = _collect_all(config, pre_config, embed_fns, config.eval_split,
+                              config.crops_per_image, config.lesion_share, config.max_images)
+    reference = _collect_all(config, pre_config, embed_fns, config.reference_split,
+                             config.crops_per_image, config.lesion_share, config.reference_images)
+    # Spearman and RankMe on uniformly placed crops (lesion-centred crops cluster in the lungs).
+    uniform = _collect_all(config, pre_config, embed_fns, config.eval_split,
+                           config.crops_per_image, 0.0, config.max_images)
+
+    results: dict[str, Any] = {
+        "pretrain_workdir": pretrain_workdir,
+        "checkpoint_step": int(state["step"]),
+        "eval_split": config.eval_split,
+        "num_subjects": int(len(evaluation["pretrained"]["image_id"])),
+        "crops_per_subject": config.crops_per_image,
+        "lesion_crop_share": float(evaluation["pretrained"]["has_lesion"].mean()),
+        "feature_sets": {},
+    }
+    # Tasks follow the data: lesion tasks need crops with and without lesion (masks), the
+    # image-level multi-label task needs 0/1 `labels` (e.g. ChestMNIST's 14 findings).
+    has_lesions = len(np.unique(evaluation["pretrained"]["has_lesion"])) == 2
+    labels = evaluation["pretrained"].get("labels")
+    has_labels = labels is not None and bool(np.all(np.isin(labels, (0, 1))))
+    results["tasks"] = {"lesion": has_lesions, "labels": has_labels}
+    for name in FEATURE_SETS:
+        results["feature_sets"][name] = _feature_set_row(
+            config, evaluation[name], reference[name], uniform[name], has_lesions, has_labels)
+    _write_outputs(workdir, results, evaluation["pretrained"])
+    return results
+
+
+def _load_pretrained(config: ml_collections.ConfigDict):
+    """(pretrain workdir, its config with the data dir overrides applied, model, state)."""
     if not config.pretrain_workdir:
         raise ValueError("set --config.pretrain_workdir to a pretraining --workdir")
     pretrain_workdir = os.path.abspath(os.path.expanduser(config.pretrain_workdir))
@@ -79,79 +114,61 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if pre_config.data.name == "prepared":  # Prepared data lives in data.dir.
             pre_config.data.dir = config.data_dir
     pre_config.data.data_dir = os.path.expanduser(pre_config.data.data_dir)
+    return pretrain_workdir, pre_config, model, state
 
+
+def _embed_fns(model, state) -> dict[str, features_lib.EmbedFn]:
+    """The pretrained encoder and the same architecture at initialisation, both frozen."""
     mesh = train.make_mesh()
     bind = features_lib.make_embed_fn(model, mesh)
-    embed_fns = {
+    return {
         "pretrained": bind(state["params"]["encoder"], state["batch_stats"]),
         # Same architecture and seed as pretraining started from.
         "random_init": bind(model.params, model.batch_stats),
     }
 
-    evaluation = _collect_all(config, pre_config, embed_fns, config.eval_split,
-                              config.crops_per_image, config.lesion_share, config.max_images)
-    reference = _collect_all(config, pre_config, embed_fns, config.reference_split,
-                             config.crops_per_image, config.lesion_share, config.reference_images)
-    # Spearman and RankMe on uniformly placed crops (lesion-centred crops cluster in the lungs).
-    uniform = _collect_all(config, pre_config, embed_fns, config.eval_split,
-                           config.crops_per_image, 0.0, config.max_images)
 
-    probe_kwargs = dict(
+def _feature_set_row(
+    config: ml_collections.ConfigDict, ev: dict, ref: dict, uni: dict, has_lesions: bool,
+    has_labels: bool,
+) -> dict[str, Any]:
+    """Every task and metric of one feature set: `ev` the evaluated crops, `ref` the reference
+    (training-split) crops, `uni` uniformly placed evaluation crops."""
+    cv = functools.partial(
+        probes.cross_validate, folds=config.folds, val_fraction=config.val_fraction,
         epochs=config.probe.epochs, learning_rate=config.probe.learning_rate,
         weight_decays=tuple(config.probe.weight_decays), batch_size=config.probe.batch_size,
         seed=config.seed,
     )
-    results: dict[str, Any] = {
-        "pretrain_workdir": pretrain_workdir,
-        "checkpoint_step": int(state["step"]),
-        "eval_split": config.eval_split,
-        "num_subjects": int(len(evaluation["pretrained"]["image_id"])),
-        "crops_per_subject": config.crops_per_image,
-        "lesion_crop_share": float(evaluation["pretrained"]["has_lesion"].mean()),
-        "feature_sets": {},
-    }
     flat = features_lib.flatten
-    # Tasks follow the data: lesion tasks need crops with and without lesion (masks), the
-    # image-level multi-label task needs 0/1 `labels` (e.g. ChestMNIST's 14 findings).
-    has_lesions = len(np.unique(evaluation["pretrained"]["has_lesion"])) == 2
-    labels = evaluation["pretrained"].get("labels")
-    has_labels = labels is not None and bool(np.all(np.isin(labels, (0, 1))))
-    results["tasks"] = {"lesion": has_lesions, "labels": has_labels}
-    for name in FEATURE_SETS:
-        ev, ref, uni = evaluation[name], reference[name], uniform[name]
-        x = flat(ev["embeddings"])
-        groups = np.repeat(ev["image_id"], ev["embeddings"].shape[1])
-        image_x = ev["embeddings"].mean(axis=1)  # Image level: mean of its crop features.
-        image_y = ev["has_lesion"].max(axis=1)
-        row = {}
-        if has_lesions:
-            row["lesion_crop"] = probes.cross_validate(
-                x, flat(ev["has_lesion"]), groups, task="binary", folds=config.folds,
-                val_fraction=config.val_fraction, **probe_kwargs)
-            row["lesion_fraction"] = probes.cross_validate(
-                x, flat(ev["lesion_fraction"]), groups, task="regression", folds=config.folds,
-                val_fraction=config.val_fraction, **probe_kwargs)
-            row["knn_accuracy"] = probes.knn_accuracy(
-                flat(ref["embeddings"]), flat(ref["has_lesion"]), x, flat(ev["has_lesion"]),
-                k=config.knn_k)
-        if has_labels and len(image_x) >= 2 * config.folds:
-            row["labels_image"] = probes.cross_validate(
-                image_x, ev["labels"], ev["image_id"], task="multilabel", folds=config.folds,
-                val_fraction=config.val_fraction, **probe_kwargs)
-        row.update({
-            "rankme": probes.rankme(flat(uni["embeddings"])),
-            "position_probe": metrics_lib.position_probe(
-                flat(ref["embeddings"]), flat(ref["centres"]), flat(uni["embeddings"]),
-                flat(uni["centres"])),
-            "spearman_within": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "within"),
-            "spearman_cross": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "cross"),
-        })
-        if has_lesions and len(np.unique(image_y)) == 2 and len(image_y) >= 2 * config.folds:
-            row["lesion_image"] = probes.cross_validate(
-                image_x, image_y, ev["image_id"], task="binary", folds=config.folds,
-                val_fraction=config.val_fraction, **probe_kwargs)
-        results["feature_sets"][name] = row
+    x = flat(ev["embeddings"])
+    groups = np.repeat(ev["image_id"], ev["embeddings"].shape[1])
+    image_x = ev["embeddings"].mean(axis=1)  # Image level: mean of its crop features.
+    image_y = ev["has_lesion"].max(axis=1)
+    row = {}
+    if has_lesions:
+        row["lesion_crop"] = cv(x, flat(ev["has_lesion"]), groups, task="binary")
+        row["lesion_fraction"] = cv(x, flat(ev["lesion_fraction"]), groups, task="regression")
+        row["knn_accuracy"] = probes.knn_accuracy(
+            flat(ref["embeddings"]), flat(ref["has_lesion"]), x, flat(ev["has_lesion"]),
+            k=config.knn_k)
+    if has_labels and len(image_x) >= 2 * config.folds:
+        row["labels_image"] = cv(image_x, ev["labels"], ev["image_id"], task="multilabel")
+    row.update({
+        "rankme": metrics_lib.rankme(flat(uni["embeddings"])),
+        "position_probe": probes.position_probe(
+            flat(ref["embeddings"]), flat(ref["centres"]), flat(uni["embeddings"]),
+            flat(uni["centres"])),
+        "spearman_within": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "within"),
+        "spearman_cross": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "cross"),
+    })
+    if has_lesions and len(np.unique(image_y)) == 2 and len(image_y) >= 2 * config.folds:
+        row["lesion_image"] = cv(image_x, image_y, ev["image_id"], task="binary")
+    return row
 
+
+def _write_outputs(workdir: str, results: dict[str, Any], pretrained: dict) -> None:
+    """results.json (without predictions), results.md, roc.png and pca.png, on process 0."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
@@ -160,8 +177,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         with open(os.path.join(workdir, "results.md"), "w") as f:
             f.write(format_results(results) + "\n")
         # roc.png (out-of-fold lesion-probe scores) and pca.png (pretrained embeddings).
-        plots.write_linear_eval_plots(workdir, results, pretrained=evaluation["pretrained"])
-    return results
+        plots.write_linear_eval_plots(workdir, results, pretrained=pretrained)
 
 
 def _without_predictions(tree: Any) -> Any:

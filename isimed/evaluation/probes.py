@@ -1,7 +1,8 @@
-"""Frozen-feature probes and their metrics (host side; the linear probe trains with optax).
+"""Probes on frozen features: the linear probe, its subject-grouped cross-validation, the ridge
+position probe and the k-NN classifier (host side; the linear probe trains with optax).
 
-Evaluation hygiene this module enforces (the reason it exists rather than calling sklearn
-directly):
+Their metrics live in `metrics`. Evaluation hygiene this module enforces (the reason it exists
+rather than calling sklearn directly):
 
 * folds are grouped by subject, so no subject's crops are in both the fitted and evaluated set;
 * the probe's hyper-parameters (weight decay, number of epochs) are chosen on a validation split
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -24,38 +25,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.special
-import scipy.stats
-import sklearn.metrics
+import sklearn.linear_model
 import sklearn.model_selection
 import sklearn.neighbors
 
-from isimed import losses
+from isimed.evaluation import metrics
 
 TASKS = ("binary", "multilabel", "regression")
+_TASK_METRICS = {
+    "binary": metrics.binary_metrics,
+    "multilabel": metrics.multilabel_metrics,
+    "regression": metrics.regression_metrics,
+}
 
 
 # --------------------------------------------------------------------------------------------
-# Representation-level metrics.
-
-
-def rankme(embeddings: np.ndarray, eps: float = 1e-7) -> float:
-    """RankMe (Garrido et al., 2023): a smooth effective rank of an embedding matrix.
-
-    With `s` the singular values of the `(N, D)` matrix, `p_k = s_k / sum(s) + eps` and
-    `RankMe = exp(-sum_k p_k log p_k)`. The matrix is deliberately *not* centred, as in the
-    paper: a constant offset shared by all embeddings counts as one used dimension.
-
-    A rank-r matrix with equal non-zero singular values scores ~r; the maximum is min(N, D).
-    An all-zero matrix (complete collapse) has no spectrum to normalise and returns 0.0;
-    non-finite embeddings (a diverged encoder) return nan rather than raising, so a
-    whole evaluation run still finishes and reports the failure.
-    """
-    x = np.asarray(embeddings, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"rankme expects a (N, D) matrix, got shape {x.shape}")
-    if not np.all(np.isfinite(x)):
-        return float("nan")
-    return float(losses.rankme(x, eps))
+# Closed-form probes: k-NN and the ridge position probe.
 
 
 def knn_accuracy(
@@ -79,68 +64,29 @@ def knn_accuracy(
     return float(np.mean(clf.predict(np.asarray(test_x)) == np.asarray(test_y)))
 
 
-# --------------------------------------------------------------------------------------------
-# Task metrics.
 
 
-def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """AUC, accuracy, F1, sensitivity and specificity of predicted probabilities.
+def position_probe(
+    train_features: np.ndarray,
+    train_centres: np.ndarray,
+    test_features: np.ndarray,
+    test_centres: np.ndarray,
+) -> dict[str, float | list[float]]:
+    """Ridge regression of crop centres (mm) from features; mean absolute error on the test set.
 
-    Undefined quantities are nan instead of a silent 0 so that fold averages (nanmean) are not
-    dragged down by folds that cannot measure them: AUC needs both classes, sensitivity needs a
-    positive, specificity a negative, F1 at least one true or predicted positive.
+    Features are standardised with the training statistics; the ridge strength is chosen by
+    leave-one-out cross-validation on the training set only.
     """
-    y = _binary_labels(y_true).astype(int)
-    prob = np.asarray(prob, dtype=np.float64).reshape(-1)
-    if y.shape != prob.shape:
-        raise ValueError(f"y_true {y.shape} and prob {prob.shape} differ in shape")
-    pred = (prob >= threshold).astype(int)
-    tp = int(np.sum((pred == 1) & (y == 1)))
-    tn = int(np.sum((pred == 0) & (y == 0)))
-    n_pos, n_neg = int(np.sum(y == 1)), int(np.sum(y == 0))
-    auc = float(sklearn.metrics.roc_auc_score(y, prob)) if n_pos and n_neg else float("nan")
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    probe = sklearn.linear_model.RidgeCV(alphas=np.logspace(-3, 4, 15))
+    probe.fit((train_features - mean) / std, train_centres)
+    predicted = probe.predict((test_features - mean) / std)
+    abs_err = np.abs(predicted - test_centres)
     return {
-        "auc": auc,
-        "accuracy": float(np.mean(pred == y)) if len(y) else float("nan"),
-        "f1": float(sklearn.metrics.f1_score(y, pred, labels=[0, 1], zero_division=np.nan)),
-        "sensitivity": tp / n_pos if n_pos else float("nan"),
-        "specificity": tn / n_neg if n_neg else float("nan"),
+        "mae_mm": float(abs_err.mean()),
+        "mae_mm_per_axis": abs_err.mean(0).tolist(),
+        "alpha": float(probe.alpha_),
     }
-
-
-def multilabel_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
-    """Per-label AUC (nan where a label has a single class) and their mean over defined labels.
-
-    Returns {"auc_per_label": [L floats], "mean_auc": float (nan if no label is defined)}.
-    """
-    y = _binary_labels(y_true)
-    prob = np.asarray(prob, dtype=np.float64)
-    if y.ndim != 2 or y.shape != prob.shape:
-        raise ValueError(f"expected matching (N, L) arrays, got {y.shape} and {prob.shape}")
-    per_label = []
-    for j in range(y.shape[1]):
-        col = y[:, j]
-        both = 0 < col.sum() < len(col)
-        per_label.append(float(sklearn.metrics.roc_auc_score(col, prob[:, j])) if both else float("nan"))
-    defined = [a for a in per_label if not np.isnan(a)]
-    return {"auc_per_label": per_label, "mean_auc": float(np.mean(defined)) if defined else float("nan")}
-
-
-def regression_metrics(y_true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
-    """Mean absolute error and root mean squared error (over all outputs for multi-output)."""
-    y = np.asarray(y_true, dtype=np.float64)
-    p = np.asarray(pred, dtype=np.float64)
-    if y.shape != p.shape:
-        raise ValueError(f"y_true {y.shape} and pred {p.shape} differ in shape")
-    err = p - y
-    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err**2)))}
-
-
-def _binary_labels(y: np.ndarray) -> np.ndarray:
-    y = np.asarray(y)
-    if y.size and not np.all(np.isin(y, (0, 1))):
-        raise ValueError("binary / multilabel targets must be 0 or 1")
-    return y.astype(np.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,18 +184,6 @@ def _train_all(
     return jax.vmap(train_one)(weight_decays)
 
 
-def _auc_from_ranks(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """AUC of every row of `scores (..., N)` against binary `y (N,)` (Mann-Whitney U).
-
-    Vectorised so the model selection can score all (weight decay, epoch) candidates in one
-    call; average ranks give ties half credit, exactly as sklearn's roc_auc_score.
-    """
-    pos = y == 1
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    ranks = scipy.stats.rankdata(scores, axis=-1)
-    return (ranks[..., pos].sum(-1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
 def _val_scores(task: str, logits: np.ndarray, y: np.ndarray, target_std: np.ndarray) -> np.ndarray:
     """Selection score (higher is better) for logits `(W, C, N, L)` against y `(N, L)`.
 
@@ -261,7 +195,7 @@ def _val_scores(task: str, logits: np.ndarray, y: np.ndarray, target_std: np.nda
         err = (logits - y) * target_std  # Back to target units so val_score is interpretable.
         return -np.mean(err**2, axis=(-2, -1))
     aucs = [
-        _auc_from_ranks(y[:, j], logits[..., j])
+        metrics.auc_from_ranks(y[:, j], logits[..., j])
         for j in range(y.shape[1])
         if 0 < y[:, j].sum() < len(y)
     ]
@@ -306,10 +240,43 @@ def fit_linear_probe(
       A LinearProbe with the selected weights and `selected` =
       {"weight_decay", "epoch" (epochs completed, 1-based), "val_score"}.
     """
+    _check_probe_settings(task, epochs, batch_size, eval_every, weight_decays)
+    train_x, ytr, val_x, yva, squeeze = _probe_inputs(train_x, train_y, val_x, val_y, task)
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    t_mean, t_std = _target_statistics(ytr, task)
+    x_pad, y_pad, valid, batches = _padded_minibatches(
+        (train_x - mean) / std, (ytr - t_mean) / t_std, batch_size, epochs, seed)
+    history = _train_all(
+        jnp.asarray(x_pad), jnp.asarray(y_pad), jnp.asarray(valid), jnp.asarray(batches),
+        jnp.asarray(weight_decays, jnp.float32), jnp.asarray(learning_rate, jnp.float32), task=task,
+    )
+    checkpoints = np.array(sorted({*range(eval_every, epochs + 1, eval_every), epochs})) - 1
+    w_hist = np.asarray(history["w"], np.float64)[:, checkpoints]  # (W, C, D, L)
+    b_hist = np.asarray(history["b"], np.float64)[:, checkpoints]  # (W, C, L)
+    val_logits = np.einsum("nd,wcdl->wcnl", (val_x - mean) / std, w_hist) + b_hist[:, :, None, :]
+    yva_target = (yva - t_mean) / t_std if task == "regression" else yva
+    scores = _val_scores(task, val_logits, yva_target, t_std)
+    wi, ci = _best_candidate(scores)
+    selected = {"weight_decay": float(weight_decays[wi]), "epoch": int(checkpoints[ci] + 1),
+                "val_score": float(scores[wi, ci])}
+    return LinearProbe(task=task, weights=w_hist[wi, ci], bias=b_hist[wi, ci], feature_mean=mean,
+                       feature_std=std, target_mean=t_mean, target_std=t_std, squeeze=squeeze,
+                       selected=selected)
+
+
+def _check_probe_settings(
+    task: str, epochs: int, batch_size: int, eval_every: int, weight_decays: Sequence[float]
+) -> None:
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if epochs < 1 or batch_size < 1 or eval_every < 1 or len(weight_decays) == 0:
         raise ValueError("epochs, batch_size, eval_every must be >= 1 and weight_decays non-empty")
+
+
+def _probe_inputs(
+    train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray, task: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Checked float64 (train_x, train targets (N, L), val_x, val targets, squeeze)."""
     train_x = np.asarray(train_x, dtype=np.float64)
     val_x = np.asarray(val_x, dtype=np.float64)
     n, d = train_x.shape
@@ -321,21 +288,29 @@ def fit_linear_probe(
     yva, _ = _targets(val_y, task, len(val_x))
     if ytr.shape[1] != yva.shape[1]:
         raise ValueError(f"train has {ytr.shape[1]} targets, val has {yva.shape[1]}")
+    return train_x, ytr, val_x, yva, squeeze
 
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+
+def _target_statistics(y: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) that standardise regression targets `(N, L)`; (0, 1) for 0/1 targets."""
     if task == "regression":
-        t_mean, t_std = ytr.mean(0), ytr.std(0) + 1e-6
-    else:
-        t_mean, t_std = np.zeros(ytr.shape[1]), np.ones(ytr.shape[1])
-    ztr, zva = (train_x - mean) / std, (val_x - mean) / std
-    ytr_z = (ytr - t_mean) / t_std
+        return y.mean(0), y.std(0) + 1e-6
+    return np.zeros(y.shape[1]), np.ones(y.shape[1])
 
+
+def _padded_minibatches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, epochs: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """float32 x, y and valid (1 = real row) padded to `steps * batch_size` rows, and the row
+    indices `(epochs, steps, batch_size)` int32 of every minibatch, shuffled by
+    `np.random.default_rng(seed)` one epoch after the other."""
+    n, d = x.shape
     steps = -(-n // batch_size)
     padded = steps * batch_size
     x_pad = np.zeros((padded, d), np.float32)
-    x_pad[:n] = ztr
-    y_pad = np.zeros((padded, ytr.shape[1]), np.float32)
-    y_pad[:n] = ytr_z
+    x_pad[:n] = x
+    y_pad = np.zeros((padded, y.shape[1]), np.float32)
+    y_pad[:n] = y
     valid = np.zeros(padded, np.float32)
     valid[:n] = 1.0
     rng = np.random.default_rng(seed)
@@ -344,41 +319,23 @@ def fit_linear_probe(
     batches = np.stack(
         [np.concatenate([rng.permutation(n), tail]).reshape(steps, batch_size) for _ in range(epochs)]
     ).astype(np.int32)
+    return x_pad, y_pad, valid, batches
 
-    history = _train_all(
-        jnp.asarray(x_pad), jnp.asarray(y_pad), jnp.asarray(valid), jnp.asarray(batches),
-        jnp.asarray(weight_decays, jnp.float32), jnp.asarray(learning_rate, jnp.float32), task=task,
-    )
-    checkpoints = np.array(sorted({*range(eval_every, epochs + 1, eval_every), epochs})) - 1
-    w_hist = np.asarray(history["w"], np.float64)[:, checkpoints]  # (W, C, D, L)
-    b_hist = np.asarray(history["b"], np.float64)[:, checkpoints]  # (W, C, L)
-    val_logits = np.einsum("nd,wcdl->wcnl", zva, w_hist) + b_hist[:, :, None, :]
-    yva_target = (yva - t_mean) / t_std if task == "regression" else yva
-    scores = _val_scores(task, val_logits, yva_target, t_std)
-    # A diverged candidate (nan) must never win; argmax then takes the first best, giving the
-    # documented tie-break order.
+
+def _best_candidate(scores: np.ndarray) -> tuple[int, int]:
+    """(weight decay, checkpoint) indices of the highest finite score in `scores (W, C)`.
+
+    A diverged candidate (nan) must never win; argmax then takes the first best, giving the
+    documented tie-break order (earlier weight decay, then earlier epoch).
+    """
     best = int(np.argmax(np.where(np.isfinite(scores), scores, -np.inf)))
     wi, ci = np.unravel_index(best, scores.shape)
-    return LinearProbe(
-        task=task,
-        weights=w_hist[wi, ci],
-        bias=b_hist[wi, ci],
-        feature_mean=mean,
-        feature_std=std,
-        target_mean=t_mean,
-        target_std=t_std,
-        squeeze=squeeze,
-        selected={
-            "weight_decay": float(weight_decays[wi]),
-            "epoch": int(checkpoints[ci] + 1),
-            "val_score": float(scores[wi, ci]),
-        },
-    )
+    return wi, ci
 
 
 def _targets(y: np.ndarray, task: str, n: int) -> tuple[np.ndarray, bool]:
     """Targets as float64 `(N, L)` plus whether the caller passed 1-D targets."""
-    y = _binary_labels(y) if task != "regression" else np.asarray(y, dtype=np.float64)
+    y = metrics.binary_labels(y) if task != "regression" else np.asarray(y, dtype=np.float64)
     if len(y) != n:
         raise ValueError(f"{len(y)} targets for {n} feature rows")
     if task == "binary" and y.ndim != 1:
@@ -455,6 +412,37 @@ def cross_validate(
        "predictions": `Predictions` (out-of-fold scores, for ROC curves; not JSON)} for every
       scalar metric (multilabel's per-label list is kept per fold only).
     """
+    features, labels, groups = _check_cv_inputs(features, labels, groups, task, folds, val_fraction)
+    per_fold, fold_subjects = [], []
+    oof_score: np.ndarray | None = None
+    oof_fold = np.full(len(features), -1, np.int64)
+    splits = _grouped_splits(features, groups, folds, val_fraction, seed)
+    for i, (train_idx, val_idx, test_idx) in enumerate(splits):
+        probe = fit_linear_probe(
+            features[train_idx], labels[train_idx], features[val_idx], labels[val_idx],
+            task=task, seed=seed, **probe_kwargs)
+        predicted = probe.predict(features[test_idx])
+        if oof_score is None:
+            oof_score = np.full((len(features), *predicted.shape[1:]), np.nan)
+        oof_score[test_idx], oof_fold[test_idx] = predicted, i
+        subjects = tuple(np.unique(groups[idx]).tolist() for idx in (train_idx, val_idx, test_idx))
+        per_fold.append({
+            **_TASK_METRICS[task](labels[test_idx], predicted),
+            "selected": dict(probe.selected),
+            "n_subjects": {k: len(s) for k, s in zip(("train", "val", "test"), subjects)},
+            "n_samples": {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)},
+        })
+        fold_subjects.append(subjects)
+    mean, std = _fold_mean_std(per_fold)
+    return {"folds": per_fold, "mean": mean, "std": std, "fold_subjects": fold_subjects,
+            "predictions": Predictions(y_true=labels.copy(), score=oof_score, fold=oof_fold)}
+
+
+def _check_cv_inputs(
+    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, task: str, folds: int,
+    val_fraction: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three inputs as numpy arrays; ValueError for anything `cross_validate` cannot do."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     features = np.asarray(features)
@@ -477,12 +465,14 @@ def cross_validate(
             f"{n_groups} distinct subjects cannot form {folds} subject-grouped folds plus a "
             f"validation split; need at least {folds + 1}"
         )
-    metric_fn = {"binary": binary_metrics, "multilabel": multilabel_metrics,
-                 "regression": regression_metrics}[task]
+    return features, labels, groups
 
-    per_fold, fold_subjects = [], []
-    oof_score: np.ndarray | None = None
-    oof_fold = np.full(len(features), -1, np.int64)
+
+def _grouped_splits(
+    features: np.ndarray, groups: np.ndarray, folds: int, val_fraction: float, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(train, val, test) row indices of every fold: GroupKFold for test, then a
+    GroupShuffleSplit (random_state seed + fold) of the remaining subjects for validation."""
     outer = sklearn.model_selection.GroupKFold(n_splits=folds)
     for i, (fit_idx, test_idx) in enumerate(outer.split(features, groups=groups)):
         if len(np.unique(groups[fit_idx])) < 2:
@@ -493,24 +483,11 @@ def cross_validate(
         inner = sklearn.model_selection.GroupShuffleSplit(
             n_splits=1, test_size=val_fraction, random_state=seed + i)
         tr, va = next(inner.split(fit_idx, groups=groups[fit_idx]))
-        train_idx, val_idx = fit_idx[tr], fit_idx[va]
-        probe = fit_linear_probe(
-            features[train_idx], labels[train_idx], features[val_idx], labels[val_idx],
-            task=task, seed=seed, **probe_kwargs)
-        predicted = probe.predict(features[test_idx])
-        metrics = metric_fn(labels[test_idx], predicted)
-        if oof_score is None:
-            oof_score = np.full((len(features), *predicted.shape[1:]), np.nan)
-        oof_score[test_idx], oof_fold[test_idx] = predicted, i
-        subjects = tuple(np.unique(groups[idx]).tolist() for idx in (train_idx, val_idx, test_idx))
-        per_fold.append({
-            **metrics,
-            "selected": dict(probe.selected),
-            "n_subjects": {k: len(s) for k, s in zip(("train", "val", "test"), subjects)},
-            "n_samples": {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)},
-        })
-        fold_subjects.append(subjects)
+        yield fit_idx[tr], fit_idx[va], test_idx
 
+
+def _fold_mean_std(per_fold: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, float]]:
+    """nanmean and nanstd (ddof=0) over folds of every scalar (float) metric."""
     scalar = [k for k, v in per_fold[0].items() if isinstance(v, float)]
     mean, std = {}, {}
     with warnings.catch_warnings():
@@ -519,5 +496,4 @@ def cross_validate(
         for k in scalar:
             values = np.array([f[k] for f in per_fold], dtype=np.float64)
             mean[k], std[k] = float(np.nanmean(values)), float(np.nanstd(values))
-    return {"folds": per_fold, "mean": mean, "std": std, "fold_subjects": fold_subjects,
-            "predictions": Predictions(y_true=labels.copy(), score=oof_score, fold=oof_fold)}
+    return mean, std

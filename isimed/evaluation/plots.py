@@ -11,7 +11,6 @@ pretraining loop and by linear evaluation.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -23,8 +22,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from isimed import geometry
+from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
+from isimed.evaluation import metrics_log
 
 DPI = 100
 _PANEL = (4.0, 3.2)  # inches per subplot panel
@@ -54,37 +54,6 @@ def _subsample(n: int, max_n: int, seed: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # Training curves.
-
-
-def read_metrics(metrics_jsonl_path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """`{key: (steps, values)}` for every numeric key of a metrics.jsonl file, sorted by step.
-
-    A resumed run appends to the same file, so a step can appear twice; the later row wins, which
-    is the value of the run that continued. Non-numeric and non-finite values are skipped.
-    """
-    series: dict[str, dict[int, float]] = {}
-    with open(metrics_jsonl_path) as f:
-        lines = f.read().splitlines()
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if line_no == len(lines):
-                continue  # A run killed mid-write leaves a truncated last line; the rest is good.
-            raise ValueError(f"{metrics_jsonl_path}:{line_no}: not valid JSON ({e})") from e
-        step = int(row.get("step", line_no))
-        for key, value in row.items():
-            if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if math.isfinite(value):
-                series.setdefault(key, {})[step] = float(value)
-    out = {}
-    for key, points in series.items():
-        steps = np.array(sorted(points), dtype=np.int64)
-        out[key] = (steps, np.array([points[s] for s in steps], dtype=np.float64))
-    return out
 
 
 # Bounded scores and throughput read better on a linear axis whatever their range.
@@ -136,7 +105,7 @@ def training_curves(metrics_jsonl_path: str, out_png: str) -> str:
     Works for whatever keys a method logs; positive series spanning more than a decade are drawn
     on a log scale.
     """
-    series = read_metrics(metrics_jsonl_path)
+    series = metrics_log.read_metrics(metrics_jsonl_path)
     if not series:
         raise ValueError(f"{metrics_jsonl_path} holds no numeric metrics to plot")
     name = os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl_path)))
@@ -145,30 +114,6 @@ def training_curves(metrics_jsonl_path: str, out_png: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Latent vs physical distance.
-
-
-def within_image_pairs(
-    embeddings: np.ndarray, centres_mm: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Latent and physical (mm) distances of every unordered crop pair of the same image.
-
-    Args:
-      embeddings: `(B, K, D)`; centres_mm: `(B, K, ndim)`.
-    Returns:
-      `(latent, physical)`, each `(B * K * (K - 1) / 2,)`.
-    """
-    embeddings = np.asarray(embeddings, np.float64)
-    centres_mm = np.asarray(centres_mm, np.float64)
-    if embeddings.ndim != 3 or centres_mm.ndim != 3 or embeddings.shape[:2] != centres_mm.shape[:2]:
-        raise ValueError(
-            f"expected embeddings (B, K, D) and centres (B, K, ndim) with the same B and K, got "
-            f"{embeddings.shape} and {centres_mm.shape}"
-        )
-    i, j = np.triu_indices(embeddings.shape[1], k=1)
-    # One image at a time: a (B, pairs, D) difference array would not fit for large B, K and D.
-    latent = np.concatenate([geometry.pairwise_distances(z)[i, j] for z in embeddings])
-    physical = np.concatenate([geometry.pairwise_distances(p)[i, j] for p in centres_mm])
-    return latent, physical
 
 
 def _distance_scatter_figure(
@@ -181,14 +126,14 @@ def _distance_scatter_figure(
     fig = _figure(1, len(embeddings), panel=(4.2, 4.0))
     axes = fig.subplots(1, len(embeddings), squeeze=False).ravel()
     for ax, (name, z) in zip(axes, embeddings.items()):
-        latent, physical = within_image_pairs(z, centres_mm)
+        latent, physical = metrics_lib.pair_distances(z, centres_mm, "within")
         if scale_mm is None:
             # Methods without a distance target: least-squares scale, so the shape can be read.
             scale = float(latent @ physical / max(latent @ latent, 1e-12))
             scale_note = f"x {scale:.3g} mm (fitted)"
         else:
             scale, scale_note = float(scale_mm), f"x {float(scale_mm):g} mm"
-        rho = metrics_lib.distance_spearman(np.asarray(z), np.asarray(centres_mm), "within")
+        rho = metrics_lib.spearman(latent, physical)
         keep = _subsample(len(latent), max_pairs, seed)
         ax.scatter(physical[keep], scale * latent[keep], s=3, alpha=0.35, linewidths=0,
                    color="tab:blue", rasterized=True)
@@ -276,12 +221,7 @@ def _embedding_pca_figure(
 ) -> Figure:
     embeddings = np.asarray(embeddings)
     centres_mm = np.asarray(centres_mm, np.float64)
-    if centres_mm.ndim != 2 or len(centres_mm) != len(embeddings):
-        raise ValueError(
-            f"expected centres (N, ndim) for {len(embeddings)} embeddings, got {centres_mm.shape}"
-        )
-    if lesion is not None and len(np.asarray(lesion)) != len(embeddings):
-        raise ValueError(f"lesion has {len(lesion)} rows for {len(embeddings)} embeddings")
+    _check_pca_inputs(embeddings, centres_mm, lesion)
     names = list(axis_names) if axis_names is not None else _axis_names(centres_mm.shape[1])
     p = pca(embeddings, 3)
     keep = _subsample(len(embeddings), max_points, seed)
@@ -301,27 +241,39 @@ def _embedding_pca_figure(
             fig.colorbar(points, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
             ax.set_title(f"coloured by {name}", fontsize=8)
         if lesion is not None:
-            ax = axes[row, -1]
-            values = np.asarray(lesion)[keep].astype(np.float64)
-            if np.all(np.isin(values, (0.0, 1.0))):
-                # Positives drawn last so a few lesion crops are not hidden under the rest.
-                for label, color, text in ((0.0, "lightgray", "no lesion"), (1.0, "tab:red", "lesion")):
-                    m = values == label
-                    ax.scatter(xs[m], ys[m], s=5 if label == 0 else 9, color=color, linewidths=0,
-                               label=f"{text} ({int(m.sum())})", rasterized=True)
-                ax.legend(fontsize=7, loc="best", markerscale=2)
-            else:
-                order = np.argsort(values)
-                points = ax.scatter(xs[order], ys[order], c=values[order], cmap="magma_r", s=5,
-                                    linewidths=0, rasterized=True)
-                fig.colorbar(points, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
-            ax.set_title("coloured by lesion", fontsize=8)
+            _lesion_panel(fig, axes[row, -1], xs, ys, np.asarray(lesion)[keep].astype(np.float64))
         for ax in axes[row]:
             ax.set_xlabel(f"PC{a + 1} ({p.explained[a]:.0%} var.)", fontsize=8)
             ax.set_ylabel(f"PC{b + 1} ({p.explained[b]:.0%} var.)", fontsize=8)
             ax.tick_params(labelsize=7)
     fig.suptitle(f"Embedding PCA of {len(embeddings)} crops ({len(keep)} shown)", fontsize=10)
     return fig
+
+
+def _check_pca_inputs(embeddings: np.ndarray, centres_mm: np.ndarray, lesion: np.ndarray | None):
+    if centres_mm.ndim != 2 or len(centres_mm) != len(embeddings):
+        raise ValueError(
+            f"expected centres (N, ndim) for {len(embeddings)} embeddings, got {centres_mm.shape}"
+        )
+    if lesion is not None and len(np.asarray(lesion)) != len(embeddings):
+        raise ValueError(f"lesion has {len(lesion)} rows for {len(embeddings)} embeddings")
+
+
+def _lesion_panel(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, values: np.ndarray) -> None:
+    """The PC scatter coloured by lesion: 0/1 labels as two classes, fractions as a colour bar."""
+    if np.all(np.isin(values, (0.0, 1.0))):
+        # Positives drawn last so a few lesion crops are not hidden under the rest.
+        for label, color, text in ((0.0, "lightgray", "no lesion"), (1.0, "tab:red", "lesion")):
+            m = values == label
+            ax.scatter(xs[m], ys[m], s=5 if label == 0 else 9, color=color, linewidths=0,
+                       label=f"{text} ({int(m.sum())})", rasterized=True)
+        ax.legend(fontsize=7, loc="best", markerscale=2)
+    else:
+        order = np.argsort(values)
+        points = ax.scatter(xs[order], ys[order], c=values[order], cmap="magma_r", s=5,
+                            linewidths=0, rasterized=True)
+        fig.colorbar(points, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
+    ax.set_title("coloured by lesion", fontsize=8)
 
 
 def embedding_pca(
@@ -402,11 +354,6 @@ def roc_curves(
 # One call per job.
 
 
-def _flat(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a)
-    return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
-
-
 def write_training_plots(
     workdir: str,
     config: Any,
@@ -430,7 +377,7 @@ def write_training_plots(
     workdir = os.path.abspath(os.path.expanduser(workdir))
     written = {}
     log = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(log) and read_metrics(log):
+    if os.path.exists(log) and metrics_log.read_metrics(log):
         written["training_curves"] = training_curves(log, os.path.join(workdir, "training_curves.png"))
     scale = scale_mm
     if scale is None:
@@ -440,9 +387,10 @@ def write_training_plots(
     written["distance_scatter"] = distance_scatter(
         {"held-out crops": embeddings}, centres, scale, os.path.join(workdir, "distance_scatter.png")
     )
+    flat = features_lib.flatten
     written["pca"] = embedding_pca(
-        _flat(embeddings), _flat(centres), os.path.join(workdir, "pca.png"),
-        lesion=None if lesion is None else _flat(lesion),
+        flat(embeddings), flat(centres), os.path.join(workdir, "pca.png"),
+        lesion=None if lesion is None else flat(lesion),
     )
     return written
 
@@ -481,8 +429,9 @@ def write_linear_eval_plots(
         # Data without lesion masks (all crops negative) get no lesion panel.
         if lesion is not None and len(np.unique(lesion)) < 2:
             lesion = None
+        flat = features_lib.flatten
         written["pca"] = embedding_pca(
-            _flat(pretrained["embeddings"]), _flat(pretrained["centres"]),
-            os.path.join(workdir, "pca.png"), lesion=None if lesion is None else _flat(lesion),
+            flat(pretrained["embeddings"]), flat(pretrained["centres"]),
+            os.path.join(workdir, "pca.png"), lesion=None if lesion is None else flat(lesion),
         )
     return written
