@@ -68,7 +68,7 @@ def run_one(method: str, seed: int) -> dict:
 
     config = importlib.import_module(f"configs.{method}_chest").get_config(FLAGS.preset)
     config.seed = seed
-    config.data.data_dir = FLAGS.data_dir
+    config.data.tfds_dir = FLAGS.data_dir
     if FLAGS.steps:
         config.total_steps = FLAGS.steps
     print(f"== {method}, seed {seed}: {config.total_steps} steps -> {run_dir}", flush=True)

@@ -45,7 +45,7 @@ def main(argv):
     for crop, k in [((16, 16, 16), 16), ((16, 16, 16), 32), ((32, 32, 32), 32)]:
         for workers in (0, 2):
             data = isimed_chest.get_config("demo").data
-            data.data_dir, data.crop_size, data.crops_per_image = data_dir, crop, k
+            data.tfds_dir, data.crop_size, data.crops_per_image = data_dir, crop, k
             data.num_workers, data.images_per_batch = workers, 8
             rate = crops_per_second(data, FLAGS.seconds)
             rows.append((f"pipeline {crop[0]}^3 crops, K={k}, B=8, {workers} workers", f"{rate:,.0f} crops/s"))

@@ -38,25 +38,18 @@ def _time_step(name, model_name, crop, bk, embed_dim, dtype, steps, method="isim
 
     import jax
     import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from isimed import methods
-    from isimed import train
+    from isimed import train_state
 
     config = importlib.import_module(f"configs.{method}_chest").get_config("demo")
     views = methods.get(config.method).views
     config.data.crop_size = crop
     config.data.images_per_batch, config.data.crops_per_image = bk[0], bk[1] // views
     config.model.name, config.model.embed_dim, config.model.dtype = model_name, embed_dim, dtype
-    mesh = train.make_mesh()
-    model = train.Model(config)
-    tx, schedule = train.make_optimizer(config.optim, 1000)
-    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    state = jax.device_put(train.init_state(config, model, tx), replicated)
-    step = jax.jit(train.make_train_step(config, model, tx, schedule),
-                   in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                   donate_argnums=0)
+    config.total_steps = 1000
+    setup = train_state.create_train_step(config, train_state.make_mesh())
+    state, step = setup.state, setup.step
     rng = np.random.default_rng(0)
     positions = (bk[0], bk[1] // views)
     batch = {
@@ -65,7 +58,7 @@ def _time_step(name, model_name, crop, bk, embed_dim, dtype, steps, method="isim
     }
     if views == 2:
         batch["views"] = rng.uniform(-1, 1, (*positions, *crop, 1)).astype(np.float32)
-    batch = jax.device_put(batch, data)
+    batch = jax.device_put(batch, setup.data_sharding)
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(state)

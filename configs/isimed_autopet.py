@@ -16,8 +16,10 @@ Presets: (none) paper scale, `demo`, `test` (see `isimed_chest.py`; only the dat
 
 import ml_collections
 
-from configs import prepared_data
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return prepared_data.get_base(arg)[0]  # CT defaults: HU window [-1000, 1000] -> [-1, 1].
+    # CT defaults: prepared with the HU window [-1000, 1000] -> [-1, 1].
+    preset = common.preset(arg, ("paper", "demo", "test"))
+    return common.within_image_pairs(common.pretraining(preset, common.prepared_data(preset)))

@@ -15,15 +15,15 @@ Presets (`configs/isimed_brats.py:PRESET`): (none) paper scale, 3D DenseNet-121 
 
 import ml_collections
 
-from configs import prepared_data
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c, _ = prepared_data.get_base(arg)
+    preset = common.preset(arg, ("paper", "demo", "test"))
+    data = common.prepared_data(preset)
     # Normalised when prepared: MRI foreground percentiles 5..95 -> [-1, 1].
     # Normalised units: the skull-stripped background (0) and the darkest 5% of the brain are -1.
-    c.data.foreground_threshold = -0.99
+    data.foreground_threshold = -0.99
     # BraTS volumes are co-registered to one atlas (SRI24, 1 mm), so distances between crops of
-    # different subjects are meaningful too.
-    c.loss.pairs = "all"
-    return c
+    # different subjects are meaningful too: ISImed's default all pairs.
+    return common.pretraining(preset, data)

@@ -15,14 +15,15 @@ Presets: (none) paper scale (2D DenseNet-121, 32^2 crops, for chestmnist_224), `
 
 import ml_collections
 
-from configs import prepared_data
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c, preset = prepared_data.get_base(arg)
+    preset = common.preset(arg, ("paper", "demo", "test"))
+    data = common.prepared_data(preset)
     # Normalised when prepared: uint8 [0, 255] -> [-1, 1].
-    c.data.crop_size = {"paper": (32, 32), "demo": (16, 16), "test": (8, 8)}[preset]
+    data.crop_size = data.crop_size[:2]
     # Radiographs have no empty background to avoid: every crop is acceptable.
-    c.data.min_foreground = 0.0
-    c.data.foreground_threshold = -1.0
-    return c
+    data.min_foreground = 0.0
+    data.foreground_threshold = -1.0
+    return common.within_image_pairs(common.pretraining(preset, data))

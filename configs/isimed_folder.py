@@ -1,7 +1,7 @@
 """ISImed pretraining on any folder prepared with `isimed.data.prepare` (NIfTI / NRRD / DICOM).
 
   python -m isimed.data.prepare --layout=glob --root=~/data/my_ct \
-      --image_pattern='*/image.nii.gz' --mask_pattern='*/mask.nii.gz' \
+      --image_pattern='*/image.nii.gz' --mask_pattern='{parent}/mask.nii.gz' \
       --intensity=ct --window=-1000,1000 --spacing=1.5 --out=~/data/prepared/my_ct
   python main.py --config=configs/isimed_folder.py:demo \
       --config.data.dir=~/data/prepared/my_ct --workdir=workdirs/isimed_my_ct
@@ -16,8 +16,10 @@ Presets: (none) paper scale, `demo`, `test` (see `isimed_chest.py`; only the dat
 
 import ml_collections
 
-from configs import prepared_data
+from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return prepared_data.get_base(arg)[0]  # CT defaults: HU window [-1000, 1000] -> [-1, 1].
+    # CT defaults: prepared with the HU window [-1000, 1000] -> [-1, 1].
+    preset = common.preset(arg, ("paper", "demo", "test"))
+    return common.within_image_pairs(common.pretraining(preset, common.prepared_data(preset)))

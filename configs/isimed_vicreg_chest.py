@@ -6,9 +6,8 @@ authors also tried distance + Barlow Twins hybrids). Presets as `isimed_chest.py
 
 import ml_collections
 
-from configs import baselines
 from configs import isimed_chest
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return baselines.two_view(isimed_chest.get_config(arg), "isimed_vicreg", arg or "paper")
+    return isimed_chest.get_config(arg, method="isimed_vicreg")

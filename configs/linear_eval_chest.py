@@ -8,11 +8,11 @@ The data set, crop size and encoder come from the pretraining checkpoint's store
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    preset = arg or "paper"
-    if preset not in ("paper", "demo", "test"):
-        raise ValueError(f"unknown preset {preset!r}; use one of: paper, demo, test")
+    preset = common.preset(arg, ("paper", "demo", "test"))
     c = ml_collections.ConfigDict()
     c.pretrain_workdir = ml_collections.config_dict.placeholder(str)
     c.checkpoint = "latest"  # "latest", "best" (highest validation Spearman logged) or a step number.

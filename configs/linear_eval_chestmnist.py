@@ -11,12 +11,14 @@ Presets: (none), demo, test.
 
 import ml_collections
 
+from configs import common
 from configs import linear_eval_chest
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = linear_eval_chest.get_config(arg)
+    test = common.preset(arg, ("paper", "demo", "test")) == "test"
     c.lesion_share = 0.0  # No masks.
-    c.crops_per_image = {"test": 8}.get(arg or "paper", 16)
-    c.max_images = {"test": 32}.get(arg or "paper", 2000)
+    c.crops_per_image = 8 if test else 16
+    c.max_images = 32 if test else 2000
     return c

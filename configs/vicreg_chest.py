@@ -7,9 +7,8 @@ Same data, encoder, optimiser, crops per step and steps as `isimed_chest.py`, wi
 
 import ml_collections
 
-from configs import baselines
 from configs import isimed_chest
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    return baselines.two_view(isimed_chest.get_config(arg), "vicreg", arg or "paper")
+    return isimed_chest.get_config(arg, method="vicreg")

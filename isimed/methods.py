@@ -1,34 +1,56 @@
-"""Registry of pretraining methods: what the pipeline samples, whether a head is trained, the loss.
+"""Registry of pretraining methods. A method is one `Method` entry: what the pipeline samples, the
+head it trains, its loss and its default hyperparameters per preset. The one training loop
+(`isimed.train`) serves them all; adding a method is adding an entry here.
 
-A method is nothing but a sampling spec plus a loss; the one training loop (`isimed.train`) serves
-them all. The loop calls
-
-    loss(outputs, batch, loss_config, scale) -> (loss, aux)
-
-with `outputs["z"]` the encoder embeddings `(B, K, D)` of the first view and, for two-view
-methods, `outputs["p1"]`, `outputs["p2"]` the head's projections `(B*K, P)` of both views
-(augmented on device). `aux` holds the unweighted loss terms to log.
+The loop calls `method.loss(outputs, batch, loss_config) -> (loss, aux)` with
+- `outputs["z"]`: encoder embeddings `(B, K, D)` of the first view;
+- `outputs["p1"]`, `outputs["p2"]`: the head's projections `(B*K, P)` of both views (augmented on
+  device), for methods with a head;
+- the method's own trainable parameters (`Method.init_params`), e.g. ISImed's `log_scale`.
+`aux` holds the unweighted loss terms to log (`terms` averaged over steps, `last_terms` as their
+latest value).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
+import jax.numpy as jnp
+import ml_collections
+
+from isimed import augment
 from isimed import losses
+
+LossFn = Callable[[dict, dict, ml_collections.ConfigDict], tuple[jnp.ndarray, dict]]
+
+# Head sizes per preset: paper scale, and smaller for the CPU presets.
+_EXPANDER = {"paper": (2048,) * 3, "demo": (1024,) * 3, "demo2d": (1024,) * 3, "test": (64,) * 3}
+_SIMCLR_PROJECTOR = {"paper": (2048, 128), "demo": (512, 128), "demo2d": (512, 128), "test": (64, 128)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
     name: str
-    loss: Callable
-    terms: tuple[str, ...]  # The keys of `aux`, logged every step.
-    views: int = 1  # 2: the pipeline samples a shifted second crop, both views are augmented.
-    head: bool = False  # A projection / expander MLP (`config.model.head_dims`) feeds the loss.
+    loss: LossFn
+    terms: tuple[str, ...]
+    defaults: dict[str, Any]  # The loss config (`config.loss`).
+    views: int = 1  # 2: the pipeline samples a shifted second crop; both views are augmented.
+    head_dims: dict[str, tuple[int, ...]] | None = None  # Per preset; None: no head.
+    last_terms: tuple[str, ...] = ()
+    init_params: Callable[[ml_collections.ConfigDict], dict] = lambda loss_config: {}
 
 
-def _isimed(outputs, batch, loss_config, scale):
-    return losses.isimed_loss(
+def _isimed_params(loss_config: ml_collections.ConfigDict) -> dict:
+    if not loss_config.learnable_scale:
+        return {}
+    return {"log_scale": jnp.log(jnp.float32(loss_config.scale))}
+
+
+def _isimed(outputs, batch, loss_config):
+    scale = jnp.exp(outputs["log_scale"]) if "log_scale" in outputs else loss_config.scale
+    loss, aux = losses.isimed_loss(
         outputs["z"],
         batch["centres"],
         scale=scale,
@@ -36,15 +58,16 @@ def _isimed(outputs, batch, loss_config, scale):
         within_weight=loss_config.within_weight,
         cross_weight=loss_config.cross_weight,
     )
+    return loss, {**aux, "target_scale": jnp.asarray(scale, jnp.float32)}
 
 
-def _simclr(outputs, batch, loss_config, scale):
-    del batch, scale
+def _simclr(outputs, batch, loss_config):
+    del batch
     return losses.nt_xent_loss(outputs["p1"], outputs["p2"], temperature=loss_config.temperature)
 
 
-def _vicreg(outputs, batch, loss_config, scale):
-    del batch, scale
+def _vicreg(outputs, batch, loss_config):
+    del batch
     return losses.vicreg_loss(
         outputs["p1"], outputs["p2"],
         sim_weight=loss_config.invariance_weight,
@@ -53,32 +76,47 @@ def _vicreg(outputs, batch, loss_config, scale):
     )
 
 
-def _barlow(outputs, batch, loss_config, scale):
-    del batch, scale
+def _barlow(outputs, batch, loss_config):
+    del batch
     return losses.barlow_twins_loss(
         outputs["p1"], outputs["p2"], lambda_offdiag=loss_config.lambda_offdiag
     )
 
 
-def _isimed_vicreg(outputs, batch, loss_config, scale):
+def _isimed_vicreg(outputs, batch, loss_config):
     """Hybrid: `isimed_weight * ISImed(encoder embeddings) + vicreg_weight * VICReg(projections)`."""
-    distance, distance_aux = _isimed(outputs, batch, loss_config, scale)
-    vicreg, vicreg_aux = _vicreg(outputs, batch, loss_config, scale)
+    distance, distance_aux = _isimed(outputs, batch, loss_config)
+    vicreg, vicreg_aux = _vicreg(outputs, batch, loss_config)
     loss = loss_config.isimed_weight * distance + loss_config.vicreg_weight * vicreg
     return loss, {"isimed": distance, "vicreg": vicreg, **distance_aux, **vicreg_aux}
 
 
+_ISIMED_DEFAULTS = {
+    "scale": 100.0,  # mm; target distance = physical distance / scale.
+    # "within" an image, or "all" (adds cross-image pairs, meaningful when subjects share one
+    # world frame, e.g. atlas-registered data or the phantom). Data configs choose.
+    "pairs": "all",
+    "within_weight": 1.0,
+    "cross_weight": 1.0,
+    "learnable_scale": False,
+}
+_VICREG_DEFAULTS = {"invariance_weight": 25.0, "variance_weight": 25.0, "covariance_weight": 1.0}
 _VICREG_TERMS = ("invariance", "variance", "covariance")
 
 METHODS = {
     m.name: m
     for m in (
-        Method("isimed", _isimed, ("within", "cross")),
-        Method("simclr", _simclr, ("positive_accuracy",), views=2, head=True),
-        Method("vicreg", _vicreg, _VICREG_TERMS, views=2, head=True),
-        Method("barlow", _barlow, ("on_diagonal", "off_diagonal"), views=2, head=True),
+        Method("isimed", _isimed, ("within", "cross"), _ISIMED_DEFAULTS,
+               last_terms=("target_scale",), init_params=_isimed_params),
+        Method("simclr", _simclr, ("positive_accuracy",), {"temperature": 0.1}, views=2,
+               head_dims=_SIMCLR_PROJECTOR),
+        Method("vicreg", _vicreg, _VICREG_TERMS, _VICREG_DEFAULTS, views=2, head_dims=_EXPANDER),
+        Method("barlow", _barlow, ("on_diagonal", "off_diagonal"), {"lambda_offdiag": 0.0051},
+               views=2, head_dims=_EXPANDER),
         Method("isimed_vicreg", _isimed_vicreg, ("isimed", "vicreg", "within", "cross", *_VICREG_TERMS),
-               views=2, head=True),
+               # vicreg_weight brings VICReg's ~25-scale terms near the distance loss.
+               {**_VICREG_DEFAULTS, **_ISIMED_DEFAULTS, "isimed_weight": 1.0, "vicreg_weight": 0.04},
+               views=2, head_dims=_EXPANDER, last_terms=("target_scale",), init_params=_isimed_params),
     )
 }
 
@@ -87,3 +125,24 @@ def get(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     return METHODS[name]
+
+
+def configure(config: ml_collections.ConfigDict, name: str, preset: str) -> ml_collections.ConfigDict:
+    """Sets `config.method`, `config.loss` and, per the method, the head sizes and augmentations.
+
+    `config.data.crops_per_image` is the number of crops through the encoder per image; two-view
+    methods sample half as many positions, each twice, so every method sees the same crops per step.
+    """
+    method = get(name)
+    config.method = name
+    config.loss = ml_collections.ConfigDict(dict(method.defaults))
+    if method.head_dims is not None:
+        config.model.head_dims = method.head_dims[preset]
+    if method.views == 2:
+        if config.data.crops_per_image % 2:
+            raise ValueError(
+                f"two-view methods need an even data.crops_per_image, got {config.data.crops_per_image}"
+            )
+        config.data.crops_per_image //= 2
+        config.augment = augment.default_config()
+    return config

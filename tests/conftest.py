@@ -24,7 +24,7 @@ def test_config(phantom_dir):
     from configs import isimed_chest
 
     config = isimed_chest.get_config("test")
-    config.data.data_dir = phantom_dir
+    config.data.tfds_dir = phantom_dir
     return config
 
 
@@ -35,7 +35,7 @@ def pretrained(phantom_dir, tmp_path_factory):
     from isimed import train
 
     config = isimed_chest.get_config("test")
-    config.data.data_dir = phantom_dir
+    config.data.tfds_dir = phantom_dir
     workdir = str(tmp_path_factory.mktemp("pretrain"))
     return workdir, train.train_and_evaluate(config, workdir)
 

@@ -15,11 +15,9 @@ import importlib  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from isimed import methods  # noqa: E402
-from isimed import train  # noqa: E402
+from isimed import train_state  # noqa: E402
 
 
 def main(out: str, config_name: str = "isimed_chest") -> None:
@@ -35,18 +33,10 @@ def main(out: str, config_name: str = "isimed_chest") -> None:
     }
     if methods.get(config.method).views == 2:
         batch["views"] = rng.uniform(-1, 1, size=(b, k, *c, 1)).astype(np.float32)
-    mesh = train.make_mesh()
-    model = train.Model(config)
-    tx, _ = train.make_optimizer(config.optim, config.total_steps)
-    state = train.init_state(config, model, tx)
-    loss_fn = train.make_loss_fn(config, model)
-    grad_fn = jax.jit(
-        jax.value_and_grad(loss_fn, has_aux=True),
-        in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P()), NamedSharding(mesh, P("data")),
-                      NamedSharding(mesh, P())),
-    )
+    setup = train_state.create_train_step(config, train_state.make_mesh())
+    state = setup.state
     key = jax.random.key(3)
-    (loss, (_, batch_stats, _, _)), grads = grad_fn(state["params"], state["batch_stats"], batch, key)
+    (loss, (_, batch_stats, _)), grads = setup.grad_fn(state["params"], state["batch_stats"], batch, key)
     flat = {
         "loss": np.asarray(loss),
         **{f"grad/{jax.tree_util.keystr(p)}": np.asarray(g) for p, g in jax.tree_util.tree_leaves_with_path(grads)},

@@ -171,7 +171,7 @@ def open_source(data: ml_collections.ConfigDict, split: str):
     if data.name == "chest_phantom":
         from isimed.data import chest_phantom  # Imports tfds only when needed.
 
-        return chest_phantom.data_source(data.variant, split, data.data_dir)
+        return chest_phantom.data_source(data.variant, split, os.path.expanduser(data.tfds_dir))
     if data.name == "prepared":
         # Written by `python -m isimed.data.prepare`; images are already normalised to [-1, 1].
         from isimed.data import prepared
@@ -223,7 +223,7 @@ def make_dataset(
     sampler = SampleCrops(
         crop_shape=tuple(data.crop_size),
         num_crops=crops_per_image or data.crops_per_image,
-        window=None if data.window is None else tuple(data.window),
+        window=None if data.get("window") is None else tuple(data.window),
         min_foreground=data.min_foreground,
         foreground_threshold=data.foreground_threshold,
         lesion_share=lesion_share,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 
 import jax
@@ -11,6 +12,8 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from isimed import checkpoints
+from isimed import train_state
 from isimed.data import pipeline
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
@@ -21,14 +24,15 @@ def make_embed_fn(model, mesh: jax.sharding.Mesh, chunk: int = 256):
 
     The encoder runs in eval mode: BatchNorm uses (and never updates) its running statistics.
     Crops go through in fixed-size chunks, padded to a multiple of the device count, so one
-    compiled program serves every call.
+    compiled program serves every call. Every process passes the same crops and gets all the
+    embeddings back (replicated), so this works unchanged with several processes.
     """
     n_dev = mesh.devices.size
     chunk = -(-chunk // n_dev) * n_dev
     data = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=replicated)
     def forward(params, batch_stats, x):
         return model.apply(params, batch_stats, x, train=False)[0]
 
@@ -48,6 +52,19 @@ def make_embed_fn(model, mesh: jax.sharding.Mesh, chunk: int = 256):
         return embed
 
     return bind
+
+
+def load_embed_fns(workdir: str, step: int | None = None):
+    """`(config, embeds, state)` of a pretraining checkpoint (latest step by default): its stored
+    config, `{"pretrained": ..., "random_init": ...}` frozen encoders (random_init: the same
+    architecture and seed pretraining started from) and the restored train state."""
+    config, networks, state = checkpoints.load_encoder(workdir, step)
+    bind = make_embed_fn(networks, train_state.make_mesh())
+    embeds = {
+        "pretrained": bind(state["params"]["encoder"], state["batch_stats"]),
+        "random_init": bind(networks.params, networks.batch_stats),
+    }
+    return config, embeds, state
 
 
 def flatten(a: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from isimed import train
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
 from isimed.evaluation import metrics_log
@@ -70,8 +69,7 @@ def _collect_all(config, pre_config, embed_fns, split, k, lesion_share, max_imag
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs every task and metric for the three feature sets; writes results.json and results.md."""
-    pretrain_workdir, pre_config, model, state = _load_pretrained(config)
-    embed_fns = _embed_fns(model, state)
+    pretrain_workdir, pre_config, embed_fns, state = _load_pretrained(config)
     evaluation = _collect_all(config, pre_config, embed_fns, config.eval_split,
                               config.crops_per_image, config.lesion_share, config.max_images)
     reference = _collect_all(config, pre_config, embed_fns, config.reference_split,
@@ -103,29 +101,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _load_pretrained(config: ml_collections.ConfigDict):
-    """(pretrain workdir, its config with the data dir overrides applied, model, state)."""
+    """(pretrain workdir, its config with the data dir override applied, embed fns, state)."""
     if not config.pretrain_workdir:
         raise ValueError("set --config.pretrain_workdir to a pretraining --workdir")
     pretrain_workdir = os.path.abspath(os.path.expanduser(config.pretrain_workdir))
     step = _select_step(pretrain_workdir, str(config.checkpoint))
-    pre_config, model, state = train.load_checkpoint(pretrain_workdir, step)
+    pre_config, embeds, state = features_lib.load_embed_fns(pretrain_workdir, step)
     if config.data_dir:
-        pre_config.data.data_dir = config.data_dir
-        if pre_config.data.name == "prepared":  # Prepared data lives in data.dir.
-            pre_config.data.dir = config.data_dir
-    pre_config.data.data_dir = os.path.expanduser(pre_config.data.data_dir)
-    return pretrain_workdir, pre_config, model, state
-
-
-def _embed_fns(model, state) -> dict[str, features_lib.EmbedFn]:
-    """The pretrained encoder and the same architecture at initialisation, both frozen."""
-    mesh = train.make_mesh()
-    bind = features_lib.make_embed_fn(model, mesh)
-    return {
-        "pretrained": bind(state["params"]["encoder"], state["batch_stats"]),
-        # Same architecture and seed as pretraining started from.
-        "random_init": bind(model.params, model.batch_stats),
-    }
+        pre_config.data["dir" if pre_config.data.name == "prepared" else "tfds_dir"] = config.data_dir
+    return pretrain_workdir, pre_config, embeds, state
 
 
 def _feature_set_row(

@@ -1,0 +1,122 @@
+"""What every config shares: the one preset switch, and the training, phantom-data and
+prepared-data settings per preset. Experiment configs compose these with a method
+(`isimed.methods.configure`), so a method's defaults live with the method, not here.
+
+Presets:
+  paper   paper scale: 3D DenseNet-121, 32^3 crops, 1024 crops per step, bf16 (accelerators).
+  demo    a few minutes on 2 CPU cores: small 3D CNN, 16^3 crops.
+  demo2d  the same on 2D images, 16^2 crops.
+  test    seconds: tiny images, few steps (the test suite).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from isimed import methods
+
+PRESETS = ("paper", "demo", "demo2d", "test")
+
+
+def preset(arg: str | None, allowed: tuple[str, ...] = PRESETS) -> str:
+    """The preset named by `--config=FILE:ARG` (no ARG: paper)."""
+    name = arg or "paper"
+    if name not in allowed:
+        raise ValueError(f"unknown preset {name!r}; use one of: {', '.join(allowed)}")
+    return name
+
+
+def _cpu(preset_name: str) -> str:
+    """demo2d trains like demo."""
+    return "demo" if preset_name == "demo2d" else preset_name
+
+
+def sampling(preset_name: str) -> ml_collections.ConfigDict:
+    """Crop sampling and input-pipeline settings every data set shares."""
+    p = _cpu(preset_name)
+    crop = {"paper": (32, 32, 32), "demo": (16, 16, 16), "test": (8, 8, 8)}[p]
+    d = ml_collections.ConfigDict()
+    d.crop_size = crop[:2] if preset_name == "demo2d" else crop
+    d.crops_per_image = {"paper": 32, "demo": 16, "test": 8}[p]  # Through the encoder per image.
+    d.images_per_batch = {"paper": 32, "demo": 8, "test": 4}[p]  # paper: 32 x 32 = 1024 crops.
+    d.min_foreground = 0.5  # Crops hold at least this share of voxels inside the body.
+    # Two-view methods (SimCLR, VICReg, Barlow): the second crop is shifted by up to this share of
+    # the crop size per axis.
+    d.view_offset = 0.25
+    d.num_threads = {"paper": 8, "demo": 2, "test": 1}[p]
+    d.prefetch = 4
+    d.num_workers = {"paper": 4, "demo": 0, "test": 0}[p]
+    return d
+
+
+def phantom_data(preset_name: str) -> ml_collections.ConfigDict:
+    """The synthetic chest phantom, generated into `tfds_dir` on first use."""
+    d = sampling(preset_name)
+    d.name = "chest_phantom"
+    d.variant = {"paper": "large3d", "demo": "demo3d", "demo2d": "demo2d", "test": "tiny3d"}[preset_name]
+    d.tfds_dir = "~/tensorflow_datasets"  # Where TFDS keeps the generated phantom.
+    d.window = (-1000.0, 1000.0)  # CT HU window -> [-1, 1].
+    d.foreground_threshold = -900.0  # HU; air outside the body is about -1000.
+    return d
+
+
+def prepared_data(preset_name: str) -> ml_collections.ConfigDict:
+    """A folder written by `python -m isimed.data.prepare` (intensities already in [-1, 1])."""
+    d = sampling(preset_name)
+    d.name = "prepared"
+    d.dir = ml_collections.config_dict.placeholder(str)  # Required: the prepare --out folder.
+    # Normalised units: -0.9 is -900 HU under the CT window [-1000, 1000]; crops must be at least
+    # half inside the body. MRI and radiograph configs override this.
+    d.foreground_threshold = -0.9
+    return d
+
+
+def pretraining(
+    preset_name: str, data: ml_collections.ConfigDict, method: str = "isimed"
+) -> ml_collections.ConfigDict:
+    """A whole pretraining config: `data`, the preset's encoder, optimiser, schedule and
+    evaluation, and the method's loss, head and views."""
+    p = _cpu(preset_name)
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # Multi-host: True calls jax.distributed.initialize(), which detects Cloud TPU, SLURM, Open MPI
+    # and Kubernetes launches; for a manual launch set the three fields below (None: detected).
+    c.distributed = False
+    c.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port" of process 0.
+    c.num_processes = ml_collections.config_dict.placeholder(int)
+    c.process_id = ml_collections.config_dict.placeholder(int)
+    c.data = data
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = {"paper": "densenet121", "demo": "small_cnn", "test": "small_cnn"}[p]
+    c.model.embed_dim = {"paper": 1024, "demo": 128, "test": 32}[p]
+    c.model.dtype = {"paper": "bfloat16", "demo": "float32", "test": "float32"}[p]
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = {"paper": 1e-3, "demo": 3e-3, "test": 3e-3}[p]
+    c.optim.weight_decay = 1e-2
+    c.optim.schedule = "cosine"  # or "exponential" (the reference: x decay_rate per decay_steps)
+    c.optim.warmup_steps = {"paper": 500, "demo": 50, "test": 5}[p]
+    c.optim.decay_rate = 0.9
+    c.optim.decay_steps = 1000
+    c.optim.grad_clip = 2.0
+
+    c.total_steps = {"paper": 20_000, "demo": 800, "demo2d": 400, "test": 150}[preset_name]
+    c.log_every = {"paper": 50, "demo": 50, "test": 10}[p]
+    c.eval_every = {"paper": 1000, "demo": 200, "test": 50}[p]
+    c.checkpoint_every = c.eval_every
+    c.keep_checkpoints = 3
+
+    # Held-out evaluation: fixed crops of validation (during training) and test (at the end) subjects.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.crops_per_image = {"paper": 32, "demo": 32, "test": 16}[p]
+    c.eval.max_images = {"paper": 32, "demo": 16, "test": 4}[p]
+    c.eval.probe_train_images = {"paper": 64, "demo": 32, "test": 8}[p]  # For the position probe.
+    return methods.configure(c, method, preset_name)
+
+
+def within_image_pairs(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """For data whose subjects do not share one world frame: ISImed uses within-image pairs only."""
+    if "pairs" in c.loss:
+        c.loss.pairs = "within"
+    return c

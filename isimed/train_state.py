@@ -1,0 +1,236 @@
+"""Everything one training step needs: the mesh, the networks, the optimizer, the state, the loss
+and the step. `create_train_step(config, mesh)` is the one way every caller (the loop, benchmarks,
+tests) builds them.
+
+The train state is a plain pytree `{"step", "params", "batch_stats", "opt_state"}` built from an
+NNX encoder with `nnx.split`, so it can be donated, sharded and checkpointed as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from clu import metrics as clu_metrics
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from isimed import augment
+from isimed import losses
+from isimed import methods
+from isimed import models
+from isimed.models.heads import MLPHead
+
+State = dict[str, Any]
+Batch = dict[str, jnp.ndarray]
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh over every device. Auto axes: XLA propagates shardings (the batch is split on
+    `data`, parameters are replicated, pairwise-distance matrices are gathered as needed)."""
+    return jax.make_mesh(
+        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+class Networks:
+    """The encoder split into its static graphs (train and eval mode) and its initial variables,
+    plus the method's MLP head (pretraining only; parameters alone, no batch statistics)."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        rngs = nnx.Rngs(config.seed)
+        encoder = models.create_encoder(
+            config.model.name,
+            spatial_dims=len(config.data.crop_size),
+            embed_dim=config.model.embed_dim,
+            dtype=config.model.dtype,
+            rngs=rngs,
+        )
+        encoder.train()
+        # Pure dicts of arrays: plain pytrees for jit donation, sharding and orbax.
+        self.train_graph, params, batch_stats = nnx.split(encoder, nnx.Param, ...)
+        self.params, self.batch_stats = params.to_pure_dict(), batch_stats.to_pure_dict()
+        encoder.eval()
+        self.eval_graph = nnx.split(encoder, nnx.Param, ...)[0]
+        self.head_graph, self.head_params = None, None
+        if methods.get(config.method).head_dims is not None:
+            head = MLPHead(config.model.embed_dim, tuple(config.model.head_dims), rngs=rngs)
+            self.head_graph, head_params = nnx.split(head, nnx.Param)
+            self.head_params = head_params.to_pure_dict()
+
+    def apply(self, params, batch_stats, x: jnp.ndarray, *, train: bool):
+        """Embeds `x` (N, *spatial, C); returns (N, D) float32 and the updated batch statistics."""
+        encoder = nnx.merge(self.train_graph if train else self.eval_graph, params, batch_stats)
+        z = encoder(x)
+        return z.astype(jnp.float32), nnx.split(encoder, nnx.Param, ...)[2].to_pure_dict()
+
+    def apply_head(self, head_params, z: jnp.ndarray) -> jnp.ndarray:
+        return nnx.merge(self.head_graph, head_params)(z)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+    """AdamW with linear warmup then cosine (or exponential) decay, after global-norm clipping."""
+    if optim.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, optim.learning_rate, optim.warmup_steps, max(total_steps, optim.warmup_steps + 1)
+        )
+    elif optim.schedule == "exponential":
+        schedule = optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, optim.learning_rate, optim.warmup_steps),
+                optax.exponential_decay(optim.learning_rate, optim.decay_steps, optim.decay_rate),
+            ],
+            [optim.warmup_steps],
+        )
+    else:
+        raise ValueError(f"optim.schedule must be 'cosine' or 'exponential', got {optim.schedule!r}")
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip),
+        optax.adamw(schedule, weight_decay=optim.weight_decay),
+    )
+    return tx, schedule
+
+
+def init_state(config: ml_collections.ConfigDict, networks: Networks, tx) -> State:
+    params = {"encoder": networks.params}
+    if networks.head_params is not None:
+        params["head"] = networks.head_params
+    params.update(methods.get(config.method).init_params(config.loss))
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "batch_stats": networks.batch_stats,
+        "opt_state": tx.init(params),
+    }
+
+
+def make_loss_fn(config: ml_collections.ConfigDict, networks: Networks):
+    """`loss_fn(params, batch_stats, batch, key) -> (loss, (aux, new_batch_stats, z))`.
+
+    All crops of the step (B*K, times two for two-view methods) go through the encoder in one pass
+    (train mode, so batch-norm statistics cover both views), then the head and the method's loss.
+    Two-view methods augment both views on device with `key`.
+    """
+    method = methods.get(config.method)
+
+    def loss_fn(params, batch_stats, batch, key):
+        crops = batch["crops"]
+        b, k = crops.shape[:2]
+        spatial = crops.shape[2:]
+        if method.views == 2:
+            # Stacked after the image axis, so the batch stays sharded by image.
+            x = jnp.stack([crops, batch["views"]], axis=2).reshape(b * k * 2, *spatial)
+            x = augment.augment(key, x, config.augment)
+        else:
+            x = crops.reshape(b * k, *spatial)
+        z, batch_stats = networks.apply(params["encoder"], batch_stats, x, train=True)
+        z = z.reshape(b, k, method.views, -1)
+        outputs = {"z": z[:, :, 0]}
+        if method.head_dims is not None:
+            p = networks.apply_head(params["head"], z.reshape(b * k * method.views, -1))
+            p = p.reshape(b * k, method.views, -1)
+            outputs["p1"], outputs["p2"] = p[:, 0], p[:, 1]
+        outputs.update({name: params[name] for name in method.init_params(config.loss)})
+        loss, aux = method.loss(outputs, batch, config.loss)
+        return loss, (aux, batch_stats, outputs["z"])
+
+    return loss_fn
+
+
+def metrics_class(method: methods.Method) -> type[clu_metrics.Collection]:
+    """Per-step training metrics: the method's loss terms plus what every method logs. The
+    collapse indicators (std of the normalised embeddings, RankMe) are on encoder embeddings."""
+    averaged = ("loss", *method.terms, "grad_norm", "nonfinite", "embedding_std", "rankme")
+    last = ("learning_rate", *method.last_terms)
+    return clu_metrics.Collection.create(
+        **{name: clu_metrics.Average.from_output(name) for name in averaged},
+        **{name: clu_metrics.LastValue.from_output(name) for name in last},
+    )
+
+
+def make_train_step(config: ml_collections.ConfigDict, networks: Networks, tx, schedule):
+    """The pure step `(state, batch) -> (state, metrics)`; `create_train_step` jits it."""
+    method = methods.get(config.method)
+    loss_fn = make_loss_fn(config, networks)
+    metrics = metrics_class(method)
+
+    def train_step(state: State, batch: Batch):
+        # Augmentation randomness is a function of (seed, step): resuming replays it exactly.
+        key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
+        (loss, (aux, batch_stats, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], state["batch_stats"], batch, key
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        grad_norm = optax.tree.norm(grads)
+        candidate = {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(state["params"], updates),
+            "batch_stats": batch_stats,
+            "opt_state": opt_state,
+        }
+        # NaN guard: a non-finite step leaves the state untouched (the host stops the run), so a
+        # later checkpoint can never contain NaNs.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, state)
+        new_state["step"] = state["step"] + 1
+        z = jax.lax.stop_gradient(z.reshape(-1, z.shape[-1]))
+        step_metrics = metrics.single_from_model_output(
+            loss=loss,
+            **{name: aux[name] for name in (*method.terms, *method.last_terms)},
+            embedding_std=losses.embedding_std(z),
+            rankme=losses.rankme(z),
+            grad_norm=grad_norm,
+            nonfinite=1.0 - finite.astype(jnp.float32),
+            learning_rate=schedule(state["step"]),
+        )
+        return new_state, step_metrics
+
+    return train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """What `create_train_step` builds. `state` is the initial state, replicated on the mesh;
+    `step` is jitted with the state donated and the batch sharded by image over `data`;
+    `grad_fn(params, batch_stats, batch, key) -> ((loss, aux), grads)` is the same loss, jitted
+    with the same shardings (for tests that compare gradients across device counts)."""
+
+    networks: Networks
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state: State
+    step: Callable[[State, Batch], tuple[State, clu_metrics.Collection]]
+    grad_fn: Callable
+    replicated: NamedSharding
+    data_sharding: NamedSharding
+
+
+def create_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> TrainSetup:
+    """Networks -> optimizer -> initial state -> jitted step, on `mesh`."""
+    if config.data.images_per_batch % mesh.devices.size:
+        raise ValueError(
+            f"data.images_per_batch={config.data.images_per_batch} must be divisible by the "
+            f"{mesh.devices.size} devices (the batch is sharded by image)"
+        )
+    networks = Networks(config)
+    tx, schedule = make_optimizer(config.optim, config.total_steps)
+    replicated = NamedSharding(mesh, P())
+    data_sharding = NamedSharding(mesh, P("data"))
+    state = jax.device_put(init_state(config, networks, tx), replicated)
+    step = jax.jit(
+        make_train_step(config, networks, tx, schedule),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    grad_fn = jax.jit(
+        jax.value_and_grad(make_loss_fn(config, networks), has_aux=True),
+        in_shardings=(replicated, replicated, data_sharding, replicated),
+    )
+    return TrainSetup(networks, tx, schedule, state, step, grad_fn, replicated, data_sharding)
