@@ -73,6 +73,7 @@ def test_brats_prepared_keeps_world_mm(brats_raw, brats_prepared):
     out, manifest = brats_prepared
     assert manifest["counts"] == {"train": 3, "validation": 1, "test": 4}
     assert manifest["has_mask"] and manifest["spacing"] == [4.0, 4.0, 4.0]
+    assert manifest["format_version"] == prepared.FORMAT_VERSION  # Record layout: test_prepared_format.
     source = prepared.data_source(out, "test")
     assert len(source) == 4
     rng = np.random.default_rng(0)

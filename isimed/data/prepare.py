@@ -25,7 +25,8 @@ Conventions:
 * Only one volume is in memory at a time; normalisation and resampling run in slabs of planes so
   the float32 intermediates stay small.
 * Resumable: files are written to a temporary name then renamed, so a file that exists is complete;
-  rerunning skips them. A rerun with other settings, or on a changed set of cases, is refused.
+  rerunning skips them. A rerun with other settings, on a changed set of cases, or into a folder
+  written in another record format version (`prepared.FORMAT_VERSION`), is refused.
 """
 
 from __future__ import annotations
@@ -266,6 +267,13 @@ def _start(out: str, settings: dict, plan: dict, split_names: Sequence[str]) -> 
             old = json.load(f)
         if old.get("format") != prepared.FORMAT:
             raise PrepareError(f"{path}: not written by isimed.data.prepare")
+        version = prepared.manifest_format_version(old)
+        if version != prepared.FORMAT_VERSION:  # Never two record formats in one folder.
+            raise PrepareError(
+                f"{out} holds records of prepared format version {version}; this prepare writes "
+                f"version {prepared.FORMAT_VERSION} and does not mix versions in one folder: "
+                "use a new --out (or delete this one)"
+            )
         if old["settings"] != settings:
             diff = {k: (old["settings"].get(k), settings.get(k))
                     for k in set(old["settings"]) | set(settings)
@@ -288,7 +296,7 @@ def _start(out: str, settings: dict, plan: dict, split_names: Sequence[str]) -> 
         for name in os.listdir(split_dir):  # Leftovers of an interrupted write.
             if name.endswith(".tmp"):
                 os.remove(os.path.join(split_dir, name))
-    _write_json(path, {"format": prepared.FORMAT, "version": prepared.VERSION,
+    _write_json(path, {"format": prepared.FORMAT, "format_version": prepared.FORMAT_VERSION,
                        "status": "incomplete", "settings": settings, "plan": plan})
 
 
@@ -427,7 +435,7 @@ def _manifest(settings, plan, root, ndim, *, has_mask, label_names, splits_out, 
     """prepared.json's content (still "incomplete"; `prepare` adds the report and completes it).
     `extra` keys go after the common ones; the key order is the file's."""
     return {
-        "format": prepared.FORMAT, "version": prepared.VERSION, "status": "incomplete",
+        "format": prepared.FORMAT, "format_version": prepared.FORMAT_VERSION, "status": "incomplete",
         "settings": settings, "plan": plan, "root": os.path.abspath(root), "ndim": ndim,
         "spacing": settings["spacing"], "normalisation": _normalisation(settings),
         "has_mask": has_mask, "label_names": label_names, "splits": splits_out,
