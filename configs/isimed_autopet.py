@@ -19,7 +19,7 @@ import ml_collections
 from configs import common
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None, method: str = "isimed") -> ml_collections.ConfigDict:
     # CT defaults: prepared with the HU window [-1000, 1000] -> [-1, 1].
     preset = common.preset(arg, ("paper", "demo", "test"))
-    return common.within_image_pairs(common.pretraining(preset, common.prepared_data(preset)))
+    return common.within_image_pairs(common.pretraining(preset, common.prepared_data(preset), method))

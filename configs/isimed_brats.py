@@ -18,7 +18,7 @@ import ml_collections
 from configs import common
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None, method: str = "isimed") -> ml_collections.ConfigDict:
     preset = common.preset(arg, ("paper", "demo", "test"))
     data = common.prepared_data(preset)
     # Normalised when prepared: MRI foreground percentiles 5..95 -> [-1, 1].
@@ -26,4 +26,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.foreground_threshold = -0.99
     # BraTS volumes are co-registered to one atlas (SRI24, 1 mm), so distances between crops of
     # different subjects are meaningful too: ISImed's default all pairs.
-    return common.pretraining(preset, data)
+    return common.pretraining(preset, data, method)

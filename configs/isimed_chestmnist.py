@@ -18,7 +18,7 @@ import ml_collections
 from configs import common
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None, method: str = "isimed") -> ml_collections.ConfigDict:
     preset = common.preset(arg, ("paper", "demo", "test"))
     data = common.prepared_data(preset)
     # Normalised when prepared: uint8 [0, 255] -> [-1, 1].
@@ -26,4 +26,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Radiographs have no empty background to avoid: every crop is acceptable.
     data.min_foreground = 0.0
     data.foreground_threshold = -1.0
-    return common.within_image_pairs(common.pretraining(preset, data))
+    return common.within_image_pairs(common.pretraining(preset, data, method))

@@ -10,8 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Top to bottom. A unit (a top-level module or subpackage of isimed) may import units of its own
 # layer's row or of rows below it, never above.
 LAYERS = (
+    ("isimed.cli",),
     ("isimed.train",),
-    ("isimed.evaluation",),
+    ("isimed.evaluation", "isimed.export"),
     ("isimed.checkpoints",),
     ("isimed.train_state",),
     ("isimed.methods", "isimed.data", "isimed.writers"),

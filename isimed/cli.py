@@ -1,0 +1,218 @@
+"""Command-line entry points, one implementation each; setup.cfg installs them as console scripts
+and `main.py` / `linear_eval.py` call the first and the fifth:
+
+  isimed-pretrain      (python main.py)         pretraining with any config
+  isimed-simclr, isimed-vicreg, isimed-barlow     pretraining with that method only (default
+                                                 config: configs/<method>_chest.py)
+  isimed-linear-eval   (python linear_eval.py)  linear evaluation of a checkpoint
+  isimed-prepare       (python -m isimed.data.prepare)
+  isimed-export                                  the encoder as npz, safetensors or MONAI weights
+
+`--workdir` defaults to `workdirs/<config name>[_<preset>]` for pretraining and to
+`<pretrain_workdir>/linear_eval` for linear evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from isimed import export
+from isimed import train
+from isimed.evaluation import linear_eval
+
+FLAGS = flags.FLAGS
+
+# The repository's configs/ folder (present in a source checkout and an editable install; a
+# non-editable install has no configs and needs --config).
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPOSITORY, "configs")
+# Pretraining commands that fix their method.
+METHOD_COMMANDS = {"simclr": "isimed-simclr", "vicreg": "isimed-vicreg", "barlow": "isimed-barlow"}
+
+
+def default_workdir(config_arg: str) -> str:
+    """`workdirs/<config file name>[_<preset>]` for `--config=PATH/NAME.py[:PRESET]`."""
+    path, _, preset = config_arg.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("workdirs", f"{name}_{preset}" if preset else name)
+
+
+def linear_eval_workdir(pretrain_workdir: str) -> str:
+    """`<pretrain_workdir>/linear_eval` (a URI stays a URI)."""
+    return pretrain_workdir.rstrip("/") + "/linear_eval"
+
+
+def default_config(method: str) -> str | None:
+    """The repository's `configs/<method>_chest.py`, or None where there is no configs/ folder."""
+    path = os.path.join(CONFIG_DIR, f"{method}_chest.py")
+    return path if os.path.isfile(path) else None
+
+
+def check_method(config, method: str, config_arg: str, command: str) -> None:
+    """SystemExit unless `config` trains `method`."""
+    if config.method != method:
+        raise SystemExit(
+            f"{command} trains {method}, but --config={config_arg} is a {config.method!r} config; "
+            f"use configs/{method}_*.py, or isimed-pretrain (python main.py) for other methods"
+        )
+
+
+# Pretraining ------------------------------------------------------------------------------------
+
+
+def run_pretrain() -> None:
+    """`isimed-pretrain` and `python main.py`: pretraining with any config."""
+    _pretrain(None, os.path.basename(sys.argv[0]))
+
+
+def run_simclr() -> None:
+    _pretrain("simclr", METHOD_COMMANDS["simclr"])
+
+
+def run_vicreg() -> None:
+    _pretrain("vicreg", METHOD_COMMANDS["vicreg"])
+
+
+def run_barlow() -> None:
+    _pretrain("barlow", METHOD_COMMANDS["barlow"])
+
+
+def _pretrain(method: str | None, command: str) -> None:
+    default = default_config(method) if method else None
+    _make_configs_importable(sys.argv, default)
+    help_default = f" (default: configs/{method}_chest.py, paper scale)" if method else ""
+    config_flags.DEFINE_config_file(
+        "config", default, f"Pretraining config file, `PATH.py[:PRESET]`{help_default}.", lock_config=True
+    )
+    flags.DEFINE_string(
+        "workdir", None,
+        "Directory for checkpoints, logs and results; resumes from it "
+        "(default: workdirs/<config name>[_<preset>]).",
+    )
+    app.run(functools.partial(_pretrain_main, method=method, command=command))
+
+
+def _pretrain_main(argv: Sequence[str], *, method: str | None, command: str) -> None:
+    _no_arguments(argv)
+    if FLAGS.config is None:
+        where = (
+            f" (configs/{method}_chest.py, the default, is not at {CONFIG_DIR}: install from a "
+            "source checkout with `pip install -e .`)" if method else ""
+        )
+        raise SystemExit(f"{command}: pass --config=PATH/CONFIG.py[:PRESET]{where}")
+    config_arg = config_flags.get_config_filename(FLAGS["config"])
+    if method is not None:
+        check_method(FLAGS.config, method, config_arg, command)
+    workdir = FLAGS.workdir or default_workdir(config_arg)
+    print(f"workdir: {workdir}" + ("" if FLAGS.workdir else " (from --config; set --workdir to change)"),
+          flush=True)
+    _quiet_library_logs()
+    summary = train.train_and_evaluate(FLAGS.config, workdir)
+    print(train.format_summary(summary))
+
+
+# Linear evaluation ------------------------------------------------------------------------------
+
+
+def run_linear_eval() -> None:
+    """`isimed-linear-eval` and `python linear_eval.py`."""
+    _make_configs_importable(sys.argv, None)
+    config_flags.DEFINE_config_file(
+        "config", None, "Linear-evaluation config file, `PATH.py[:PRESET]`.", lock_config=True
+    )
+    flags.DEFINE_string(
+        "workdir", None,
+        "Directory for results.json and results.md (default: <pretrain_workdir>/linear_eval).",
+    )
+    app.run(functools.partial(_linear_eval_main, command=os.path.basename(sys.argv[0])))
+
+
+def _linear_eval_main(argv: Sequence[str], *, command: str) -> None:
+    _no_arguments(argv)
+    config = FLAGS.config
+    if config is None:
+        raise SystemExit(f"{command}: pass --config=PATH/linear_eval_*.py[:PRESET]")
+    if FLAGS.workdir:
+        workdir = FLAGS.workdir
+    elif config.pretrain_workdir:
+        workdir = linear_eval_workdir(config.pretrain_workdir)
+        print(f"workdir: {workdir} (from --config.pretrain_workdir; set --workdir to change)", flush=True)
+    else:
+        raise SystemExit(f"{command}: pass --config.pretrain_workdir=DIR (the pretraining --workdir)")
+    _quiet_library_logs()
+    results = linear_eval.evaluate(config, workdir)
+    print(linear_eval.format_results(results))
+
+
+# Data preparation and export --------------------------------------------------------------------
+
+
+def run_prepare() -> None:
+    """`isimed-prepare`: the same flags and main as `python -m isimed.data.prepare`."""
+    from isimed.data import prepare
+
+    prepare._define_flags()
+    app.run(prepare.main)
+
+
+def run_export() -> None:
+    """`isimed-export --workdir=DIR --format=npz|safetensors|monai [--step=N] [--out=PATH]`."""
+    flags.DEFINE_string("workdir", None, "Pretraining workdir (its checkpoints/ folder).")
+    flags.DEFINE_enum("format", "npz", list(export.FORMATS), "npz | safetensors | monai (DenseNet-121).")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string(
+        "out", None, "Output file (default: <workdir>/export/encoder_step<N>.<npz|safetensors|pt>)."
+    )
+    flags.mark_flags_as_required(["workdir"])
+    app.run(_export_main)
+
+
+def _export_main(argv: Sequence[str]) -> None:
+    _no_arguments(argv)
+    _quiet_library_logs(logging.ERROR)  # Not even orbax's read-only-manager warnings.
+    try:
+        result = export.export(FLAGS.workdir, FLAGS.format, step=FLAGS.step, out=FLAGS.out)
+    except (FileNotFoundError, ValueError, ImportError) as e:  # Bad input: a message, no traceback.
+        raise SystemExit(f"isimed-export: {e}") from None
+    print(f"wrote {result['path']} ({result['format']}, step {result['step']}, {result['arrays']} arrays)")
+    if "sidecar" in result:
+        print(f"wrote {result['sidecar']} (config and MONAI DenseNet121 arguments)")
+
+
+# Helpers ----------------------------------------------------------------------------------------
+
+
+def _make_configs_importable(argv: Sequence[str], default: str | None) -> None:
+    """Config files import `configs.common`: puts the folder holding the config's `configs/`
+    folder on sys.path (a console script's sys.path has neither the repository nor the cwd)."""
+    found = [default] if default else []
+    for i, arg in enumerate(argv):
+        match = re.fullmatch(r"--?config(?:=(.*))?", arg)
+        if match:
+            value = match.group(1)
+            if value is None:  # `--config PATH`
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+            found.append(value.partition(":")[0])
+    for path in found:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(os.path.expanduser(path))))
+        if os.path.isdir(os.path.join(root, "configs")) and root not in sys.path:
+            sys.path.insert(0, root)
+
+
+def _no_arguments(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+
+
+def _quiet_library_logs(level: int = logging.WARNING) -> None:
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(level)  # Library INFO logs (orbax, tfds) drown progress.
