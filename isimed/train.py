@@ -22,7 +22,9 @@ from clu import parameter_overview
 from jax.experimental import multihost_utils
 
 from isimed import checkpoints
+from isimed import config_checks
 from isimed import methods
+from isimed import paths
 from isimed import train_state
 from isimed.data import pipeline
 from isimed.evaluation import features as features_lib
@@ -75,7 +77,9 @@ class _Run:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config, self.workdir = config, workdir
-        self.writer = MetricWriter(workdir)
+        # Opened by `open_writer` once the step to start from is known: metrics.jsonl rows logged
+        # after it are dropped first.
+        self.writer: MetricWriter | None = None
         self.method = methods.get(config.method)
         self.mesh = mesh = train_state.make_mesh()
         self.setup = train_state.create_train_step(config, mesh)
@@ -89,8 +93,26 @@ class _Run:
             process_index=jax.process_index(), process_count=jax.process_count(),
         )
         self.data_iter = iter(train_ds)
+        checkpoints.remove_unfinished_saves(workdir)
         self.mngr = checkpoints.manager(workdir, config)
         self.step_keys = ("crops", "centres", "views") if self.method.views == 2 else ("crops", "centres")
+
+    def open_writer(self, start_step: int | None) -> str | None:
+        """Opens the metric writer; first (process 0) drops the metrics.jsonl rows of steps after
+        `start_step` (all rows when starting from scratch, `None`): a killed run logged them after
+        its last checkpoint, and this run logs those steps again. Returns the line that says so."""
+        dropped = 0
+        if jax.process_index() == 0:
+            after = -1 if start_step is None else start_step
+            dropped = _drop_metrics_after(self.workdir / "metrics.jsonl", after)
+        self.writer = MetricWriter(self.workdir, self.config)
+        if dropped:
+            return (
+                f"metrics.jsonl: dropped {dropped} line(s) logged after "
+                + ("the start" if start_step is None else f"step {start_step}")
+                + " (after the last checkpoint); those steps are logged again"
+            )
+        return None
 
     def announce(self, status: str) -> None:
         """The run's first lines, printed by every process (visible at the default log level)."""
@@ -102,7 +124,14 @@ class _Run:
             f"{parameter_overview.count_parameters(self.setup.networks.params):,} parameters; {status}",
         ]
         for line in lines:
-            self.writer.log(line) if jax.process_index() == 0 else print(line, flush=True)
+            self.say(line)
+
+    def say(self, line: str) -> None:
+        """A line every process prints (process 0 into log.txt too), at the default log level."""
+        if jax.process_index() == 0:
+            self.writer.log(line)
+        else:
+            print(line, flush=True)
 
     def encoder(self, state: train_state.State):
         return self.embed(state["params"]["encoder"], state["batch_stats"])
@@ -120,12 +149,13 @@ class _Run:
         }
 
 
-def _log_step(run: _Run, step: int, accumulated, since: tuple[float, int]) -> tuple[float, int]:
-    """Writes the accumulated metrics with throughput and ETA; stops the run on a non-finite step.
+def _log_step(run: _Run, step: int, accumulated, monitors, since: tuple[float, int]) -> tuple[float, int]:
+    """Writes the accumulated metrics and this step's collapse monitors with throughput and ETA;
+    stops the run on a non-finite step.
 
     The NaN guard is checked before every save as well as at every log step."""
     config = run.config
-    scalars = accumulated.compute()
+    scalars = {**accumulated.compute(), **monitors}
     if scalars["nonfinite"] > 0:
         raise FloatingPointError(
             f"non-finite loss or gradient before step {step}; those updates were "
@@ -144,6 +174,20 @@ def _log_step(run: _Run, step: int, accumulated, since: tuple[float, int]) -> tu
     return time.time(), step
 
 
+def _profile(run: _Run, step: int, state) -> None:
+    """Starts the `profile_steps` trace before its first step and stops it before the step after
+    its last (once the traced steps have finished on the device)."""
+    first_last = tuple(run.config.get("profile_steps") or ())
+    if len(first_last) != 2:
+        return
+    if step == first_last[0]:
+        jax.profiler.start_trace(os.fspath(run.workdir / "profile"))
+    elif step == first_last[1] + 1:
+        jax.block_until_ready(state)
+        jax.profiler.stop_trace()
+        run.say(f"profile of steps {first_last[0]}-{first_last[1]} in {run.workdir / 'profile'}")
+
+
 def _train(run: _Run, state, start_step: int, summary: dict[str, Any]):
     """Steps from `start_step` to `total_steps`; returns `(state, preempted)`."""
     config = run.config
@@ -151,7 +195,9 @@ def _train(run: _Run, state, start_step: int, summary: dict[str, Any]):
     since = (time.time(), start_step)
     with _Preemption() as preemption:
         for step in range(start_step + 1, config.total_steps + 1):
-            state, step_metrics = run.setup.step(state, run.next_batch())
+            _profile(run, step, state)
+            batch = run.next_batch()
+            state, step_metrics = run.setup.step(state, batch)
             accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
             is_last = step == config.total_steps
             # Decided once per step: a SIGTERM arriving later in this step must not skip the save
@@ -159,7 +205,7 @@ def _train(run: _Run, state, start_step: int, summary: dict[str, Any]):
             stop = preemption.reached(step)
             will_save = step % config.checkpoint_every == 0 or is_last or stop
             if step % config.log_every == 0 or will_save:
-                since = _log_step(run, step, accumulated, since)
+                since = _log_step(run, step, accumulated, run.setup.monitors(state, batch), since)
                 accumulated = None
             if step % config.eval_every == 0 or is_last:
                 summary["validation"] = run.validate(step, state)
@@ -180,8 +226,7 @@ def _finish(run: _Run, state, summary: dict[str, Any]) -> dict[str, Any]:
     summary["final"] = held_out.held_out_summary(config, enc, "test", with_probe=True, held=held)
     summary["step"] = int(state["step"])
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     run.writer.close()  # Flushes metrics.jsonl before it is plotted.
     if jax.process_index() == 0:
         learned = state["params"].get("log_scale")
@@ -193,33 +238,63 @@ def _finish(run: _Run, state, summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def initialize_distributed(config: ml_collections.ConfigDict) -> None:
-    """`jax.distributed.initialize` for `config.distributed`; unset fields are auto-detected."""
-    if config.distributed and not jax.distributed.is_initialized():
-        jax.distributed.initialize(
-            coordinator_address=config.get("coordinator_address"),
-            num_processes=config.get("num_processes"),
-            process_id=config.get("process_id"),
-        )
+def _drop_metrics_after(path, step: int) -> int:
+    """Rewrites metrics.jsonl without the rows of steps after `step` and without a truncated last
+    line (a run killed mid-write); returns how many lines were dropped. Lines that are not rows
+    are kept."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                continue  # Truncated by a kill.
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            continue
+        kept.append(line)
+    dropped = len(lines) - len(kept)
+    if dropped:
+        tmp = path.parent / (path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return dropped
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Pretrains (resuming from `workdir` if it holds a checkpoint) and returns the summary."""
-    initialize_distributed(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    """Pretrains (resuming from `workdir` if it holds a checkpoint) and returns the summary.
+
+    The config is checked before anything is read or compiled (`config_checks.validate`: every bad
+    value in one error). Resuming restores, from the newest readable checkpoint, the parameters,
+    batch statistics, optimiser state, step and data-iterator position, so the run continues bit
+    for bit; the stored config must match `config` except for `config_checks.RESUMABLE` settings
+    (changed ones are announced). An unreadable newest checkpoint is reported and the previous one
+    used (`checkpoints.restore`). metrics.jsonl rows of steps after the restored one are dropped.
+    """
+    config_checks.validate(config)
+    train_state.initialize(config)
+    workdir = paths.resolve(workdir)
     config = ml_collections.ConfigDict(config)
     if config.data.name == "chest_phantom":
-        config.data.tfds_dir = os.path.expanduser(config.data.tfds_dir)
+        config.data.tfds_dir = os.fspath(paths.resolve(config.data.tfds_dir))
     run = _Run(config, workdir)
     state = run.setup.state
     summary: dict[str, Any] = {}
-    start_step = run.mngr.latest_step()
-    if start_step is not None:
-        state = checkpoints.restore(run.mngr, start_step, state, run.data_iter)
-        run.announce(f"resumed from step {start_step} in {run.mngr.directory}")
+    restored = checkpoints.restore(run.mngr, state, run.data_iter, config)
+    dropped = run.open_writer(None if restored is None else restored.step)
+    if restored is not None:
+        start_step, state = restored.step, restored.state
+        changed = "; changed on resume: " + ", ".join(restored.changes) if restored.changes else ""
+        run.announce(f"resumed from step {start_step} in {run.mngr.directory}{changed}")
     else:
         start_step = 0
         run.announce("starting from scratch")
+    if dropped:
+        run.writer.log(dropped)
+    if restored is None:
         summary["initial"] = run.validate(0, state)
     state, preempted = _train(run, state, start_step, summary)
     run.mngr.wait_until_finished()

@@ -15,9 +15,9 @@ LAYERS = (
     ("isimed.evaluation", "isimed.export"),
     ("isimed.checkpoints",),
     ("isimed.train_state",),
-    ("isimed.methods", "isimed.data", "isimed.writers"),
+    ("isimed.methods", "isimed.config_checks", "isimed.data", "isimed.writers"),
     ("isimed.augment", "isimed.models", "isimed.losses"),
-    ("isimed.geometry",),
+    ("isimed.geometry", "isimed.paths"),
 )
 RANK = {unit: i for i, row in enumerate(LAYERS) for unit in row}
 
