@@ -264,6 +264,18 @@ def _drop_metrics_after(path, step: int) -> int:
     return dropped
 
 
+def _check_writable(workdir) -> None:
+    """Creates `workdir` and writes and deletes a file in it (each process its own), so a
+    workdir that cannot be written stops the run at once with one message, not deep in orbax."""
+    probe = workdir / f".write_test_process_{jax.process_index()}"
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise type(e)(f"workdir {workdir} cannot be written: {e}") from e
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Pretrains (resuming from `workdir` if it holds a checkpoint) and returns the summary.
 
@@ -277,6 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_checks.validate(config)
     train_state.initialize(config)
     workdir = paths.resolve(workdir)
+    _check_writable(workdir)
     config = ml_collections.ConfigDict(config)
     if config.data.name == "chest_phantom":
         config.data.tfds_dir = os.fspath(paths.resolve(config.data.tfds_dir))

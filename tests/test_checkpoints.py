@@ -326,6 +326,11 @@ def _mismatch(t: Trigger):
     return lambda: checkpoints.load_encoder(str(workdir))
 
 
+def _unwritable_workdir(t: Trigger):
+    (t.tmp_path / "a_file").write_text("")
+    return t.start(t.tmp_path / "a_file" / "run")
+
+
 TRIGGERS = {
     "config.interval": lambda t: _bad_config(t, checkpoint_every=0),
     "config.keep": lambda t: _bad_config(t, keep_checkpoints=0),
@@ -341,6 +346,7 @@ TRIGGERS = {
     "config.other": lambda t: _bad_config(t, **{"optim.warmup_steps": -1}),
     "config.several": lambda t: _bad_config(
         t, checkpoint_every=0, keep_checkpoints=0, **{"optim.learning_rate": -1.0}),
+    "workdir.unwritable": _unwritable_workdir,
     "resume.drift": lambda t: t.start(
         t.workdir(), seed=1, **{"model.embed_dim": 64, "optim.learning_rate": 1e-3}),
     "resume.allowed": lambda t: t.start(t.workdir(), total_steps=160, log_every=5),
