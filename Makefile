@@ -1,14 +1,15 @@
 # Quick start:  make demo   (install + ISImed pretraining on the synthetic chest phantom)
 #               make test   (install + tests)
+# Another interpreter in its own venv: make test PYTHON=python3.12 VENV=.venv-py312
 PYTHON ?= python3.11
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/isimed_chest_demo
 
 .PHONY: install test demo benchmark compare clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "$(PYTHON) is not a working Python 3.11 or newer (set PYTHON=python3.X)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -35,6 +36,13 @@ benchmark: install
 SEEDS ?= 1
 compare: install
 	$(PY) -m benchmarks.compare_methods --seeds=$(SEEDS)
+
+# TensorBoard on every run under workdirs/ (LOGDIR=...); installs the [tracking] extra on first use.
+LOGDIR ?= workdirs
+.PHONY: tensorboard
+tensorboard: install
+	@test -x $(VENV)/bin/tensorboard || $(PY) -m pip install -q -e '.[tracking]'
+	$(VENV)/bin/tensorboard --logdir $(LOGDIR)
 
 clean:
 	rm -rf $(VENV) *.egg-info

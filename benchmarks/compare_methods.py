@@ -18,6 +18,7 @@ import os
 import time
 
 import numpy as np
+import tqdm
 from absl import app
 from absl import flags
 from absl import logging
@@ -152,7 +153,13 @@ def main(argv):
     FLAGS.workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
     FLAGS.data_dir = os.path.expanduser(FLAGS.data_dir)
     start = time.time()
-    runs = {m: [run_one(m, seed) for seed in range(FLAGS.seeds)] for m in FLAGS.methods}
+    runs: dict[str, list[dict]] = {m: [] for m in FLAGS.methods}
+    jobs = [(m, seed) for m in FLAGS.methods for seed in range(FLAGS.seeds)]
+    # Runs done and the ETA over all of them (stderr, only on a terminal; redrawn after each run).
+    with tqdm.tqdm(jobs, desc="compare", unit="run", disable=None) as bar:
+        for method, seed in bar:
+            bar.set_postfix_str(f"{method} seed {seed}")
+            runs[method].append(run_one(method, seed))
     rows = summarise(runs)
     steps = runs[FLAGS.methods[0]][0]["steps"]
     spread = "std over seeds" if FLAGS.seeds > 1 else "std over the probe's subject-grouped folds"

@@ -107,6 +107,14 @@ def pretraining(
     c.checkpoint_every = c.eval_every
     c.keep_checkpoints = 3
 
+    # Weights & Biases (pip install -e '.[tracking]'): off unless a project is set, e.g.
+    # --config.wandb.project=isimed --config.wandb.mode=offline (no account or network needed).
+    c.wandb = ml_collections.ConfigDict()
+    c.wandb.project = ml_collections.config_dict.placeholder(str)
+    c.wandb.entity = ml_collections.config_dict.placeholder(str)  # None: the account's default.
+    c.wandb.name = ml_collections.config_dict.placeholder(str)  # None: the workdir's name.
+    c.wandb.mode = ml_collections.config_dict.placeholder(str)  # None: WANDB_MODE, else online.
+
     # Held-out evaluation: fixed crops of validation (during training) and test (at the end) subjects.
     c.eval = ml_collections.ConfigDict()
     c.eval.crops_per_image = {"paper": 32, "demo": 32, "test": 16}[p]

@@ -11,17 +11,24 @@ import os
 from collections.abc import Mapping
 
 import jax
+import ml_collections
+from etils import epath
 from tensorboardX import SummaryWriter
 
 
 class MetricWriter:
-    def __init__(self, workdir: str):
+    """Writes scalars to TensorBoard, metrics.jsonl and log.txt and, when `config.wandb.project`
+    is set, to a Weights & Biases run (see `_wandb_run`); only on process 0."""
+
+    def __init__(self, workdir: str | os.PathLike, config: ml_collections.ConfigDict | None = None):
         self._active = jax.process_index() == 0
+        self._wandb = None
         if self._active:
             os.makedirs(workdir, exist_ok=True)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
             self._text = open(os.path.join(workdir, "log.txt"), "a")
+            self._wandb = _wandb_run(workdir, config)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         if not self._active:
@@ -31,6 +38,8 @@ class MetricWriter:
             self._tb.add_scalar(key, value, step)
         self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
         self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(step))
         self.log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
 
     def log(self, line: str) -> None:
@@ -45,3 +54,46 @@ class MetricWriter:
             self._tb.close()
             self._jsonl.close()
             self._text.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+                self._wandb = None
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _wandb_run(workdir: str | os.PathLike, config: ml_collections.ConfigDict | None):
+    """A W&B run when `config.wandb.project` is set, else None (wandb is imported only then).
+
+    The run's files go to `WORKDIR/wandb/` (a local workdir; for a URI, wandb's default folder).
+    Its id is kept in `WORKDIR/wandb_run_id`, so a resumed pretraining run continues the same W&B
+    run. `wandb.mode` None leaves the mode to wandb (WANDB_MODE, else online); "offline" writes
+    locally only, needs no account or network, and `wandb sync` uploads it later.
+    """
+    settings = None if config is None else config.get("wandb")
+    if settings is None or not settings.get("project"):
+        return None
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(
+            f"config.wandb.project={settings.project!r} needs wandb, which is not installed: "
+            "pip install -e '.[tracking]'"
+        ) from e
+    workdir = epath.Path(workdir)
+    uri = "://" in os.fspath(workdir)
+    id_file = workdir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    run = wandb.init(
+        project=settings.project,
+        entity=settings.get("entity"),
+        mode=settings.get("mode"),
+        name=settings.get("name") or workdir.name,
+        id=run_id,
+        resume="allow",
+        dir=None if uri else os.fspath(workdir),
+        config=config.to_dict(),
+    )
+    if run_id is None:
+        id_file.write_text(run.id)
+    return run

@@ -42,6 +42,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import tqdm
 from scipy import ndimage
 
 from isimed import geometry
@@ -300,26 +301,9 @@ def _start(out: str, settings: dict, plan: dict, split_names: Sequence[str]) -> 
                        "status": "incomplete", "settings": settings, "plan": plan})
 
 
-class _Progress:
-    """A carriage-return progress line with count, rate and ETA on stderr."""
-
-    def __init__(self, total: int, label: str, enabled: bool = True):
-        self.total, self.label, self.enabled = total, label, enabled
-        self.start = self.last = time.time()
-        self.n = 0
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        now = time.time()
-        if self.enabled and (now - self.last > 0.5 or self.n == self.total):
-            self.last = now
-            rate = self.n / max(now - self.start, 1e-9)
-            eta = (self.total - self.n) / rate if rate > 0 else 0.0
-            sys.stderr.write(f"\r{self.label}: {self.n}/{self.total}  {rate:.2f}/s  "
-                             f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}   ")
-            if self.n == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+def _progress(total: int, label: str, enabled: bool, unit: str) -> tqdm.tqdm:
+    """A tqdm bar (count, rate, ETA) on stderr; shown only when stderr is a terminal."""
+    return tqdm.tqdm(total=total, desc=label, unit=unit, disable=None if enabled else True)
 
 
 def peak_rss_mb() -> float:
@@ -374,6 +358,7 @@ def prepare(
         `layouts.load_splits`, a JSON file {split: [case ids]}, or such a dict. MedMNIST: its own.
       skip_bad: skip unreadable/invalid volumes (listed in prepared.json); else raise on the first.
       shard_size: MedMNIST images per array_record file.
+      progress: a progress bar on stderr (shown only when stderr is a terminal).
     """
     out = os.path.abspath(os.path.expanduser(out))
     root = os.path.expanduser(root)
@@ -470,7 +455,7 @@ def _prepare_volumes(root, out, settings, split_lists, ndim, skip_bad, progress)
     assignment, assigned, plan = _plan_volumes(root, settings, split_lists)
     _start(out, settings, plan, list(plan))
 
-    bar = _Progress(sum(len(c) for c in assigned.values()), "prepare", progress)
+    bar = _progress(sum(len(c) for c in assigned.values()), "prepare", progress, "case")
     splits_out, skipped, counts = {}, [], {"done": 0, "resumed": 0, "skipped": 0}
     has_mask = False
     for split, split_cases in assigned.items():
@@ -492,6 +477,7 @@ def _prepare_volumes(root, out, settings, split_lists, ndim, skip_bad, progress)
                 skipped.append({"split": split, "case_id": case.case_id, "image": case.image,
                                 "mask": case.mask, "reason": reason})
         splits_out[split] = {"count": len(entries), "files": entries}
+    bar.close()
     return _manifest(
         settings, plan, root, ndim, has_mask=has_mask, label_names=None, splits_out=splits_out,
         skipped=skipped, counts=counts,
@@ -553,7 +539,7 @@ def _prepare_medmnist(root, out, settings, shard_size, progress) -> dict:
         n = len(images)
         shards = math.ceil(n / shard_size)
         entries = []
-        bar = _Progress(n, f"prepare {split}", progress)
+        bar = _progress(n, f"prepare {split}", progress, "image")
         for s in range(shards):
             a, b = s * shard_size, min(n, (s + 1) * shard_size)
             name = f"{stem}-{s:05d}-of-{shards:05d}.array_record"
@@ -566,6 +552,7 @@ def _prepare_medmnist(root, out, settings, shard_size, progress) -> dict:
                                       for i in range(a, b)])
                 counts["done"] += b - a
             bar.update(b - a)
+        bar.close()
         splits_out[split] = {"count": n, "files": entries}
         del images, labels
     return _manifest(settings, plan, root, ndim, has_mask=False, label_names=label_names,

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
+import tqdm
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -79,6 +79,8 @@ def embed_elements(
     combine: Callable[[list[np.ndarray]], np.ndarray],
     *,
     with_crops: bool,
+    desc: str | None = None,
+    total: int | None = None,
 ) -> dict:
     """Runs every encoder on the "crops" of each element and gathers all elements' arrays.
 
@@ -86,9 +88,14 @@ def embed_elements(
     "crops" unless `with_crops`) plus `embeddings` as `{name: combine([embedded crops])}`; `{}`
     when there are no elements. `combine` is `np.stack` for equal-sized elements (one image each
     in `collect`) or `np.concatenate` to pool rows (grid crops of images of different sizes).
+    With `desc`, a progress bar over the elements (`total` of them, if known) on process 0's
+    stderr, shown only when stderr is a terminal and removed when done.
     """
     parts: dict[str, list[np.ndarray]] = {}
     embedded: dict[str, list[np.ndarray]] = {name: [] for name in embeds}
+    if desc is not None:
+        elements = tqdm.tqdm(elements, desc=desc, total=total, unit="image", leave=False,
+                             disable=None if jax.process_index() == 0 else True)
     for element in elements:
         for name, embed in embeds.items():
             embedded[name].append(embed(element["crops"]))
@@ -131,10 +138,9 @@ def collect(
             if n >= max_images:
                 break
             yield {key: value[0] for key, value in element.items()}
-            if (n + 1) % 50 == 0:
-                logging.info("embedded %d images of split %r", n + 1, split)
 
-    out = embed_elements(first_images(), embeds, np.stack, with_crops=with_crops)
+    out = embed_elements(first_images(), embeds, np.stack, with_crops=with_crops,
+                         desc=f"embed {split}", total=max_images)
     if not out:
         raise ValueError(f"split {split!r} of {config.data.name} has no images")
     return out
