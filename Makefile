@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/isimed_chest_demo
 
-.PHONY: install test demo benchmark compare clean
+.PHONY: install test demo benchmark benchmark-reference compare clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "$(PYTHON) is not a working Python 3.11 or newer (set PYTHON=python3.X)"; exit 1; }
@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
 demo: install
 	$(PY) main.py --config=configs/isimed_chest.py:demo --workdir=$(WORKDIR)
@@ -26,11 +26,28 @@ demo: install
 		--config.pretrain_workdir=$(WORKDIR) --workdir=$(WORKDIR)/linear_eval
 
 benchmark: install
+	$(PY) -m benchmarks.train_loop
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.augment
 	# 16 DenseNet-121 crops per step keeps this to ~15 min on 2 CPU cores; on a GPU run
 	# `python -m benchmarks.train_step` for the 128-crop rows.
 	$(PY) -m benchmarks.train_step --densenet_crops=16
+
+# The authors' PyTorch + MONAI DenseNet-121 step against this project's, same shapes, same CPU
+# (own venv: torch and monai are not project dependencies). CROPS=128 crops of 32^3 per step.
+REF_VENV := .venv-reference
+REF_PY := $(REF_VENV)/bin/python
+CROPS ?= 128
+
+$(REF_VENV)/.installed: setup.cfg pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	$(PYTHON) -m venv $(REF_VENV)
+	$(REF_PY) -m pip install -q --upgrade pip
+	$(REF_PY) -m pip install -q -e . 'torch==2.13.0+cpu' 'monai==1.6.1'
+	touch $@
+
+benchmark-reference: $(REF_VENV)/.installed
+	$(REF_PY) -m benchmarks.reference --crops=$(CROPS)
 
 # ISImed vs SimCLR, VICReg, Barlow Twins on the phantom (demo preset; SEEDS=3 for seed spread).
 SEEDS ?= 1

@@ -55,6 +55,9 @@ def phantom_data(preset_name: str) -> ml_collections.ConfigDict:
     d.name = "chest_phantom"
     d.variant = {"paper": "large3d", "demo": "demo3d", "demo2d": "demo2d", "test": "tiny3d"}[preset_name]
     d.tfds_dir = "~/tensorflow_datasets"  # Where TFDS keeps the generated phantom.
+    # Decoded volumes kept in memory (per process), so each is decoded once: the demo and test
+    # phantoms fit whole.
+    d.cache_mb = 2048
     d.window = (-1000.0, 1000.0)  # CT HU window -> [-1, 1].
     d.foreground_threshold = -900.0  # HU; air outside the body is about -1000.
     return d
@@ -71,6 +74,19 @@ def prepared_data(preset_name: str) -> ml_collections.ConfigDict:
     return d
 
 
+def distributed(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Runtime fields. Multi-host: `distributed=True` calls jax.distributed.initialize(), which
+    detects Cloud TPU, SLURM, Open MPI and Kubernetes launches; for a manual launch also set the
+    other three (None: detected). Compiled programs are cached across runs in
+    `compilation_cache_dir` (None: no cache)."""
+    c.compilation_cache_dir = "~/.cache/isimed/jax"
+    c.distributed = False
+    c.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port" of process 0.
+    c.num_processes = ml_collections.config_dict.placeholder(int)
+    c.process_id = ml_collections.config_dict.placeholder(int)
+    return c
+
+
 def pretraining(
     preset_name: str, data: ml_collections.ConfigDict, method: str = "isimed"
 ) -> ml_collections.ConfigDict:
@@ -79,12 +95,7 @@ def pretraining(
     p = _cpu(preset_name)
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # Multi-host: True calls jax.distributed.initialize(), which detects Cloud TPU, SLURM, Open MPI
-    # and Kubernetes launches; for a manual launch set the three fields below (None: detected).
-    c.distributed = False
-    c.coordinator_address = ml_collections.config_dict.placeholder(str)  # "host:port" of process 0.
-    c.num_processes = ml_collections.config_dict.placeholder(int)
-    c.process_id = ml_collections.config_dict.placeholder(int)
+    distributed(c)
     c.data = data
 
     c.model = ml_collections.ConfigDict()
@@ -106,6 +117,9 @@ def pretraining(
     c.eval_every = {"paper": 1000, "demo": 200, "test": 50}[p]
     c.checkpoint_every = c.eval_every
     c.keep_checkpoints = 3
+    # (first, last): a jax.profiler trace of these steps into WORKDIR/profile (TensorBoard's
+    # profile plugin reads it); () for none.
+    c.profile_steps = ()
 
     # Weights & Biases (pip install -e '.[tracking]'): off unless a project is set, e.g.
     # --config.wandb.project=isimed --config.wandb.mode=offline (no account or network needed).

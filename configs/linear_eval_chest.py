@@ -17,6 +17,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.pretrain_workdir = ml_collections.config_dict.placeholder(str)
     c.checkpoint = "latest"  # "latest", "best" (highest validation Spearman logged) or a step number.
     c.seed = 0
+    common.distributed(c)
     c.data_dir = ml_collections.config_dict.placeholder(str)  # Overrides the pretraining data dir.
 
     # Crop-level lesion classification (the paper's protocol): K crops per evaluation subject, a

@@ -417,8 +417,16 @@ def read_state(workdir: str, step: int) -> dict:
     """Every leaf of the train state saved at `step` (params, batch_stats, opt_state, step) as
     numpy arrays, in the structure orbax stored it (optimiser tuples as lists): for comparing runs
     leaf by leaf. Evaluation uses `load_encoder`."""
+    directory = paths.resolve(workdir) / "checkpoints" / str(step) / "state"
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(paths.resolve(workdir) / "checkpoints" / str(step) / "state")
+        # On this process's first device, whatever topology wrote it.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+            checkpointer.metadata(directory).item_metadata.tree,
+        )
+        state = checkpointer.restore(directory, target)
+    return jax.tree.map(np.asarray, state)
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:

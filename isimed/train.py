@@ -295,9 +295,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.data.tfds_dir = os.fspath(paths.resolve(config.data.tfds_dir))
     run = _Run(config, workdir)
     state = run.setup.state
-    summary: dict[str, Any] = {}
     restored = checkpoints.restore(run.mngr, state, run.data_iter, config)
     dropped = run.open_writer(None if restored is None else restored.step)
+    try:
+        return _train_and_finish(run, state, restored, dropped)
+    except BaseException:
+        run.writer.close()  # Flushes the logs when the run stops with an error.
+        raise
+
+
+def _train_and_finish(run: _Run, state, restored, dropped: str | None) -> dict[str, Any]:
+    """Announces the start, validates at step 0 (fresh runs), trains, then the held-out summary."""
+    summary: dict[str, Any] = {}
     if restored is not None:
         start_step, state = restored.step, restored.state
         changed = "; changed on resume: " + ", ".join(restored.changes) if restored.changes else ""

@@ -9,6 +9,7 @@ NNX encoder with `nnx.split`, so it can be donated, sharded and checkpointed as 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,10 +26,26 @@ from isimed import augment
 from isimed import losses
 from isimed import methods
 from isimed import models
+from isimed import paths
 from isimed.models.heads import MLPHead
 
 State = dict[str, Any]
 Batch = dict[str, jnp.ndarray]
+
+
+def initialize(config: ml_collections.ConfigDict) -> None:
+    """Process-wide JAX setup, before anything is compiled: `jax.distributed.initialize` for
+    `config.distributed` (unset fields auto-detected) and the persistent compilation cache in
+    `config.compilation_cache_dir` (a rerun or resume then loads compiled programs instead of
+    compiling them again; None: off)."""
+    if config.get("distributed") and not jax.distributed.is_initialized():
+        jax.distributed.initialize(
+            coordinator_address=config.get("coordinator_address"),
+            num_processes=config.get("num_processes"),
+            process_id=config.get("process_id"),
+        )
+    if config.get("compilation_cache_dir"):
+        jax.config.update("jax_compilation_cache_dir", os.fspath(paths.resolve(config.compilation_cache_dir)))
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -144,9 +161,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, networks: Networks):
 
 
 def metrics_class(method: methods.Method) -> type[clu_metrics.Collection]:
-    """Per-step training metrics: the method's loss terms plus what every method logs. The
-    collapse indicators (std of the normalised embeddings, RankMe) are on encoder embeddings."""
-    averaged = ("loss", *method.terms, "grad_norm", "nonfinite", "embedding_std", "rankme")
+    """Per-step training metrics: the method's loss terms plus what every method logs."""
+    averaged = ("loss", *method.terms, "grad_norm", "nonfinite")
     last = ("learning_rate", *method.last_terms)
     return clu_metrics.Collection.create(
         **{name: clu_metrics.Average.from_output(name) for name in averaged},
@@ -163,7 +179,7 @@ def make_train_step(config: ml_collections.ConfigDict, networks: Networks, tx, s
     def train_step(state: State, batch: Batch):
         # Augmentation randomness is a function of (seed, step): resuming replays it exactly.
         key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
-        (loss, (aux, batch_stats, z)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (aux, batch_stats, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state["params"], state["batch_stats"], batch, key
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -179,12 +195,9 @@ def make_train_step(config: ml_collections.ConfigDict, networks: Networks, tx, s
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, state)
         new_state["step"] = state["step"] + 1
-        z = jax.lax.stop_gradient(z.reshape(-1, z.shape[-1]))
         step_metrics = metrics.single_from_model_output(
             loss=loss,
             **{name: aux[name] for name in (*method.terms, *method.last_terms)},
-            embedding_std=losses.embedding_std(z),
-            rankme=losses.rankme(z),
             grad_norm=grad_norm,
             nonfinite=1.0 - finite.astype(jnp.float32),
             learning_rate=schedule(state["step"]),
@@ -194,12 +207,28 @@ def make_train_step(config: ml_collections.ConfigDict, networks: Networks, tx, s
     return train_step
 
 
+def make_monitor_fn(networks: Networks):
+    """Collapse monitors `(state, batch) -> {"embedding_std", "rankme"}` on the encoder embeddings
+    of the batch's first view, as the step sees them (train-mode BatchNorm; the statistics are not
+    kept). Run on logging steps only: RankMe's SVD of the (N, D) embeddings is far too costly for
+    every step (a 1024 x 1024 SVD per step at paper scale)."""
+
+    def monitors(state: State, batch: Batch) -> dict[str, jnp.ndarray]:
+        crops = batch["crops"]
+        x = crops.reshape(crops.shape[0] * crops.shape[1], *crops.shape[2:])
+        z, _ = networks.apply(state["params"]["encoder"], state["batch_stats"], x, train=True)
+        return {"embedding_std": losses.embedding_std(z), "rankme": losses.rankme(z)}
+
+    return monitors
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
     """What `create_train_step` builds. `state` is the initial state, replicated on the mesh;
     `step` is jitted with the state donated and the batch sharded by image over `data`;
     `grad_fn(params, batch_stats, batch, key) -> ((loss, aux), grads)` is the same loss, jitted
-    with the same shardings (for tests that compare gradients across device counts)."""
+    with the same shardings (for tests that compare gradients across device counts);
+    `monitors(state, batch)` the collapse monitors, for logging steps."""
 
     networks: Networks
     tx: optax.GradientTransformation
@@ -207,6 +236,7 @@ class TrainSetup:
     state: State
     step: Callable[[State, Batch], tuple[State, clu_metrics.Collection]]
     grad_fn: Callable
+    monitors: Callable[[State, Batch], dict[str, jnp.ndarray]]
     replicated: NamedSharding
     data_sharding: NamedSharding
 
@@ -232,5 +262,9 @@ def create_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     grad_fn = jax.jit(
         jax.value_and_grad(make_loss_fn(config, networks), has_aux=True),
         in_shardings=(replicated, replicated, data_sharding, replicated),
+        out_shardings=replicated,
     )
-    return TrainSetup(networks, tx, schedule, state, step, grad_fn, replicated, data_sharding)
+    monitors = jax.jit(
+        make_monitor_fn(networks), in_shardings=(replicated, data_sharding), out_shardings=replicated
+    )
+    return TrainSetup(networks, tx, schedule, state, step, grad_fn, monitors, replicated, data_sharding)

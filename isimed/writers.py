@@ -1,7 +1,9 @@
 """Metric writers: TensorBoard event files, a JSON-lines log and a plain-text log (also printed).
 
-clu.metric_writers would pull in TensorFlow; tensorboardX writes the same event files without it.
-Only process 0 writes.
+clu.metric_writers would pull in TensorFlow; tensorboardX writes the same event files without it
+(to `gs://` too, with google-cloud-storage installed). Only process 0 writes. The logs are
+appended to, so a resumed run continues them; object stores cannot append, so for a URI workdir
+each flush rewrites the whole (small) file.
 """
 
 from __future__ import annotations
@@ -15,6 +17,32 @@ import ml_collections
 from etils import epath
 from tensorboardX import SummaryWriter
 
+from isimed import paths
+
+
+class _LogFile:
+    """A text file lines are appended to: in place locally, by rewriting on object stores."""
+
+    def __init__(self, path):
+        self._path = path
+        self._rewrite = paths.is_uri(path)
+        if self._rewrite:
+            self._text = path.read_text() if path.exists() else ""
+        else:
+            self._file = open(path, "a")
+
+    def write_line(self, line: str) -> None:
+        if self._rewrite:
+            self._text += line + "\n"
+            self._path.write_text(self._text)
+        else:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if not self._rewrite:
+            self._file.close()
+
 
 class MetricWriter:
     """Writes scalars to TensorBoard, metrics.jsonl and log.txt and, when `config.wandb.project`
@@ -24,10 +52,11 @@ class MetricWriter:
         self._active = jax.process_index() == 0
         self._wandb = None
         if self._active:
-            os.makedirs(workdir, exist_ok=True)
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self._text = open(os.path.join(workdir, "log.txt"), "a")
+            workdir = paths.resolve(workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+            self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
+            self._jsonl = _LogFile(workdir / "metrics.jsonl")
+            self._text = _LogFile(workdir / "log.txt")
             self._wandb = _wandb_run(workdir, config)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
@@ -36,8 +65,7 @@ class MetricWriter:
         scalars = {f"{prefix}{k}": float(v) for k, v in scalars.items()}
         for key, value in scalars.items():
             self._tb.add_scalar(key, value, step)
-        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.write_line(json.dumps({"step": int(step), **scalars}))
         if self._wandb is not None:
             self._wandb.log(scalars, step=int(step))
         self.log(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
@@ -46,11 +74,12 @@ class MetricWriter:
         """A progress line: printed and appended to log.txt."""
         if self._active:
             print(line, flush=True)
-            self._text.write(line + "\n")
-            self._text.flush()
+            self._text.write_line(line)
 
     def close(self) -> None:
+        """Flushes and closes everything; later calls do nothing."""
         if self._active:
+            self._active = False
             self._tb.close()
             self._jsonl.close()
             self._text.close()

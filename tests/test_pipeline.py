@@ -55,7 +55,9 @@ def test_batch_shapes_centres_and_labels():
     source = coded_source()
     by_id = {r["id"]: r for r in source}
     cfg = data_config()
-    batch = next(iter(pipeline.make_dataset(cfg, "train", seed=0, train=True, source=source)))
+    # Evaluation batches carry the lesion labels (training batches skip them).
+    batch = next(iter(pipeline.make_dataset(cfg, "train", seed=0, train=False, batch_size=3,
+                                            source=source)))
     assert batch["crops"].shape == (3, 5, 4, 6, 5, 1) and batch["crops"].dtype == np.float32
     assert batch["centres"].shape == (3, 5, 3) and batch["centres"].dtype == np.float32
     assert batch["lesion_fraction"].shape == (3, 5) and batch["has_lesion"].shape == (3, 5)
@@ -192,3 +194,46 @@ def test_unknown_config_key_fails_on_the_command_line(tmp_path):
     )
     assert result.returncode != 0
     assert "crop_sise" in result.stderr
+
+
+class _CountingSource:
+    """Records of 1,000 bytes each; counts how often each is decoded."""
+
+    def __init__(self, n=6):
+        self.reads = [0] * n
+
+    def __len__(self):
+        return len(self.reads)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        return {"id": np.int32(i), "image": np.full(1000, i, np.uint8)}
+
+
+def test_record_cache_decodes_each_record_once_within_its_budget():
+    import pickle
+
+    source = _CountingSource()
+    cache = pipeline.RecordCache(source, max_mb=3500 / 2**20)  # Room for 3 records.
+    for i in (0, 1, 2, 0, 1, 2):
+        assert int(cache[i]["image"][0]) == i
+    assert source.reads[:3] == [1, 1, 1]
+    cache[3]  # Evicts the least recently used record, 0.
+    cache[1], cache[0]
+    assert source.reads[:4] == [2, 1, 1, 1]
+    fresh = pickle.loads(pickle.dumps(cache))  # A worker starts empty.
+    fresh[1]
+    assert source.reads[1] == 1 and fresh.source is not source
+
+
+def test_cached_pipeline_gives_the_same_batches(test_config):
+    data = test_config.data
+    batches = {}
+    for cache_mb in (0, 64):
+        data.cache_mb = cache_mb
+        it = iter(pipeline.make_dataset(data, "train", seed=3, train=True))
+        batches[cache_mb] = [next(it) for _ in range(4)]
+    for a, b in zip(batches[0], batches[64]):
+        assert a.keys() == b.keys() == {"crops", "centres", "image_id"}  # No labels in training.
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from isimed import paths
+
 MANIFEST = "prepared.json"
 FORMAT = "isimed-prepared"
 # 1: one np.savez payload per record (its npy headers are parsed with ast: no longer read).
@@ -201,15 +203,14 @@ def manifest_format_version(manifest: dict[str, Any]) -> int:
 
 def load_manifest(directory: str) -> dict[str, Any]:
     """The parsed `prepared.json` of a prepared directory; ValueError if missing or unfinished."""
-    directory = os.path.expanduser(directory)
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.exists(path):
+    directory = paths.resolve(directory)
+    path = directory / MANIFEST
+    if not path.exists():
         raise FileNotFoundError(
             f"{path} not found: {directory!r} is not a prepared directory "
             "(run `python -m isimed.data.prepare ... --out=DIR` first)"
         )
-    with open(path) as f:
-        manifest = json.load(f)
+    manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: not written by isimed.data.prepare")
     version = manifest_format_version(manifest)
@@ -237,7 +238,7 @@ class PreparedSource:
     """
 
     def __init__(self, directory: str, split: str, dtype=np.float32):
-        self.directory = os.path.abspath(os.path.expanduser(directory))
+        self.directory = os.fspath(paths.resolve(directory))
         self.split = split
         self.dtype = dtype
         manifest = load_manifest(self.directory)
@@ -251,7 +252,7 @@ class PreparedSource:
             raise ValueError(f"{self.directory}: split {split!r} is empty (0 prepared examples)")
         # "path[0:n]" lets ArrayRecordDataSource skip opening every file just to count records.
         self._paths = [
-            f"{os.path.join(self.directory, split, e['file'])}[0:{int(e['records'])}]"
+            f"{self.directory}/{split}/{e['file']}[0:{int(e['records'])}]"
             for e in entries
         ]
         self._files = [e["file"] for e in entries]

@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from isimed import paths
+from isimed import train_state
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
 from isimed.evaluation import metrics_log
@@ -29,11 +31,11 @@ def _select_step(pretrain_workdir: str, checkpoint: str) -> int | None:
         return None
     if checkpoint != "best":
         return int(checkpoint)
-    log = os.path.join(pretrain_workdir, "metrics.jsonl")
-    ckpt_dir = os.path.join(pretrain_workdir, "checkpoints")
-    available = {int(d) for d in os.listdir(ckpt_dir) if d.isdigit()} if os.path.isdir(ckpt_dir) else set()
+    log = paths.resolve(pretrain_workdir) / "metrics.jsonl"
+    ckpt_dir = paths.resolve(pretrain_workdir) / "checkpoints"
+    available = {int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit()} if ckpt_dir.is_dir() else set()
     scores = {}
-    if os.path.exists(log):
+    if log.exists():
         for _, row in metrics_log.read_rows(log):
             if "validation/spearman_within" in row and row["step"] in available:
                 scores[row["step"]] = row["validation/spearman_within"]
@@ -69,6 +71,7 @@ def _collect_all(config, pre_config, embed_fns, split, k, lesion_share, max_imag
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs every task and metric for the three feature sets; writes results.json and results.md."""
+    train_state.initialize(config)
     pretrain_workdir, pre_config, embed_fns, state = _load_pretrained(config)
     evaluation = _collect_all(config, pre_config, embed_fns, config.eval_split,
                               config.crops_per_image, config.lesion_share, config.max_images)
@@ -104,7 +107,7 @@ def _load_pretrained(config: ml_collections.ConfigDict):
     """(pretrain workdir, its config with the data dir override applied, embed fns, state)."""
     if not config.pretrain_workdir:
         raise ValueError("set --config.pretrain_workdir to a pretraining --workdir")
-    pretrain_workdir = os.path.abspath(os.path.expanduser(config.pretrain_workdir))
+    pretrain_workdir = os.fspath(paths.resolve(config.pretrain_workdir))
     step = _select_step(pretrain_workdir, str(config.checkpoint))
     pre_config, embeds, state = features_lib.load_embed_fns(pretrain_workdir, step)
     if config.data_dir:
@@ -153,13 +156,12 @@ def _feature_set_row(
 
 def _write_outputs(workdir: str, results: dict[str, Any], pretrained: dict) -> None:
     """results.json (without predictions), results.md, roc.png and pca.png, on process 0."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = paths.resolve(workdir)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(_without_predictions(results), f, indent=2, default=float)
-        with open(os.path.join(workdir, "results.md"), "w") as f:
-            f.write(format_results(results) + "\n")
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "results.json").write_text(
+            json.dumps(_without_predictions(results), indent=2, default=float))
+        (workdir / "results.md").write_text(format_results(results) + "\n")
         # roc.png (out-of-fold lesion-probe scores) and pca.png (pretrained embeddings).
         plots.write_linear_eval_plots(workdir, results, pretrained=pretrained)
 

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from isimed import paths
+
 
 def read_rows(metrics_jsonl_path: str) -> list[tuple[int, dict]]:
     """`(line number (1-based), row)` of every non-blank line, in file order.
@@ -18,8 +20,7 @@ def read_rows(metrics_jsonl_path: str) -> list[tuple[int, dict]]:
     A run killed mid-write leaves a truncated last line: it is skipped, as the rest is good. An
     unreadable line anywhere else is a ValueError naming the file and line.
     """
-    with open(metrics_jsonl_path) as f:
-        lines = f.read().splitlines()
+    lines = paths.resolve(metrics_jsonl_path).read_text().splitlines()
     rows = []
     for line_no, line in enumerate(lines, 1):
         if not line.strip():

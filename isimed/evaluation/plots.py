@@ -11,6 +11,7 @@ pretraining loop and by linear evaluation.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
+from isimed import paths
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
 from isimed.evaluation import metrics_log
@@ -37,12 +39,14 @@ def _figure(nrows: int, ncols: int, panel: tuple[float, float] = _PANEL) -> Figu
     return fig
 
 
-def _save(fig: Figure, out_png: str) -> str:
-    out_png = os.path.abspath(os.path.expanduser(out_png))
-    os.makedirs(os.path.dirname(out_png), exist_ok=True)
+def _save(fig: Figure, out_png: str | os.PathLike) -> str:
+    out_png = paths.resolve(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()  # Through epath, so a gs:// workdir works too.
     # No bbox_inches="tight": the PNG then has exactly figsize * DPI pixels.
-    fig.savefig(out_png, dpi=DPI, format="png")
-    return out_png
+    fig.savefig(buffer, dpi=DPI, format="png")
+    out_png.write_bytes(buffer.getvalue())
+    return os.fspath(out_png)
 
 
 def _subsample(n: int, max_n: int, seed: int) -> np.ndarray:
@@ -108,7 +112,7 @@ def training_curves(metrics_jsonl_path: str, out_png: str) -> str:
     series = metrics_log.read_metrics(metrics_jsonl_path)
     if not series:
         raise ValueError(f"{metrics_jsonl_path} holds no numeric metrics to plot")
-    name = os.path.basename(os.path.dirname(os.path.abspath(metrics_jsonl_path)))
+    name = paths.resolve(metrics_jsonl_path).parent.name
     return _save(_training_curves_figure(series, f"Training curves: {name}"), out_png)
 
 
@@ -374,22 +378,22 @@ def write_training_plots(
     Returns:
       `{plot name: path}` of the files written.
     """
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = paths.resolve(workdir)
     written = {}
-    log = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(log) and metrics_log.read_metrics(log):
-        written["training_curves"] = training_curves(log, os.path.join(workdir, "training_curves.png"))
+    log = workdir / "metrics.jsonl"
+    if log.exists() and metrics_log.read_metrics(log):
+        written["training_curves"] = training_curves(log, workdir / "training_curves.png")
     scale = scale_mm
     if scale is None:
         # Methods without a distance target (SimCLR, VICReg, ...) have no loss.scale: fitted.
         loss = config.get("loss") if hasattr(config, "get") else None
         scale = loss.get("scale") if loss is not None and hasattr(loss, "get") else None
     written["distance_scatter"] = distance_scatter(
-        {"held-out crops": embeddings}, centres, scale, os.path.join(workdir, "distance_scatter.png")
+        {"held-out crops": embeddings}, centres, scale, workdir / "distance_scatter.png"
     )
     flat = features_lib.flatten
     written["pca"] = embedding_pca(
-        flat(embeddings), flat(centres), os.path.join(workdir, "pca.png"),
+        flat(embeddings), flat(centres), workdir / "pca.png",
         lesion=None if lesion is None else flat(lesion),
     )
     return written
@@ -412,7 +416,7 @@ def write_linear_eval_plots(
     Returns:
       `{plot name: path}` of the files written.
     """
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+    workdir = paths.resolve(workdir)
     written = {}
     curves = {}
     for name, row in results.get("feature_sets", {}).items():
@@ -421,7 +425,7 @@ def write_linear_eval_plots(
             curves[name] = (predictions.y_true, predictions.score)
     if curves:
         written["roc"] = roc_curves(
-            curves, os.path.join(workdir, "roc.png"),
+            curves, workdir / "roc.png",
             title="Crop-level lesion ROC (out-of-fold linear-probe scores)",
         )
     if pretrained is not None and "centres" in pretrained:
@@ -432,6 +436,6 @@ def write_linear_eval_plots(
         flat = features_lib.flatten
         written["pca"] = embedding_pca(
             flat(pretrained["embeddings"]), flat(pretrained["centres"]),
-            os.path.join(workdir, "pca.png"), lesion=None if lesion is None else flat(lesion),
+            workdir / "pca.png", lesion=None if lesion is None else flat(lesion),
         )
     return written
