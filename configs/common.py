@@ -46,6 +46,9 @@ def sampling(preset_name: str) -> ml_collections.ConfigDict:
     d.num_threads = {"paper": 8, "demo": 2, "test": 1}[p]
     d.prefetch = 4
     d.num_workers = {"paper": 4, "demo": 0, "test": 0}[p]
+    # Decoded volumes kept in memory per process (least recently used out first); 0: none. Worth
+    # it when the split, or most of it, fits.
+    d.cache_mb = 0
     return d
 
 
@@ -55,9 +58,7 @@ def phantom_data(preset_name: str) -> ml_collections.ConfigDict:
     d.name = "chest_phantom"
     d.variant = {"paper": "large3d", "demo": "demo3d", "demo2d": "demo2d", "test": "tiny3d"}[preset_name]
     d.tfds_dir = "~/tensorflow_datasets"  # Where TFDS keeps the generated phantom.
-    # Decoded volumes kept in memory (per process), so each is decoded once: the demo and test
-    # phantoms fit whole.
-    d.cache_mb = 2048
+    d.cache_mb = 2048  # The demo and test phantoms fit whole: each volume is decoded once.
     d.window = (-1000.0, 1000.0)  # CT HU window -> [-1, 1].
     d.foreground_threshold = -900.0  # HU; air outside the body is about -1000.
     return d
