@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from isimed.models import MODELS, DenseNet, ResNet, SmallCNN, count_params, create_encoder
-from isimed.models.layers import conv
+from isimed.models.layers import avg_pool, conv, max_pool
 
 # XLA compilation dominates the run time of these tests on CPU, hence: rbg
 # keys (their programs compile much faster than threefry's), NumPy inputs, and
@@ -245,18 +245,147 @@ def conv_and_grads(layer, x):
     return layer(x), nnx.grad(loss, argnums=(0, 1))(layer, x)
 
 
-@pytest.mark.parametrize("spatial_dims, kernel, stride, padding", [(3, 3, 2, 1), (2, 7, 2, 3)])
-def test_im2col_conv_matches_lax(spatial_dims, kernel, stride, padding):
-    kw = dict(stride=stride, padding=padding, spatial_dims=spatial_dims, dtype=jnp.float32, use_bias=True)
-    ref = init(lambda: conv(3, 5, kernel, rngs=rngs(), **kw))
-    fast = nnx.eval_shape(lambda: conv(3, 5, kernel, rngs=nnx.Rngs(0), im2col=True, **kw))
+def assert_close_to_scale(actual, desired, tol: float = 1e-5, scale: float | None = None):
+    """|actual - desired| <= tol * (|desired| + scale), scale defaulting to max |desired|."""
+    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+    scale = np.abs(desired).max() if scale is None else scale
+    np.testing.assert_allclose(actual, desired, rtol=tol, atol=tol * scale)
+
+
+# (spatial shape, kernel, stride, padding): the DenseNet's 3^3 "same" convs at 8^3 ... 1^3 (at 1^3
+# only the centre tap meets data), a mixed shape, 2D, 1^d convs (plain matmuls), and the strided
+# stems that fall back to im2col_conv.
+MATMUL_CONV_CASES = {
+    "3d-3x3-8": ((8, 8, 8), 3, 1, 1),
+    "3d-3x3-2": ((2, 2, 2), 3, 1, 1),
+    "3d-3x3-1": ((1, 1, 1), 3, 1, 1),
+    "3d-3x3-mixed": ((5, 2, 1), 3, 1, 1),
+    "2d-3x3": ((7, 6), 3, 1, 1),
+    "2d-5x5-2": ((2, 3), 5, 1, 2),
+    "3d-1x1": ((4, 3, 5), 1, 1, 0),
+    "2d-1x1": ((6, 5), 1, 1, 0),
+    "3d-3x3-stride2": ((9, 9, 9), 3, 2, 1),
+    "2d-7x7-stride2": ((9, 9), 7, 2, 3),
+    "3d-7x7-stride2-stem": ((16, 16, 16), 7, 2, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(MATMUL_CONV_CASES))
+def test_matmul_conv_matches_lax(case):
+    spatial, kernel, stride, padding = MATMUL_CONV_CASES[case]
+    kw = dict(stride=stride, padding=padding, spatial_dims=len(spatial), dtype=jnp.float32, use_bias=True)
+    ref = init(lambda: conv(6, 5, kernel, rngs=rngs(), **kw))
+    fast = nnx.eval_shape(lambda: conv(6, 5, kernel, rngs=nnx.Rngs(0), im2col=True, **kw))
     nnx.update(fast, nnx.state(ref))
-    x = normal((2,) + (9,) * spatial_dims + (3,))
+    x = normal((2, *spatial, 6))
     (y_ref, g_ref), (y_fast, g_fast) = conv_and_grads(ref, x), conv_and_grads(fast, x)
     assert y_ref.shape == y_fast.shape
-    np.testing.assert_allclose(y_fast, y_ref, rtol=1e-4, atol=1e-4)
+    assert_close_to_scale(y_fast, y_ref)
+    # Gradients of the kernel, the bias and the input.
     for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        assert a.shape == b.shape
+        assert_close_to_scale(a, b)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), compiler_options=FAST_COMPILE)
+def pool_and_grad(pool, x, g):
+    y, vjp = jax.vjp(pool, x)
+    return y, vjp(g)[0]
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 4, 3), (3, 6, 2, 5), (1, 2, 2, 2, 1)])
+def test_reshape_max_pool_matches_reduce_window(shape):
+    reference = functools.partial(max_pool, window=3, stride=2, padding=1)
+    fast = functools.partial(max_pool, window=3, stride=2, padding=1, reshape=True)
+    g = normal((shape[0], *((n + 1) // 2 for n in shape[1:-1]), shape[-1]), seed=1)
+    x = normal(shape)
+    # Small integers: many windows hold their maximum twice or more; the gradient must go to
+    # each window's first maximum, as reduce_window's (and PyTorch's) does.
+    ties = jnp.asarray(np.random.default_rng(2).integers(0, 3, shape), jnp.float32)
+    for inputs in (x, ties, jnp.maximum(x, 0.0)):
+        (y_ref, dx_ref), (y, dx) = pool_and_grad(reference, inputs, g), pool_and_grad(fast, inputs, g)
+        np.testing.assert_array_equal(y, y_ref)
+        assert_close_to_scale(dx, dx_ref, tol=1e-6)
+
+
+def test_reshape_max_pool_falls_back_for_odd_sizes():
+    x = normal((2, 7, 6, 3))
+    np.testing.assert_array_equal(max_pool(x, 3, 2, 1, reshape=True), max_pool(x, 3, 2, 1))
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 4, 3), (2, 7, 5, 3, 2), (3, 5, 4, 2)])
+def test_reshape_avg_pool_matches_reduce_window(shape):
+    reference = functools.partial(avg_pool, window=2, stride=2)
+    fast = functools.partial(avg_pool, window=2, stride=2, reshape=True)
+    x = normal(shape)
+    g = normal((shape[0], *(n // 2 for n in shape[1:-1]), shape[-1]), seed=1)
+    (y_ref, dx_ref), (y, dx) = pool_and_grad(reference, x, g), pool_and_grad(fast, x, g)
+    assert_close_to_scale(y, y_ref, tol=1e-6)
+    assert_close_to_scale(dx, dx_ref, tol=1e-6)
+
+
+# A DenseNet with every kind of layer: 32^3 input, 8^3 after the stem and pool, then dense blocks at
+# 8^3, 4^3, 2^3 and 1^3 (where a 3^3 conv sees its centre tap only).
+SMALL_DENSENET = dict(init_features=8, growth_rate=4, block_config=(2, 2, 1, 2), bn_size=2)
+
+
+@fast_jit
+def densenet_step(model, x, g):
+    def loss_fn(m):
+        out = m(x)
+        return jnp.vdot(out, g), out
+
+    (_, out), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return out, grads
+
+
+# Flax writes the float64 batch statistics into its float32 BatchStat variables (both paths).
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-6), ("float32", 1e-3)])
+def test_densenet_matmul_path_matches_lax_path(dtype, tol):
+    """The CPU path (matmul convolutions, reshape pools, transitions pooling before their 1^3
+    conv) is the same network: same parameter tree, outputs, gradients and BatchNorm statistics.
+
+    In float64 compute both paths agree to the float32 rounding of the parameters and of the final
+    pool (tol 1e-6 of the largest value). In float32, train-mode BatchNorms after the stem amplify
+    rounding in the stem's kernel gradient (the largest; for the full DenseNet-121 it differs from
+    the float64 one by ~5e-3 of its size on either path, here by ~2e-4), hence 1e-3.
+    """
+    with jax.enable_x64(dtype == "float64"):
+        build = lambda im2col: DenseNet(
+            spatial_dims=3, embed_dim=8, dtype=dtype, im2col=im2col, rngs=rngs(), **SMALL_DENSENET
+        )
+        ref = init(lambda: build(False))
+        fast = init(lambda: build(True))
+        assert not ref.im2col and fast.im2col
+        ref_state, fast_state = nnx.state(ref), nnx.state(fast)
+        assert jax.tree.structure(ref_state) == jax.tree.structure(fast_state)
+        assert [x.shape for x in jax.tree.leaves(ref_state)] == [x.shape for x in jax.tree.leaves(fast_state)]
+        assert count_params(fast) == count_params(ref)
+        nnx.update(fast, ref_state)
+
+        x, g = normal((4, 32, 32, 32, 1)), normal((4, 8), seed=1)
+        (out_ref, grads_ref), (out, grads) = densenet_step(ref, x, g), densenet_step(fast, x, g)
+        assert_close_to_scale(out, out_ref, tol)
+        # Relative to the largest gradient: some leaves (the stem's BatchNorm, whose output the
+        # next train-mode BatchNorms largely normalise away) are ~1e-5 of the others and made of
+        # cancelling terms.
+        scale = max(np.abs(leaf).max() for leaf in jax.tree.leaves(grads_ref))
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+            assert a.shape == b.shape
+            assert_close_to_scale(a, b, tol, scale=scale)
+        stats, stats_ref = nnx.state(fast, nnx.BatchStat), nnx.state(ref, nnx.BatchStat)
+        for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_ref), strict=True):
+            assert_close_to_scale(a, b, tol)
+        ref.eval()
+        fast.eval()
+        (out_ref, _), (out, _) = densenet_step(ref, x, g), densenet_step(fast, x, g)
+        assert_close_to_scale(out, out_ref, tol)
+
+
+def test_densenet_uses_matmul_path_on_cpu_only():
+    model = nnx.eval_shape(lambda: DenseNet(spatial_dims=3, embed_dim=8, rngs=nnx.Rngs(0), **SMALL_DENSENET))
+    assert model.im2col == (jax.default_backend() == "cpu")
 
 
 def test_unknown_model_name_lists_known_names():

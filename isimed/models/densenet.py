@@ -16,6 +16,7 @@ from isimed.models.layers import (
     global_avg_pool,
     linear,
     max_pool,
+    cpu_backend,
     resolve_dtype,
 )
 
@@ -33,12 +34,14 @@ class DenseLayer(nnx.Module):
         spatial_dims: int,
         dtype: jnp.dtype,
         rngs: nnx.Rngs,
+        im2col: bool = False,
     ) -> None:
         hidden = bn_size * growth_rate
+        kw = dict(spatial_dims=spatial_dims, dtype=dtype, rngs=rngs, im2col=im2col)
         self.bn1 = batch_norm(in_channels, dtype=dtype, rngs=rngs)
-        self.conv1 = conv(in_channels, hidden, 1, spatial_dims=spatial_dims, dtype=dtype, rngs=rngs)
+        self.conv1 = conv(in_channels, hidden, 1, **kw)
         self.bn2 = batch_norm(hidden, dtype=dtype, rngs=rngs)
-        self.conv2 = conv(hidden, growth_rate, 3, padding=1, spatial_dims=spatial_dims, dtype=dtype, rngs=rngs)
+        self.conv2 = conv(hidden, growth_rate, 3, padding=1, **kw)
         self.dropout = nnx.Dropout(dropout_prob, rngs=rngs) if dropout_prob > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -50,16 +53,33 @@ class DenseLayer(nnx.Module):
 
 
 class Transition(nnx.Module):
-    """BN -> ReLU -> 1x1 conv -> 2x2 average pool with stride 2."""
+    """BN -> ReLU -> 1x1 conv -> 2x2 average pool with stride 2.
+
+    With ``im2col`` the pool comes before the (linear, bias-free) 1x1 conv: the same function,
+    with 2^d times fewer multiply-adds.
+    """
 
     def __init__(
-        self, in_channels: int, out_channels: int, *, spatial_dims: int, dtype: jnp.dtype, rngs: nnx.Rngs
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        spatial_dims: int,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
+        im2col: bool = False,
     ) -> None:
         self.bn = batch_norm(in_channels, dtype=dtype, rngs=rngs)
-        self.conv = conv(in_channels, out_channels, 1, spatial_dims=spatial_dims, dtype=dtype, rngs=rngs)
+        self.conv = conv(
+            in_channels, out_channels, 1, spatial_dims=spatial_dims, dtype=dtype, rngs=rngs, im2col=im2col
+        )
+        self.im2col = im2col
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return avg_pool(self.conv(nnx.relu(self.bn(x))), 2, 2)
+        x = nnx.relu(self.bn(x))
+        if self.im2col:
+            return self.conv(avg_pool(x, 2, 2, reshape=True))
+        return avg_pool(self.conv(x), 2, 2)
 
 
 class DenseNet(nnx.Module):
@@ -78,6 +98,9 @@ class DenseNet(nnx.Module):
       bn_size: bottleneck width of a dense layer, in multiples of ``growth_rate``.
       dropout_prob: dropout after each dense layer's 3x3 conv (needs a
         ``dropout`` RNG stream in ``rngs`` when positive).
+      im2col: compute convolutions as matmuls (1^d convs) and patches + matmul (the others), and
+        the pools with reshapes (see :func:`~isimed.models.layers.matmul_conv`); much faster under
+        XLA:CPU, same function and parameters. ``None`` (default): when JAX's backend is the CPU.
       rngs: parameter (and dropout) RNGs.
     """
 
@@ -93,11 +116,13 @@ class DenseNet(nnx.Module):
         block_config: Sequence[int] = (6, 12, 24, 16),
         bn_size: int = 4,
         dropout_prob: float = 0.0,
+        im2col: bool | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         check_spatial_dims(spatial_dims)
         self.dtype = resolve_dtype(dtype)
-        kw = dict(spatial_dims=spatial_dims, dtype=self.dtype, rngs=rngs)
+        self.im2col = cpu_backend() if im2col is None else im2col
+        kw = dict(spatial_dims=spatial_dims, dtype=self.dtype, rngs=rngs, im2col=self.im2col)
         self.stem = conv(in_channels, init_features, 7, stride=2, padding=3, **kw)
         self.stem_bn = batch_norm(init_features, dtype=self.dtype, rngs=rngs)
 
@@ -120,7 +145,7 @@ class DenseNet(nnx.Module):
     def features(self, x: jax.Array) -> jax.Array:
         """(N, *spatial, C) inputs -> final feature map, after the last BN-ReLU."""
         x = nnx.relu(self.stem_bn(self.stem(x)))
-        x = max_pool(x, 3, 2, 1)
+        x = max_pool(x, 3, 2, 1, reshape=self.im2col)
         for stage in self.stages:
             x = stage(x)
         return nnx.relu(self.final_bn(x))
