@@ -138,7 +138,7 @@ def restore(
             position = _iterator_state(stored["data"], data_iter.get_state(), step_dir)
             _attempt(lambda: data_iter.set_state(position))
         except _Unreadable as e:
-            reason = str(e)
+            reason = " ".join(str(e).split())  # One line, whatever the library's message holds.
         reason = _agree(reason)
         if reason is None:
             if hasattr(data_iter, "start_prefetch"):
