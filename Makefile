@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/isimed_chest_demo
 
-.PHONY: install test demo benchmark benchmark-reference compare clean
+.PHONY: install test lint demo benchmark benchmark-reference compare clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "$(PYTHON) is not a working Python 3.11 or newer (set PYTHON=python3.X)"; exit 1; }
@@ -19,6 +19,11 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+# ruff (pinned in the [test] extra) with ruff.toml: lint, and the formatting check.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: install
 	$(PY) main.py --config=configs/isimed_chest.py:demo --workdir=$(WORKDIR)

@@ -45,9 +45,7 @@ VARIANTS = [
 ]
 
 
-def host_augment(
-    crops: np.ndarray, seed: int, params: augment_lib.AugmentParams
-) -> jax.Array:
+def host_augment(crops: np.ndarray, seed: int, params: augment_lib.AugmentParams) -> jax.Array:
     """`isimed.augment.augment` of a batch of crops on the host CPU backend, whatever the default
     device: the key is made and the crops are placed on the CPU, so the jitted call runs there."""
     cpu = jax.devices("cpu")[0]
@@ -130,26 +128,37 @@ def main(argv):
         host_compile_s, host_s = host_step_seconds(crops, params, FLAGS.seconds)
         compile_s, device_s = device_step_seconds(crops, params, FLAGS.seconds)
         rows.append((name, n, host_s, device_s, compile_s))
-        print(f"{name} x{n}: host {host_s * 1e3:.1f} ms (compile {host_compile_s:.1f} s), "
-              f"device {device_s * 1e3:.1f} ms (compile {compile_s:.1f} s)", flush=True)
+        print(
+            f"{name} x{n}: host {host_s * 1e3:.1f} ms (compile {host_compile_s:.1f} s), "
+            f"device {device_s * 1e3:.1f} ms (compile {compile_s:.1f} s)",
+            flush=True,
+        )
 
-    print(f"\nAugmentation per train step, default config, both sides `isimed.augment.augment` "
-          f"(JAX {jax.default_backend()}, {os.cpu_count()} CPU cores; host = CPU backend in a "
-          f"grain random_map, 0 workers)\n")
-    print("| crops | per step | host ms/step | host crops/s | device ms/step | device crops/s "
-          "| device/host (crops/s) | device compile s |")
+    print(
+        f"\nAugmentation per train step, default config, both sides `isimed.augment.augment` "
+        f"(JAX {jax.default_backend()}, {os.cpu_count()} CPU cores; host = CPU backend in a "
+        f"grain random_map, 0 workers)\n"
+    )
+    print(
+        "| crops | per step | host ms/step | host crops/s | device ms/step | device crops/s "
+        "| device/host (crops/s) | device compile s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, n, host_s, device_s, compile_s in rows:
-        print(f"| {name} | {n} | {host_s * 1e3:.1f} | {n / host_s:,.0f} | {device_s * 1e3:.1f} "
-              f"| {n / device_s:,.0f} | {host_s / device_s:.2f}x | {compile_s:.1f} |")
+        print(
+            f"| {name} | {n} | {host_s * 1e3:.1f} | {n / host_s:,.0f} | {device_s * 1e3:.1f} "
+            f"| {n / device_s:,.0f} | {host_s / device_s:.2f}x | {compile_s:.1f} |"
+        )
     if FLAGS.train_step:
         step_ms = train_step_ms()
         host_128 = rows[0][2] * 1e3
         device_128 = rows[0][3] * 1e3
-        print(f"\nFor scale: small_cnn 3D 16^3 train step, 128 crops, float32: {step_ms:.1f} ms "
-              f"(augmenting one view of those crops: host {host_128:.1f} ms = "
-              f"{host_128 / step_ms:.0%} of it, device {device_128:.1f} ms = "
-              f"{device_128 / step_ms:.0%}; two-view methods augment twice)")
+        print(
+            f"\nFor scale: small_cnn 3D 16^3 train step, 128 crops, float32: {step_ms:.1f} ms "
+            f"(augmenting one view of those crops: host {host_128:.1f} ms = "
+            f"{host_128 / step_ms:.0%} of it, device {device_128:.1f} ms = "
+            f"{device_128 / step_ms:.0%}; two-view methods augment twice)"
+        )
 
 
 if __name__ == "__main__":

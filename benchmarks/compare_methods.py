@@ -22,10 +22,9 @@ import tqdm
 from absl import app
 from absl import flags
 from absl import logging
-
-from configs import linear_eval_chest
 from matplotlib.figure import Figure
 
+from configs import linear_eval_chest
 from isimed import train
 from isimed.evaluation import linear_eval
 
@@ -105,7 +104,8 @@ def summarise(runs: dict[str, list[dict]]) -> dict[str, dict]:
             row[label] = (float(np.mean(means)), spread)
         row["pretrain s"] = (
             (float(np.mean([r["pretrain_s"] for r in results])), float("nan"))
-            if feature_set == "pretrained" else (float("nan"), float("nan"))
+            if feature_set == "pretrained"
+            else (float("nan"), float("nan"))
         )
         rows[name] = row
     return rows
@@ -139,8 +139,13 @@ def bar_plot(rows: dict[str, dict], out_png: str, title: str) -> str:
         spreads = np.array([rows[n][label][1] for n in names])
         yerr = None if np.all(np.isnan(spreads)) else np.nan_to_num(spreads)  # No spread, no bars.
         ax.bar(range(len(names)), np.nan_to_num(means), yerr=yerr, color=colours, capsize=3)
-        ax.set_xticks(range(len(names)), [n.replace(" (reference)", "\n(reference)") for n in names],
-                      rotation=45, ha="right", fontsize=8)
+        ax.set_xticks(
+            range(len(names)),
+            [n.replace(" (reference)", "\n(reference)") for n in names],
+            rotation=45,
+            ha="right",
+            fontsize=8,
+        )
         ax.set_title(f"{label} ({'higher' if higher else 'lower'} is better)", fontsize=9)
     fig.suptitle(title, fontsize=8, wrap=True)
     fig.savefig(out_png, dpi=110)

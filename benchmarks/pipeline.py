@@ -40,7 +40,9 @@ def crops_per_second(data, seconds: float) -> float:
 def main(argv):
     del argv
     data_dir = os.path.expanduser(FLAGS.data_dir)
-    rows = [("phantom generation 64x96x96 (1 process)", f"{generation_rate(phantom.PhantomSpec()):.1f} volumes/s")]
+    rows = [
+        ("phantom generation 64x96x96 (1 process)", f"{generation_rate(phantom.PhantomSpec()):.1f} volumes/s")
+    ]
     chest_phantom.data_source("demo3d", "train", data_dir)
     for crop, k in [((16, 16, 16), 16), ((16, 16, 16), 32), ((32, 32, 32), 32)]:
         for workers in (0, 2):
@@ -48,7 +50,9 @@ def main(argv):
             data.tfds_dir, data.crop_size, data.crops_per_image = data_dir, crop, k
             data.num_workers, data.images_per_batch = workers, 8
             rate = crops_per_second(data, FLAGS.seconds)
-            rows.append((f"pipeline {crop[0]}^3 crops, K={k}, B=8, {workers} workers", f"{rate:,.0f} crops/s"))
+            rows.append(
+                (f"pipeline {crop[0]}^3 crops, K={k}, B=8, {workers} workers", f"{rate:,.0f} crops/s")
+            )
     width = max(len(r[0]) for r in rows)
     print(f"\n{'variant':<{width}}  rate\n{'-' * width}  {'-' * 16}")
     for name, value in rows:

@@ -41,13 +41,24 @@ flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "The project's compute dtyp
 flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: os.cpu_count()).")
 flags.DEFINE_integer("crop_size", 32, "Crop edge (voxels).")
 flags.DEFINE_bool("skip_reference", False, "Time only the project's step (no torch needed).")
-flags.DEFINE_bool("lax_variants", False, "Also time the project's step with XLA's convolutions and pools "
-                  "(the DenseNet before its CPU matmul path).")
-flags.DEFINE_string("omp_wait_policy", "PASSIVE", "OMP_WAIT_POLICY for torch's OpenMP threads, set before "
-                    "torch is imported ('' leaves libgomp's default, ACTIVE spinning, which on a shared "
-                    "2-core machine made the reference step ~10x slower).")
-flags.DEFINE_bool("tune_malloc", True, "Call isimed.models.cpu.tune_malloc() first (it applies to both "
-                  "frameworks: they share this process).")
+flags.DEFINE_bool(
+    "lax_variants",
+    False,
+    "Also time the project's step with XLA's convolutions and pools "
+    "(the DenseNet before its CPU matmul path).",
+)
+flags.DEFINE_string(
+    "omp_wait_policy",
+    "PASSIVE",
+    "OMP_WAIT_POLICY for torch's OpenMP threads, set before "
+    "torch is imported ('' leaves libgomp's default, ACTIVE spinning, which on a shared "
+    "2-core machine made the reference step ~10x slower).",
+)
+flags.DEFINE_bool(
+    "tune_malloc",
+    True,
+    "Call isimed.models.cpu.tune_malloc() first (it applies to both frameworks: they share this process).",
+)
 FLAGS = flags.FLAGS
 
 SCALE = 100.0  # mm per unit of embedding distance, as the paper preset's loss.scale.
@@ -79,8 +90,10 @@ def reference_step(crops: int, size: int, threads: int):
         return loss.item()
 
     params = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    desc = (f"torch {torch.__version__} + monai {monai.__version__}, {torch.get_num_threads()} threads, "
-            f"{params:,} parameters")
+    desc = (
+        f"torch {torch.__version__} + monai {monai.__version__}, {torch.get_num_threads()} threads, "
+        f"{params:,} parameters"
+    )
     return step, desc
 
 
@@ -122,8 +135,10 @@ def project_step(crops: int, size: int, dtype: str, lax_convs: bool = False):
 
     params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.state["params"]["encoder"]))
     convs = "matmul (CPU path)" if cpu_backend() and not lax_convs else "lax (XLA)"
-    desc = (f"jax {jax.__version__} ({jax.default_backend()}), {config.model.name} {dtype}, "
-            f"{params:,} parameters, convolutions: {convs}")
+    desc = (
+        f"jax {jax.__version__} ({jax.default_backend()}), {config.model.name} {dtype}, "
+        f"{params:,} parameters, convolutions: {convs}"
+    )
     return step, desc
 
 
@@ -138,10 +153,12 @@ def main(argv):
         os.environ["OMP_WAIT_POLICY"] = FLAGS.omp_wait_policy
     threads = FLAGS.threads or os.cpu_count()
     crops, size = FLAGS.crops, FLAGS.crop_size
-    print(f"DenseNet-121 3D train step, {crops} crops of {size}^3 per step; {platform.machine()}, "
-          f"{os.cpu_count()} CPU cores, load average at start {os.getloadavg()[0]:.1f}, "
-          f"glibc malloc tuned: {tuned}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}",
-          flush=True)
+    print(
+        f"DenseNet-121 3D train step, {crops} crops of {size}^3 per step; {platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, load average at start {os.getloadavg()[0]:.1f}, "
+        f"glibc malloc tuned: {tuned}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}",
+        flush=True,
+    )
 
     variants = {}  # name -> (step, description)
     if not FLAGS.skip_reference:
@@ -169,8 +186,10 @@ def main(argv):
             rates[name].append(crops * FLAGS.steps / (time.perf_counter() - t0))
             print(f"  round {r + 1}/{FLAGS.rounds} {name}: {rates[name][-1]:.1f} crops/s", flush=True)
 
-    print(f"\n{crops} crops of {size}^3 per step, {FLAGS.rounds} rounds x {FLAGS.steps} steps, "
-          f"load average at end {os.getloadavg()[0]:.1f}")
+    print(
+        f"\n{crops} crops of {size}^3 per step, {FLAGS.rounds} rounds x {FLAGS.steps} steps, "
+        f"load average at end {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'variant':<48} {'warm-up s':>10} {'best crops/s':>13} {'median crops/s':>15}")
     for name, rs in rates.items():
         print(f"{name:<48} {compile_s[name]:>10.1f} {max(rs):>13.1f} {statistics.median(rs):>15.1f}")

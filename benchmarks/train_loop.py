@@ -47,8 +47,9 @@ def measure(preset: str, method: str, steps: int, tfds_dir: str) -> dict:
 
     def next_batch():
         batch = next(data_iter)
-        return {k: jax.make_array_from_process_local_data(setup.data_sharding, np.asarray(batch[k]))
-                for k in keys}
+        return {
+            k: jax.make_array_from_process_local_data(setup.data_sharding, np.asarray(batch[k])) for k in keys
+        }
 
     state = {"s": setup.state}
 
@@ -65,10 +66,15 @@ def measure(preset: str, method: str, steps: int, tfds_dir: str) -> dict:
     input_only = _timed(lambda: next(data_iter)["crops"], steps)
     crops = config.data.images_per_batch * config.data.crops_per_image * views
     return {
-        "preset": preset, "model": config.model.name, "crops": crops,
-        "crop": "x".join(map(str, config.data.crop_size)), "compile_s": compile_s,
-        "end_to_end": crops / end_to_end, "step_only": crops / step_only,
-        "input_only": crops / input_only, "wait": max(0.0, 1.0 - step_only / end_to_end),
+        "preset": preset,
+        "model": config.model.name,
+        "crops": crops,
+        "crop": "x".join(map(str, config.data.crop_size)),
+        "compile_s": compile_s,
+        "end_to_end": crops / end_to_end,
+        "step_only": crops / step_only,
+        "input_only": crops / input_only,
+        "wait": max(0.0, 1.0 - step_only / end_to_end),
     }
 
 
@@ -78,15 +84,21 @@ def main(argv):
 
     tfds_dir = os.path.expanduser(FLAGS.tfds_dir)
     rows = [measure(p, FLAGS.method, FLAGS.steps, tfds_dir) for p in FLAGS.presets]
-    print(f"\nTraining loop throughput ({jax.default_backend()}, {jax.device_count()} device(s), "
-          f"{os.cpu_count()} CPU cores; {FLAGS.method}; mean of {FLAGS.steps} steps, crops/s)")
-    print("| preset | model | crops/step | crop | end to end | step only | input only "
-          "| e2e / step | device waits | compile s |")
+    print(
+        f"\nTraining loop throughput ({jax.default_backend()}, {jax.device_count()} device(s), "
+        f"{os.cpu_count()} CPU cores; {FLAGS.method}; mean of {FLAGS.steps} steps, crops/s)"
+    )
+    print(
+        "| preset | model | crops/step | crop | end to end | step only | input only "
+        "| e2e / step | device waits | compile s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['preset']} | {r['model']} | {r['crops']} | {r['crop']} | {r['end_to_end']:,.0f} "
-              f"| {r['step_only']:,.0f} | {r['input_only']:,.0f} | {r['end_to_end'] / r['step_only']:.0%} "
-              f"| {r['wait']:.0%} | {r['compile_s']:.1f} |")
+        print(
+            f"| {r['preset']} | {r['model']} | {r['crops']} | {r['crop']} | {r['end_to_end']:,.0f} "
+            f"| {r['step_only']:,.0f} | {r['input_only']:,.0f} | {r['end_to_end'] / r['step_only']:.0%} "
+            f"| {r['wait']:.0%} | {r['compile_s']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

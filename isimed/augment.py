@@ -78,7 +78,8 @@ class AugmentParams:
             _check(0.0 <= value <= 1.0, f"{name} must be in [0, 1]", value)
         # A scale range of 1 or more could flip the contrast sign.
         _check(
-            0.0 <= self.intensity_scale < 1.0, "intensity_scale must be in [0, 1)",
+            0.0 <= self.intensity_scale < 1.0,
+            "intensity_scale must be in [0, 1)",
             self.intensity_scale,
         )
         _check(self.intensity_shift >= 0.0, "intensity_shift must be >= 0", self.intensity_shift)
@@ -133,9 +134,7 @@ def _spatial_axes(x: jnp.ndarray) -> range:
     return range(x.ndim - 1)
 
 
-def _apply_with_prob(
-    draw: jnp.ndarray, prob: float, augmented: jnp.ndarray, x: jnp.ndarray
-) -> jnp.ndarray:
+def _apply_with_prob(draw: jnp.ndarray, prob: float, augmented: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
     """`augmented` if the U[0, 1) `draw` falls below `prob` (so with probability `prob`), else `x`.
     Static 0 or 1 skip the select."""
     if prob >= 1.0:
@@ -194,7 +193,9 @@ def blur(x: jnp.ndarray, sigma: jnp.ndarray, radius: int) -> jnp.ndarray:
         out = letters.replace(letters[axis], "z")
         # Full float32 precision: on GPUs the default could round the operands to TF32/bf16.
         x = jnp.einsum(
-            f"z{letters[axis]},{letters}->{out}", blur_matrix(sigma, x.shape[axis], radius), x,
+            f"z{letters[axis]},{letters}->{out}",
+            blur_matrix(sigma, x.shape[axis], radius),
+            x,
             precision=jax.lax.Precision.HIGHEST,
         )
     return x
@@ -241,9 +242,7 @@ def gaussian_blur(
     return _apply_with_prob(u[0], prob, blur(x, sigma, math.ceil(3.0 * sigma_max)), x)
 
 
-def intensity(
-    x: jnp.ndarray, u: jnp.ndarray, prob: float, scale: float, shift: float
-) -> jnp.ndarray:
+def intensity(x: jnp.ndarray, u: jnp.ndarray, prob: float, scale: float, shift: float) -> jnp.ndarray:
     """With probability `prob`, x * s + t with s ~ U[1 - scale, 1 + scale] (`u[1]`) and
     t ~ U[-shift, shift] (`u[2]`)."""
     if prob <= 0.0 or (scale == 0.0 and shift == 0.0):
@@ -319,9 +318,7 @@ def draw_slices(params: AugmentParams, ndim: int) -> dict[str, slice]:
     return slices
 
 
-def augment_crop(
-    key: jax.Array, crop: jnp.ndarray, config: Mapping[str, Any] | AugmentParams
-) -> jnp.ndarray:
+def augment_crop(key: jax.Array, crop: jnp.ndarray, config: Mapping[str, Any] | AugmentParams) -> jnp.ndarray:
     """One random view of one crop `(*spatial, C)`; computed in float32, returned in its dtype."""
     p = AugmentParams.from_config(config)
     x = crop.astype(jnp.float32)
@@ -337,7 +334,11 @@ def augment_crop(
         field = jax.random.normal(k_field, (x.size,), x.dtype).reshape(x.shape)
         x = gaussian_noise(x, u[at["noise"]], field, p.noise_prob, p.noise_std_max)
     x = coarse_dropout(
-        x, u[at["dropout"]], p.dropout_prob, p.dropout_boxes, p.dropout_max_fraction,
+        x,
+        u[at["dropout"]],
+        p.dropout_prob,
+        p.dropout_boxes,
+        p.dropout_max_fraction,
         p.dropout_fill,
     )
     if p.clip:
@@ -352,9 +353,7 @@ def _augment_batch(key: jax.Array, crops: jnp.ndarray, params: AugmentParams) ->
     return jax.vmap(augment_crop, in_axes=(0, 0, None))(keys, crops, params)
 
 
-def augment(
-    key: jax.Array, crops: jnp.ndarray, config: Mapping[str, Any] | AugmentParams
-) -> jnp.ndarray:
+def augment(key: jax.Array, crops: jnp.ndarray, config: Mapping[str, Any] | AugmentParams) -> jnp.ndarray:
     """One random view of each crop of a batch `(N, *spatial, C)`, independently per crop.
 
     `config` is `default_config()` (or a part of it, or `AugmentParams`); its values are static.
@@ -364,7 +363,5 @@ def augment(
     """
     crops = jnp.asarray(crops)
     if crops.ndim not in (4, 5):
-        raise ValueError(
-            f"expected crops (N, *spatial, C) with 2 or 3 spatial dims, got shape {crops.shape}"
-        )
+        raise ValueError(f"expected crops (N, *spatial, C) with 2 or 3 spatial dims, got shape {crops.shape}")
     return _augment_batch(key, crops, AugmentParams.from_config(config))

@@ -78,7 +78,9 @@ def remove_unfinished_saves(workdir: str) -> list[str]:
         if removed:
             logging.warning(
                 "removed %d unfinished checkpoint save(s) in %s (a run was stopped while saving): %s",
-                len(removed), directory, ", ".join(removed),
+                len(removed),
+                directory,
+                ", ".join(removed),
             )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("isimed: unfinished checkpoint saves removed")
@@ -108,9 +110,7 @@ class Restored:
     unreadable: dict[int, str]
 
 
-def restore(
-    mngr, state: train_state.State, data_iter, config: ml_collections.ConfigDict
-) -> Restored | None:
+def restore(mngr, state: train_state.State, data_iter, config: ml_collections.ConfigDict) -> Restored | None:
     """Restores the newest readable step (None if there is no step at all).
 
     The train state is restored shaped and sharded like `state`, the data iterator in place. A
@@ -132,11 +132,10 @@ def restore(
             if refused:
                 raise config_checks.resume_error(refused, f"{directory} (step {step})")
             _check_shapes(step_dir / "state", state, ml_collections.ConfigDict(stored["config"]))
-            restored = _attempt(lambda: mngr.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state))
-            ).state)
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(state))
+            restored = _attempt(mngr.restore, step, args=args).state
             position = _iterator_state(stored["data"], data_iter.get_state(), step_dir)
-            _attempt(lambda: data_iter.set_state(position))
+            _attempt(data_iter.set_state, position)
         except _Unreadable as e:
             reason = " ".join(str(e).split())  # One line, whatever the library's message holds.
         reason = _agree(reason)
@@ -184,7 +183,11 @@ def _move_aside(mngr, directory: epath.Path, tried: dict[int, str], used: int) -
             (directory / str(step)).rename(dest)
             logging.warning(
                 "checkpoint step %d in %s is unreadable (%s); moved to %s, resuming from step %d",
-                step, directory / str(step), reason, dest, used,
+                step,
+                directory / str(step),
+                reason,
+                dest,
+                used,
             )
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("isimed: unreadable checkpoints moved")
@@ -263,7 +266,7 @@ def _rel(path: epath.Path) -> str:
     parts = path.parts
     for i in range(len(parts) - 1, -1, -1):
         if parts[i].isdigit():
-            return "/".join(parts[i + 1:])
+            return "/".join(parts[i + 1 :])
     return str(path)
 
 
@@ -278,10 +281,13 @@ def _read_step_files(step_dir: epath.Path, *, data: bool) -> dict:
         i, n = jax.process_index(), jax.process_count()
         mine = step_dir / "data" / f"process_{i}-of-{n}.json"
         if not mine.exists() and (step_dir / "data").is_dir():
-            counts = sorted({
-                int(m.group(1)) for p in (step_dir / "data").iterdir()
-                if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))
-            })
+            counts = sorted(
+                {
+                    int(m.group(1))
+                    for p in (step_dir / "data").iterdir()
+                    if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))
+                }
+            )
             if counts and n not in counts:
                 raise ValueError(
                     f"checkpoint {step_dir} holds the data-iterator positions of {counts[0]} "
@@ -320,12 +326,12 @@ def _ignore_closed_loop_callbacks() -> None:
     sys.unraisablehook = hook
 
 
-def _attempt(fn):
+def _attempt(fn, *args, **kwargs):
     """Runs an orbax read, turning any failure into `_Unreadable` with a one-line reason."""
     _ignore_closed_loop_callbacks()
     try:
         with _orbax_logs_dropped():
-            return fn()
+            return fn(*args, **kwargs)
     except _Unreadable:
         raise
     except Exception as e:  # Orbax, tensorstore and grain raise many types for bad files.
@@ -399,17 +405,20 @@ def _load_encoder_step(mngr, directory: epath.Path, step: int, tried: dict[int, 
         {key: value for key, value in full.items() if key != "opt_state"},
     )
     _check_shapes(step_dir / "state", abstract, config)
-    state = _attempt(lambda: mngr.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=abstract,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True,
-        )),
-    ).state)
+    restore = ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True,
+    )
+    state = _attempt(mngr.restore, step, args=ocp.args.Composite(state=restore)).state
     for skipped, reason in tried.items():
-        logging.warning("checkpoint step %d in %s is unreadable (%s); using step %d",
-                        skipped, directory / str(skipped), reason, step)
+        logging.warning(
+            "checkpoint step %d in %s is unreadable (%s); using step %d",
+            skipped,
+            directory / str(skipped),
+            reason,
+            step,
+        )
     return config, networks, state
 
 
@@ -432,8 +441,9 @@ def read_state(workdir: str, step: int) -> dict:
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
     """Leaf shapes keyed by path; keys normalised to strings as orbax stores them."""
     return {
-        "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path):
-        tuple(leaf.shape)
+        "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path): tuple(
+            leaf.shape
+        )
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     }
 
@@ -443,6 +453,7 @@ def _check_shapes(state_dir, abstract: train_state.State, config: ml_collections
     encoder its stored config describes (e.g. written by other code); `_Unreadable` if its array
     metadata cannot be read. Only the parts of the state in `abstract` (its top-level keys) are
     compared."""
+
     def read():
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.metadata(state_dir).item_metadata
@@ -451,10 +462,7 @@ def _check_shapes(state_dir, abstract: train_state.State, config: ml_collections
     if metadata is None:  # Orbax logs why and returns nothing.
         raise _Unreadable("state: the array metadata cannot be read (damaged manifest.ocdbt or array file)")
     parts = tuple(f"{key}/" for key in abstract)
-    found = {
-        key: shape for key, shape in _shapes(metadata.tree).items()
-        if f"{key}/".startswith(parts)
-    }
+    found = {key: shape for key, shape in _shapes(metadata.tree).items() if f"{key}/".startswith(parts)}
     expected = _shapes(abstract)
     problems = [
         f"{key}: expected {shape}, found {found.get(key, 'nothing')}"

@@ -94,7 +94,8 @@ def _pretrain(method: str | None, command: str) -> None:
         "config", default, f"Pretraining config file, `PATH.py[:PRESET]`{help_default}.", lock_config=True
     )
     flags.DEFINE_string(
-        "workdir", None,
+        "workdir",
+        None,
         "Directory for checkpoints, logs and results; resumes from it "
         "(default: workdirs/<config name>[_<preset>]).",
     )
@@ -106,15 +107,19 @@ def _pretrain_main(argv: Sequence[str], *, method: str | None, command: str) -> 
     if FLAGS.config is None:
         where = (
             f" (configs/{method}_chest.py, the default, is not at {CONFIG_DIR}: install from a "
-            "source checkout with `pip install -e .`)" if method else ""
+            "source checkout with `pip install -e .`)"
+            if method
+            else ""
         )
         raise SystemExit(f"{command}: pass --config=PATH/CONFIG.py[:PRESET]{where}")
     config_arg = config_flags.get_config_filename(FLAGS["config"])
     if method is not None:
         check_method(FLAGS.config, method, config_arg, command)
     workdir = FLAGS.workdir or default_workdir(config_arg)
-    print(f"workdir: {workdir}" + ("" if FLAGS.workdir else " (from --config; set --workdir to change)"),
-          flush=True)
+    print(
+        f"workdir: {workdir}" + ("" if FLAGS.workdir else " (from --config; set --workdir to change)"),
+        flush=True,
+    )
     _quiet_library_logs()
     summary = train.train_and_evaluate(FLAGS.config, workdir)
     print(train.format_summary(summary))
@@ -130,7 +135,8 @@ def run_linear_eval() -> None:
         "config", None, "Linear-evaluation config file, `PATH.py[:PRESET]`.", lock_config=True
     )
     flags.DEFINE_string(
-        "workdir", None,
+        "workdir",
+        None,
         "Directory for results.json and results.md (default: <pretrain_workdir>/linear_eval).",
     )
     app.run(functools.partial(_linear_eval_main, command=os.path.basename(sys.argv[0])))

@@ -148,9 +148,7 @@ def _as_stored(config: ml_collections.ConfigDict | Mapping) -> dict[str, Any]:
 
 
 def is_resumable(field: str) -> bool:
-    return any(
-        field == name or (name.endswith(".*") and field.startswith(name[:-1])) for name in RESUMABLE
-    )
+    return any(field == name or (name.endswith(".*") and field.startswith(name[:-1])) for name in RESUMABLE)
 
 
 _ABSENT = "(absent)"

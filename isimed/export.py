@@ -105,12 +105,17 @@ def write(
         torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}, buffer)
         path.write_bytes(buffer.getvalue())
         sidecar = path.with_suffix(".json")
-        sidecar.write_text(json.dumps({
-            "step": step,
-            "monai": {"class": "monai.networks.nets.DenseNet121", **monai_arguments(config)},
-            "input": "channels-first (N, C, *spatial) float32, intensities normalised as in training",
-            "config": json.loads(config_json),
-        }, indent=2))
+        sidecar.write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "monai": {"class": "monai.networks.nets.DenseNet121", **monai_arguments(config)},
+                    "input": "channels-first (N, C, *spatial) float32, intensities normalised as in training",
+                    "config": json.loads(config_json),
+                },
+                indent=2,
+            )
+        )
         result["sidecar"] = os.fspath(sidecar)
     return result
 
@@ -221,8 +226,9 @@ def monai_state_dict(
 
 def _flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
     return {
-        "/".join([prefix, *(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)]):
-        np.asarray(jax.device_get(leaf))
+        "/".join([prefix, *(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)]): np.asarray(
+            jax.device_get(leaf)
+        )
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     }
 

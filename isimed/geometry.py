@@ -113,8 +113,7 @@ def box_fractions(mask: np.ndarray, crop_shape: Sequence[int]) -> np.ndarray:
     # Inclusion-exclusion over the 2^ndim corners of each box.
     for corner in np.ndindex(*([2] * ndim)):
         sl = tuple(
-            slice(c, c + n) if bit else slice(0, n)
-            for bit, c, n in zip(corner, crop_shape, total.shape)
+            slice(c, c + n) if bit else slice(0, n) for bit, c, n in zip(corner, crop_shape, total.shape)
         )
         sign = (-1) ** (ndim - sum(corner))
         total += sign * table[sl]

@@ -69,7 +69,8 @@ def _simclr(outputs, batch, loss_config):
 def _vicreg(outputs, batch, loss_config):
     del batch
     return losses.vicreg_loss(
-        outputs["p1"], outputs["p2"],
+        outputs["p1"],
+        outputs["p2"],
         sim_weight=loss_config.invariance_weight,
         var_weight=loss_config.variance_weight,
         cov_weight=loss_config.covariance_weight,
@@ -78,9 +79,7 @@ def _vicreg(outputs, batch, loss_config):
 
 def _barlow(outputs, batch, loss_config):
     del batch
-    return losses.barlow_twins_loss(
-        outputs["p1"], outputs["p2"], lambda_offdiag=loss_config.lambda_offdiag
-    )
+    return losses.barlow_twins_loss(outputs["p1"], outputs["p2"], lambda_offdiag=loss_config.lambda_offdiag)
 
 
 def _isimed_vicreg(outputs, batch, loss_config):
@@ -106,17 +105,42 @@ _VICREG_TERMS = ("invariance", "variance", "covariance")
 METHODS = {
     m.name: m
     for m in (
-        Method("isimed", _isimed, ("within", "cross"), _ISIMED_DEFAULTS,
-               last_terms=("target_scale",), init_params=_isimed_params),
-        Method("simclr", _simclr, ("positive_accuracy",), {"temperature": 0.1}, views=2,
-               head_dims=_SIMCLR_PROJECTOR),
+        Method(
+            "isimed",
+            _isimed,
+            ("within", "cross"),
+            _ISIMED_DEFAULTS,
+            last_terms=("target_scale",),
+            init_params=_isimed_params,
+        ),
+        Method(
+            "simclr",
+            _simclr,
+            ("positive_accuracy",),
+            {"temperature": 0.1},
+            views=2,
+            head_dims=_SIMCLR_PROJECTOR,
+        ),
         Method("vicreg", _vicreg, _VICREG_TERMS, _VICREG_DEFAULTS, views=2, head_dims=_EXPANDER),
-        Method("barlow", _barlow, ("on_diagonal", "off_diagonal"), {"lambda_offdiag": 0.0051},
-               views=2, head_dims=_EXPANDER),
-        Method("isimed_vicreg", _isimed_vicreg, ("isimed", "vicreg", "within", "cross", *_VICREG_TERMS),
-               # vicreg_weight brings VICReg's ~25-scale terms near the distance loss.
-               {**_VICREG_DEFAULTS, **_ISIMED_DEFAULTS, "isimed_weight": 1.0, "vicreg_weight": 0.04},
-               views=2, head_dims=_EXPANDER, last_terms=("target_scale",), init_params=_isimed_params),
+        Method(
+            "barlow",
+            _barlow,
+            ("on_diagonal", "off_diagonal"),
+            {"lambda_offdiag": 0.0051},
+            views=2,
+            head_dims=_EXPANDER,
+        ),
+        Method(
+            "isimed_vicreg",
+            _isimed_vicreg,
+            ("isimed", "vicreg", "within", "cross", *_VICREG_TERMS),
+            # vicreg_weight brings VICReg's ~25-scale terms near the distance loss.
+            {**_VICREG_DEFAULTS, **_ISIMED_DEFAULTS, "isimed_weight": 1.0, "vicreg_weight": 0.04},
+            views=2,
+            head_dims=_EXPANDER,
+            last_terms=("target_scale",),
+            init_params=_isimed_params,
+        ),
     )
 }
 

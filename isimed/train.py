@@ -89,8 +89,13 @@ class _Run:
         )
         self.embed = features_lib.make_embed_fn(self.setup.networks, mesh)
         train_ds = pipeline.make_dataset(
-            config.data, "train", seed=config.seed, train=True, views=self.method.views,
-            process_index=jax.process_index(), process_count=jax.process_count(),
+            config.data,
+            "train",
+            seed=config.seed,
+            train=True,
+            views=self.method.views,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
         self.data_iter = iter(train_ds)
         checkpoints.remove_unfinished_saves(workdir)
@@ -118,7 +123,8 @@ class _Run:
         """The run's first lines, printed by every process (visible at the default log level)."""
         lines = [
             f"process {jax.process_index()} of {jax.process_count()}: "
-            f"{jax.local_device_count()} local / {jax.device_count()} global {jax.default_backend()} devices, "
+            f"{jax.local_device_count()} local / {jax.device_count()} global "
+            f"{jax.default_backend()} devices, "
             f"mesh {dict(self.mesh.shape)}",
             f"encoder {self.config.model.name}: "
             f"{parameter_overview.count_parameters(self.setup.networks.params):,} parameters; {status}",
@@ -168,9 +174,7 @@ def _log_step(run: _Run, step: int, accumulated, monitors, since: tuple[float, i
     scalars["crops_per_s"] = (step - step_log) * crops_per_step / max(elapsed, 1e-9)
     eta = (config.total_steps - step) * elapsed / max(step - step_log, 1)
     run.writer.write_scalars(step, scalars, prefix="train/")
-    run.writer.log(
-        f"step {step}/{config.total_steps}, {scalars['crops_per_s']:.0f} crops/s, ETA {eta:.0f} s"
-    )
+    run.writer.log(f"step {step}/{config.total_steps}, {scalars['crops_per_s']:.0f} crops/s, ETA {eta:.0f} s")
     return time.time(), step
 
 
@@ -231,7 +235,10 @@ def _finish(run: _Run, state, summary: dict[str, Any]) -> dict[str, Any]:
     if jax.process_index() == 0:
         learned = state["params"].get("log_scale")
         plots.write_training_plots(
-            workdir, config, held["embeddings"]["model"], held["centres"],
+            workdir,
+            config,
+            held["embeddings"]["model"],
+            held["centres"],
             lesion=held["has_lesion"],
             scale_mm=None if learned is None else float(jnp.exp(learned)),
         )

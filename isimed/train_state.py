@@ -51,9 +51,7 @@ def initialize(config: ml_collections.ConfigDict) -> None:
 def make_mesh() -> jax.sharding.Mesh:
     """A 1-D mesh over every device. Auto axes: XLA propagates shardings (the batch is split on
     `data`, parameters are replicated, pairwise-distance matrices are gathered as needed)."""
-    return jax.make_mesh(
-        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 class Networks:

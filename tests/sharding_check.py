@@ -30,8 +30,10 @@ def _global(x: np.ndarray, sharding) -> jax.Array:
 
 
 def _flat(prefix: str, tree) -> dict:
-    return {f"{prefix}/{jax.tree_util.keystr(p)}": np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        f"{prefix}/{jax.tree_util.keystr(p)}": np.asarray(v)
+        for p, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def assert_same_step(one: dict, other: dict) -> None:

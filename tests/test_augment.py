@@ -134,7 +134,8 @@ def test_blur_of_constant_is_constant(ndim):
 
 @pytest.mark.parametrize(
     # The last case has radius 5 > side 3: repeated reflection.
-    "spatial,sigma", [((12, 10), 0.8), ((6, 8, 7), 1.2), ((3, 9, 5), 1.5)]
+    "spatial,sigma",
+    [((12, 10), 0.8), ((6, 8, 7), 1.2), ((3, 9, 5), 1.5)],
 )
 def test_blur_matches_scipy_separable_filter(spatial, sigma):
     x = np.random.default_rng(0).uniform(-1, 1, (3, *spatial, 2)).astype(np.float32)

@@ -24,20 +24,38 @@ ROOT = Path(__file__).resolve().parent.parent
 # kill -9 at random points, resume each time: the final state equals a straight run bit for bit.
 
 KILL_STEPS = 40
-KILL_FLAGS = [f"--config.total_steps={KILL_STEPS}", "--config.checkpoint_every=5",
-              "--config.log_every=1", "--config.eval_every=1000"]
+KILL_FLAGS = [
+    f"--config.total_steps={KILL_STEPS}",
+    "--config.checkpoint_every=5",
+    "--config.log_every=1",
+    "--config.eval_every=1000",
+]
 STEP_LINE = re.compile(r"^step (\d+)[:/]")
 
 
 def _main(config_file: str, tfds_dir: str, workdir: Path, *extra: str) -> subprocess.Popen:
     """`python main.py` in its own process group (a kill takes its grain workers too)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     return subprocess.Popen(
-        [sys.executable, "main.py", f"--config={config_file}:test",
-         f"--config.data.tfds_dir={tfds_dir}", f"--workdir={workdir}", *KILL_FLAGS, *extra],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "main.py",
+            f"--config={config_file}:test",
+            f"--config.data.tfds_dir={tfds_dir}",
+            f"--workdir={workdir}",
+            *KILL_FLAGS,
+            *extra,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
 
@@ -91,15 +109,20 @@ def _assert_same_run(straight: Path, resumed: Path) -> None:
     assert [s for s, _ in train_b] == list(range(1, KILL_STEPS + 1))
     assert dict(train_b) == train_a
     val_b = [r["step"] for r in rows_b if any(k.startswith("validation/") for k in r)]
-    assert val_b == sorted(set(val_b)) == [r["step"] for r in rows_a if any(k.startswith("validation/") for k in r)]
+    assert (
+        val_b
+        == sorted(set(val_b))
+        == [r["step"] for r in rows_a if any(k.startswith("validation/") for k in r)]
+    )
 
 
 # The progress line `_log_step` prints for a step; a checkpoint step's save starts right after it.
 PROGRESS_LINE = re.compile(r"^step (\d+)/\d+")
 
 
-def _kill_and_resume(config_file, tfds_dir, workdir: Path, rounds: int, seed: int,
-                     workers=lambda i: 0) -> list[str]:
+def _kill_and_resume(
+    config_file, tfds_dir, workdir: Path, rounds: int, seed: int, workers=lambda i: 0
+) -> list[str]:
     """`rounds` runs killed at random points, then one run to the end; returns what happened.
 
     Until one kill has landed during a save (an unfinished `.orbax-checkpoint-tmp` folder left
@@ -127,8 +150,10 @@ def _kill_and_resume(config_file, tfds_dir, workdir: Path, rounds: int, seed: in
         tmp = [p.name for p in (workdir / "checkpoints").iterdir() if checkpoints.TMP_MARKER in p.name]
         hit_save = hit_save or bool(tmp)
         saved = checkpoints_steps(workdir)
-        log.append(f"round {i}: killed at step >= {target} after {delay:.2f} s; "
-                   f"saved {saved}, unfinished {tmp} ({time.time() - t0:.0f} s)")
+        log.append(
+            f"round {i}: killed at step >= {target} after {delay:.2f} s; "
+            f"saved {saved}, unfinished {tmp} ({time.time() - t0:.0f} s)"
+        )
         if i > 0:
             assert f"resumed from step {start}" in out or (start == 0 and "starting from scratch" in out), out
             assert not unfinished or f"removed {len(unfinished)} unfinished checkpoint save" in out, out
@@ -143,7 +168,8 @@ def checkpoints_steps(workdir: Path) -> list[int]:
 def _straight(config_file: str, tfds_dir: str, workdir: Path) -> None:
     """The uninterrupted run, in this process (saves a process start): the same config as
     `_main` gives main.py."""
-    from configs import isimed_chest, simclr_chest
+    from configs import isimed_chest
+    from configs import simclr_chest
     from isimed import train
 
     module = {"configs/isimed_chest.py": isimed_chest, "configs/simclr_chest.py": simclr_chest}
@@ -164,10 +190,18 @@ def test_kill9_at_random_points_then_resume_equals_straight_run(phantom_dir, tmp
     equal a straight run's; metrics.jsonl holds each step once."""
     straight, workdir = tmp_path / "straight", tmp_path / "killed"
     _straight("configs/isimed_chest.py", phantom_dir, straight)
-    log = _kill_and_resume("configs/isimed_chest.py", phantom_dir, workdir, rounds=5, seed=14,
-                           workers=lambda i: 2 if i == 1 else 0)
+    log = _kill_and_resume(
+        "configs/isimed_chest.py",
+        phantom_dir,
+        workdir,
+        rounds=5,
+        seed=14,
+        workers=lambda i: 2 if i == 1 else 0,
+    )
     print("\n".join(log))
-    assert any("unfinished []" not in line for line in log[:-1]), "no kill landed during a save:\n" + "\n".join(log)
+    assert any("unfinished []" not in line for line in log[:-1]), (
+        "no kill landed during a save:\n" + "\n".join(log)
+    )
     _assert_same_run(straight, workdir)
 
 
@@ -345,10 +379,12 @@ TRIGGERS = {
     "config.schedule": lambda t: _bad_config(t, **{"optim.schedule": "linear"}),
     "config.other": lambda t: _bad_config(t, **{"optim.warmup_steps": -1}),
     "config.several": lambda t: _bad_config(
-        t, checkpoint_every=0, keep_checkpoints=0, **{"optim.learning_rate": -1.0}),
+        t, checkpoint_every=0, keep_checkpoints=0, **{"optim.learning_rate": -1.0}
+    ),
     "workdir.unwritable": _unwritable_workdir,
     "resume.drift": lambda t: t.start(
-        t.workdir(), seed=1, **{"model.embed_dim": 64, "optim.learning_rate": 1e-3}),
+        t.workdir(), seed=1, **{"model.embed_dim": 64, "optim.learning_rate": 1e-3}
+    ),
     "resume.allowed": lambda t: t.start(t.workdir(), total_steps=160, log_every=5),
     "resume.unreadable": _resume_unreadable,
     "resume.none_readable": _none_readable,
@@ -380,8 +416,9 @@ def test_errors_table(row, pretrained, test_config, tmp_path, monkeypatch, caplo
 
 
 PRETRAINING_CONFIGS = sorted(
-    p.stem for p in (ROOT / "configs").glob("*.py") if p.stem not in ("common", "__init__")
-    and not p.stem.startswith("linear_eval")
+    p.stem
+    for p in (ROOT / "configs").glob("*.py")
+    if p.stem not in ("common", "__init__") and not p.stem.startswith("linear_eval")
 )
 
 
@@ -414,7 +451,9 @@ def test_every_shipped_config_is_valid_and_names_the_resumable_fields():
 
 
 def test_validation_reports_every_problem_before_anything_is_read(test_config, tmp_path, monkeypatch):
-    from isimed import config_checks, train, train_state
+    from isimed import config_checks
+    from isimed import train
+    from isimed import train_state
     from isimed.data import pipeline
 
     def never(*args, **kwargs):
@@ -431,7 +470,11 @@ def test_validation_reports_every_problem_before_anything_is_read(test_config, t
     lines = str(e.value).splitlines()
     assert lines[0] == "invalid config (4 problems):"
     assert [line.split(" = ")[0].strip() for line in lines[1:]] == [
-        "checkpoint_every", "keep_checkpoints", "model.dtype", "data.crop_size"]
+        "checkpoint_every",
+        "keep_checkpoints",
+        "model.dtype",
+        "data.crop_size",
+    ]
     assert not (tmp_path / "run").exists()
 
 
@@ -463,7 +506,8 @@ def test_resume_changes_allow_only_the_listed_fields(test_config):
 
 
 def test_unreadable_newest_step_is_moved_aside_and_training_redoes_it_bit_for_bit(
-        pretrained, test_config, tmp_path, caplog):
+    pretrained, test_config, tmp_path, caplog
+):
     """Step 150 truncated: the run resumes from 100, moves 150 aside, trains to 150 again and
     saves exactly the state the uninterrupted run saved there (every leaf, bit for bit)."""
     from isimed import train
@@ -496,7 +540,9 @@ def test_load_encoder_restores_only_what_evaluation_needs(pretrained, tmp_path):
     config, _, state = checkpoints.load_encoder(str(workdir))
     assert set(state) == {"params", "batch_stats", "step"} and int(state["step"]) == 150
     a = _state(Path(pretrained[0]), 150)
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a["params"]), jax.tree.leaves(state["params"])):
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a["params"]), jax.tree.leaves(state["params"])
+    ):
         assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
 
 
@@ -511,13 +557,17 @@ def test_unfinished_saves_are_removed(tmp_path, caplog):
 
 
 def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path):
-    from isimed import train
     from isimed import paths
+    from isimed import train
 
     path = tmp_path / "metrics.jsonl"
-    rows = [{"step": 0, "validation/x": 1.0}, {"step": 5, "train/loss": 2.0},
-            {"step": 10, "train/loss": 3.0}, {"step": 10, "validation/x": 4.0},
-            {"step": 11, "train/loss": 5.0}]
+    rows = [
+        {"step": 0, "validation/x": 1.0},
+        {"step": 5, "train/loss": 2.0},
+        {"step": 10, "train/loss": 3.0},
+        {"step": 10, "validation/x": 4.0},
+        {"step": 11, "train/loss": 5.0},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 12, "tra')
     assert train._drop_metrics_after(paths.resolve(path), 10) == 2
     assert _rows(tmp_path) == rows[:4]

@@ -2,7 +2,9 @@
 
 import numpy as np
 
-from isimed.data import chest_phantom, layouts, phantom
+from isimed.data import chest_phantom
+from isimed.data import layouts
+from isimed.data import phantom
 
 
 def test_splits_are_disjoint_by_subject_and_complete(phantom_dir):

@@ -15,8 +15,13 @@ from isimed import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {
-    "isimed-pretrain", "isimed-simclr", "isimed-vicreg", "isimed-barlow",
-    "isimed-linear-eval", "isimed-prepare", "isimed-export",
+    "isimed-pretrain",
+    "isimed-simclr",
+    "isimed-vicreg",
+    "isimed-barlow",
+    "isimed-linear-eval",
+    "isimed-prepare",
+    "isimed-export",
 }
 
 
@@ -57,7 +62,8 @@ def test_setup_cfg_declares_every_console_script_and_each_resolves():
         module, _, name = target.partition(":")
         assert callable(getattr(importlib.import_module(module), name)), target
     installed = {
-        ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")
+        ep.name: ep.value
+        for ep in importlib.metadata.entry_points(group="console_scripts")
         if ep.dist is not None and ep.dist.name == "isimed"
     }
     assert installed == entry_points, "stale install: rerun `pip install -e .` (make install does)"
@@ -77,8 +83,11 @@ def test_method_commands_default_to_their_chest_config(method):
 def test_method_command_refuses_another_methods_config_outside_the_repository(tmp_path):
     # Run from elsewhere: the config's `from configs import common` must still import.
     config = os.path.join(ROOT, "configs", "vicreg_chest.py") + ":test"
-    done = _run([sys.executable, "-c", "from isimed import cli; cli.run_simclr()", f"--config={config}"],
-                cwd=tmp_path, timeout=300)
+    done = _run(
+        [sys.executable, "-c", "from isimed import cli; cli.run_simclr()", f"--config={config}"],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert done.returncode == 1
     assert f"isimed-simclr trains simclr, but --config={config} is a 'vicreg' config" in done.stderr
     assert not (tmp_path / "workdirs").exists()
@@ -86,10 +95,13 @@ def test_method_command_refuses_another_methods_config_outside_the_repository(tm
 
 def test_main_and_linear_eval_default_their_workdirs(phantom_dir, tmp_path):
     pretrain = [
-        sys.executable, os.path.join(ROOT, "main.py"),
+        sys.executable,
+        os.path.join(ROOT, "main.py"),
         f"--config={os.path.join(ROOT, 'configs', 'isimed_chest.py')}:test",
-        f"--config.data.tfds_dir={phantom_dir}", "--config.total_steps=4",
-        "--config.eval.max_images=2", "--config.eval.probe_train_images=4",
+        f"--config.data.tfds_dir={phantom_dir}",
+        "--config.total_steps=4",
+        "--config.eval.max_images=2",
+        "--config.eval.probe_train_images=4",
     ]
     done = _run(pretrain, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -99,10 +111,13 @@ def test_main_and_linear_eval_default_their_workdirs(phantom_dir, tmp_path):
     assert (workdir / "checkpoints" / "4").is_dir()
 
     evaluate = [
-        sys.executable, os.path.join(ROOT, "linear_eval.py"),
+        sys.executable,
+        os.path.join(ROOT, "linear_eval.py"),
         f"--config={os.path.join(ROOT, 'configs', 'linear_eval_chest.py')}:test",
         "--config.pretrain_workdir=workdirs/isimed_chest_test",
-        "--config.max_images=6", "--config.reference_images=4", "--config.folds=2",
+        "--config.max_images=6",
+        "--config.reference_images=4",
+        "--config.folds=2",
     ]
     done = _run(evaluate, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -122,9 +137,19 @@ def test_prepare_command_runs_the_prepare_module(tmp_path):
         arrays[f"{split}_labels"] = rng.integers(0, 2, size=(n, 14), dtype=np.uint8)
     np.savez(tmp_path / "chestmnist_16.npz", **arrays)
     out = tmp_path / "prepared"
-    done = _run([sys.executable, "-c", "from isimed import cli; cli.run_prepare()", "--layout=medmnist",
-                 f"--root={tmp_path / 'chestmnist_16.npz'}", "--spacing=25", f"--out={out}"],
-                cwd=tmp_path, timeout=300)
+    done = _run(
+        [
+            sys.executable,
+            "-c",
+            "from isimed import cli; cli.run_prepare()",
+            "--layout=medmnist",
+            f"--root={tmp_path / 'chestmnist_16.npz'}",
+            "--spacing=25",
+            f"--out={out}",
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     counts = json.loads((out / "prepared.json").read_text())["counts"]
     assert counts == {"train": 4, "validation": 2, "test": 2}

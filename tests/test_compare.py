@@ -10,8 +10,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_compare_methods_writes_table_and_plot(phantom_dir, tmp_path):
     workdir = tmp_path / "compare"
     cmd = [
-        sys.executable, "-m", "benchmarks.compare_methods", "--preset=test", "--eval_preset=test",
-        "--steps=5", "--methods=isimed,simclr", f"--data_dir={phantom_dir}", f"--workdir={workdir}",
+        sys.executable,
+        "-m",
+        "benchmarks.compare_methods",
+        "--preset=test",
+        "--eval_preset=test",
+        "--steps=5",
+        "--methods=isimed,simclr",
+        f"--data_dir={phantom_dir}",
+        f"--workdir={workdir}",
     ]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

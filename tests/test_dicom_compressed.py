@@ -13,8 +13,11 @@ for _module in ("pylibjpeg", "libjpeg", "openjpeg", "rle"):
     pytest.importorskip(_module, reason="the [dicom] extra is not installed")
 
 from pydicom.data import get_testdata_file  # noqa: E402
-from pydicom.pixels import get_decoder, pixel_array  # noqa: E402
-from pydicom.uid import JPEG2000Lossless, JPEGExtended12Bit, RLELossless  # noqa: E402
+from pydicom.pixels import get_decoder  # noqa: E402
+from pydicom.pixels import pixel_array  # noqa: E402
+from pydicom.uid import JPEG2000Lossless  # noqa: E402
+from pydicom.uid import JPEGExtended12Bit  # noqa: E402
+from pydicom.uid import RLELossless  # noqa: E402
 
 from isimed.data import readers  # noqa: E402
 

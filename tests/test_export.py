@@ -80,14 +80,17 @@ def test_cli_writes_to_the_default_path_and_refuses_monai_for_other_encoders(pre
 def _densenet_arrays(spatial_dims: int, embed_dim: int, seed: int = 0) -> tuple[dict, nnx.GraphDef]:
     """A DenseNet-121's flat arrays with non-trivial BatchNorm parameters and statistics (the
     initial ones are scale 1, bias 0, mean 0, var 1), and its eval graph."""
-    encoder = models.create_encoder("densenet121", spatial_dims=spatial_dims, embed_dim=embed_dim,
-                                    rngs=nnx.Rngs(seed))
+    encoder = models.create_encoder(
+        "densenet121", spatial_dims=spatial_dims, embed_dim=embed_dim, rngs=nnx.Rngs(seed)
+    )
     encoder.eval()
     graph, params, stats = nnx.split(encoder, nnx.Param, ...)
     rng = np.random.default_rng(seed + 1)
     draw = {
-        "scale": lambda s: rng.uniform(0.5, 1.5, s), "bias": lambda s: rng.normal(0.0, 0.1, s),
-        "mean": lambda s: rng.normal(0.0, 0.1, s), "var": lambda s: rng.uniform(1.0, 3.0, s),
+        "scale": lambda s: rng.uniform(0.5, 1.5, s),
+        "bias": lambda s: rng.normal(0.0, 0.1, s),
+        "mean": lambda s: rng.normal(0.0, 0.1, s),
+        "var": lambda s: rng.uniform(1.0, 3.0, s),
     }
 
     def perturb(path, x):
@@ -129,16 +132,19 @@ def test_monai_densenet121_gives_the_jax_embeddings(tmp_path, spatial_dims, crop
     z_jax = np.asarray(nnx.jit(lambda m, x: m(x))(nnx.merge(graph, params, batch_stats), crops))
 
     diff = np.abs(z_torch - z_jax)
-    print(f"{spatial_dims}D: max |z| {np.abs(z_jax).max():.4g}, max abs diff {diff.max():.3g}, "
-          f"max rel diff {(diff / np.abs(z_jax)).max():.3g}")
+    print(
+        f"{spatial_dims}D: max |z| {np.abs(z_jax).max():.4g}, max abs diff {diff.max():.3g}, "
+        f"max rel diff {(diff / np.abs(z_jax)).max():.3g}"
+    )
     assert z_torch.shape == z_jax.shape == (2, embed_dim) and z_jax.std() > 0.1
     np.testing.assert_allclose(z_torch, z_jax, rtol=1e-4, atol=1e-6 * np.abs(z_jax).max())
 
 
 def test_monai_state_dict_uses_every_array_exactly_once():
     arrays, _ = _densenet_arrays(2, 8)
-    config = ml_collections.ConfigDict({"model": {"name": "densenet121", "embed_dim": 8},
-                                        "data": {"crop_size": (64, 64)}})
+    config = ml_collections.ConfigDict(
+        {"model": {"name": "densenet121", "embed_dim": 8}, "data": {"crop_size": (64, 64)}}
+    )
     state_dict = export.monai_state_dict(arrays, config)
     # Each BatchNorm's 4 arrays become 5 entries (+ num_batches_tracked); DenseNet-121 has 121.
     num_norms = sum(k.startswith("batch_stats/") and k.endswith("/mean") for k in arrays)

@@ -53,7 +53,9 @@ def test_pairwise_distances_brute_force():
     np.testing.assert_allclose(geometry.pairwise_distances(p), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("image_shape,crop", [((20, 30, 25), (8, 8, 8)), ((40, 33), (16, 16)), ((8, 8, 8), (8, 8, 8))])
+@pytest.mark.parametrize(
+    "image_shape,crop", [((20, 30, 25), (8, 8, 8)), ((40, 33), (16, 16)), ((8, 8, 8), (8, 8, 8))]
+)
 def test_crops_inside_image_and_seeded(image_shape, crop):
     starts = geometry.sample_crop_starts(np.random.default_rng(3), image_shape, crop, 500)
     assert starts.shape == (500, len(crop))

@@ -77,8 +77,9 @@ def test_grid_crops_drop_background_like_the_pipeline():
     record = make_record()
     record["image"][:, :3] = -1000.0  # An air band in j < 3.
     every = grid.grid_crops(record, (4, 4, 4), 2, window=WINDOW)
-    kept = grid.grid_crops(record, (4, 4, 4), 2, window=WINDOW, min_foreground=0.9,
-                           foreground_threshold=-900.0)
+    kept = grid.grid_crops(
+        record, (4, 4, 4), 2, window=WINDOW, min_foreground=0.9, foreground_threshold=-900.0
+    )
     # Stride 2: j starts 0, 2, ..., 16; those at 0 (3 of 4 rows air) and 2 (1 of 4) fall below 90 %.
     assert np.unique(every["starts"][:, 1]).tolist() == list(range(0, 17, 2))
     assert np.unique(kept["starts"][:, 1]).tolist() == list(range(4, 17, 2))
@@ -101,8 +102,9 @@ def test_grid_features_on_the_phantom(test_config):
         flat = crops.reshape(len(crops), -1)
         return np.stack([flat.mean(1), flat.max(1)], axis=1)
 
-    out = grid.grid_features(test_config.data, "test", {"stats": embed}, max_images=3, stride=8,
-                             with_crops=True)
+    out = grid.grid_features(
+        test_config.data, "test", {"stats": embed}, max_images=3, stride=8, with_crops=True
+    )
     n = len(out["centres"])
     assert n > 0 and out["embeddings"]["stats"].shape == (n, 2)
     assert out["crops"].shape == (n, *test_config.data.crop_size, 1)
@@ -122,8 +124,9 @@ def test_embed_elements_stacks_or_concatenates_every_key():
     assert set(out) == {"image_id", "embeddings"}
     np.testing.assert_array_equal(out["image_id"], [[1, 1], [2, 2]])
     np.testing.assert_array_equal(out["embeddings"]["sum"], [[[3.0], [3.0]], [[6.0], [6.0]]])
-    out = features.embed_elements(elements(), {"sum": total, "twice": lambda c: 2 * total(c)},
-                                  np.concatenate, with_crops=True)
+    out = features.embed_elements(
+        elements(), {"sum": total, "twice": lambda c: 2 * total(c)}, np.concatenate, with_crops=True
+    )
     assert out["crops"].shape == (4, 3)
     np.testing.assert_array_equal(out["embeddings"]["sum"][:, 0], [3.0, 3.0, 6.0, 6.0])
     np.testing.assert_array_equal(out["embeddings"]["twice"][:, 0], [6.0, 6.0, 12.0, 12.0])

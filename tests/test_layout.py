@@ -80,7 +80,7 @@ def test_no_import_cycles():
         state[m] = 1
         for d in graph.get(m, ()):
             if state.get(d) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(d):] + [d]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(d) :] + [d]))
             if d not in state:
                 visit(d, path + [d])
         state[m] = 2
@@ -92,14 +92,15 @@ def test_no_import_cycles():
 
 def test_readme_layout_table_names_every_module():
     readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme[readme.index("## Layout"):]
+    section = readme[readme.index("## Layout") :]
     section = section[: section.index("\n## ", 1)]
     listed = set(re.findall(r"`(isimed/[\w/.]+)`", section))
     missing_files = [p for p in listed if not os.path.exists(os.path.join(ROOT, p))]
     assert not missing_files, f"README layout names files that do not exist: {missing_files}"
     covered = lambda rel: any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in listed)
     unlisted = [
-        rel for rel in (os.path.relpath(p, ROOT) for p in _modules().values())
+        rel
+        for rel in (os.path.relpath(p, ROOT) for p in _modules().values())
         if not rel.endswith("__init__.py") and not covered(rel)
     ]
     assert not unlisted, f"README layout table does not name: {sorted(unlisted)}"

@@ -12,7 +12,8 @@ import pydicom
 import pydicom.data
 import pytest
 
-from isimed.data import layouts, readers
+from isimed.data import layouts
+from isimed.data import readers
 from isimed.data.layouts import Case
 
 
@@ -57,8 +58,12 @@ def test_brats(tmp_path):
 
 def test_empty_and_missing_root(tmp_path):
     (tmp_path / "empty").mkdir()
-    for layout, pattern in [("brats", "_t1.nii.gz"), ("nnunet", "imagesTr"), ("autopet", "CTres"),
-                            ("dicom", r"\*\.dcm")]:
+    for layout, pattern in [
+        ("brats", "_t1.nii.gz"),
+        ("nnunet", "imagesTr"),
+        ("autopet", "CTres"),
+        ("dicom", r"\*\.dcm"),
+    ]:
         with pytest.raises(ValueError, match=rf"empty.*no cases found.*{pattern}"):
             layouts.find_cases(layout, str(tmp_path / "empty"))
     with pytest.raises(ValueError, match=r"empty.*no cases found.*\*/image\.nii\.gz"):
@@ -105,8 +110,9 @@ def test_glob(tmp_path):
     for case in ("a", "b"):
         _nifti(per_folder / case / "image.nii.gz")
     _nifti(per_folder / "a" / "mask.nii.gz", 1)
-    cases = layouts.find_cases("glob", str(per_folder), image_pattern="*/image.nii.gz",
-                               mask_pattern="{parent}/mask.nii.gz")
+    cases = layouts.find_cases(
+        "glob", str(per_folder), image_pattern="*/image.nii.gz", mask_pattern="{parent}/mask.nii.gz"
+    )
     assert [(c.case_id, c.mask is not None) for c in cases] == [("a/image", True), ("b/image", False)]
 
     flat = tmp_path / "flat"
@@ -114,22 +120,34 @@ def test_glob(tmp_path):
     for case in ("c1", "c2"):
         nrrd.write(str(flat / f"{case}.nrrd"), np.zeros((3, 3, 3), np.int16), {"spacings": [1.0] * 3})
         nrrd.write(str(flat / f"{case}_seg.nrrd"), np.ones((3, 3, 3), np.uint8), {"spacings": [1.0] * 3})
-    cases = layouts.find_cases("glob", str(flat), image_pattern="*.nrrd", mask_pattern="{id}_seg.nrrd",
-                               require_mask=True)
+    cases = layouts.find_cases(
+        "glob", str(flat), image_pattern="*.nrrd", mask_pattern="{id}_seg.nrrd", require_mask=True
+    )
     assert [c.case_id for c in cases] == ["c1", "c2"]  # Masks are not taken as images.
     assert readers.read_volume(cases[0].image, cases[0].mask).mask.dtype == np.uint8
 
     split_dirs = tmp_path / "split_dirs"
     _nifti(split_dirs / "images" / "x.nii.gz")
     _nifti(split_dirs / "labels" / "x.nii.gz", 1)
-    cases = layouts.find_cases("glob", str(split_dirs), image_pattern="images/*.nii.gz",
-                               mask_pattern="labels/{stem}.nii.gz")
-    assert cases == [Case("images/x", str(split_dirs / "images" / "x.nii.gz"),
-                          os.path.normpath(str(split_dirs / "labels" / "x.nii.gz")))]
+    cases = layouts.find_cases(
+        "glob", str(split_dirs), image_pattern="images/*.nii.gz", mask_pattern="labels/{stem}.nii.gz"
+    )
+    assert cases == [
+        Case(
+            "images/x",
+            str(split_dirs / "images" / "x.nii.gz"),
+            os.path.normpath(str(split_dirs / "labels" / "x.nii.gz")),
+        )
+    ]
     with pytest.raises(FileNotFoundError, match=r"labels/y\.nii\.gz is missing"):
         _nifti(split_dirs / "images" / "y.nii.gz")
-        layouts.find_cases("glob", str(split_dirs), image_pattern="images/*.nii.gz",
-                           mask_pattern="labels/{stem}.nii.gz", require_mask=True)
+        layouts.find_cases(
+            "glob",
+            str(split_dirs),
+            image_pattern="images/*.nii.gz",
+            mask_pattern="labels/{stem}.nii.gz",
+            require_mask=True,
+        )
 
 
 def test_dicom_leaf_folders(tmp_path):
@@ -177,7 +195,9 @@ def test_assign_splits_with_lists():
     with pytest.warns(UserWarning, match=r"1 case\(s\) in no list.*1 listed id"):
         result = layouts.assign_splits(_cases(["d", "c", "b", "a", "extra"]), lists)
     assert {k: [c.case_id for c in v] for k, v in result.items()} == {
-        "train": ["a", "b"], "validation": ["c"], "test": ["d"]
+        "train": ["a", "b"],
+        "validation": ["c"],
+        "test": ["d"],
     }
     assert [c.case_id for c in result.unassigned] == ["extra"]
     assert result.missing == {"train": ["gone"], "validation": [], "test": []}

@@ -72,7 +72,11 @@ def test_missing_checkpoint_is_a_clear_error(eval_config, tmp_path):
 def test_mismatched_encoder_is_a_clear_error(pretrained, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(pretrained[0], workdir)
-    step_dir = workdir / "checkpoints" / max(os.listdir(workdir / "checkpoints"), key=lambda d: int(d) if d.isdigit() else -1)
+    step_dir = (
+        workdir
+        / "checkpoints"
+        / max(os.listdir(workdir / "checkpoints"), key=lambda d: int(d) if d.isdigit() else -1)
+    )
     config_file = step_dir / "config" / "metadata"
     stored = json.load(open(config_file))
     stored["model"]["embed_dim"] = 7
@@ -86,7 +90,9 @@ def test_pretraining_adds_position_information(eval_config, tmp_path):
     pretrained features better than off the same encoder at initialisation."""
     rows = linear_eval.evaluate(eval_config, str(tmp_path))["feature_sets"]
     assert rows["pretrained"]["spearman_within"] > rows["random_init"]["spearman_within"] + 0.15
-    assert rows["pretrained"]["position_probe"]["mae_mm"] < 0.9 * rows["random_init"]["position_probe"]["mae_mm"]
+    assert (
+        rows["pretrained"]["position_probe"]["mae_mm"] < 0.9 * rows["random_init"]["position_probe"]["mae_mm"]
+    )
 
 
 def test_select_step_picks_the_best_saved_validation_step(tmp_path):
@@ -105,8 +111,11 @@ def test_select_step_picks_the_best_saved_validation_step(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 500, "validation/spe')
     assert linear_eval._select_step(str(tmp_path), "best") == 200
     # A resumed run logs step 300 again; the later value (the run that continued) counts.
-    log.write_text("".join(json.dumps(r) + "\n" for r in rows)
-                   + json.dumps({"step": 300, "validation/spearman_within": 0.8}) + "\n")
+    log.write_text(
+        "".join(json.dumps(r) + "\n" for r in rows)
+        + json.dumps({"step": 300, "validation/spearman_within": 0.8})
+        + "\n"
+    )
     assert linear_eval._select_step(str(tmp_path), "best") == 300
     assert linear_eval._select_step(str(tmp_path), "latest") is None
     assert linear_eval._select_step(str(tmp_path), "50") == 50

@@ -7,7 +7,10 @@ from isimed import losses
 
 
 def reference_isimed(z, p, scale, pairs, w_within, w_cross):
-    """Brute force over unordered pairs, straight from the formula: mean over i<j of (|z_i - z_j| - |p_i - p_j| / scale)^2."""
+    """Brute force over unordered pairs, straight from the formula.
+
+    Mean over i<j of (|z_i - z_j| - |p_i - p_j| / scale)^2.
+    """
     b, k = z.shape[:2]
     z = z.reshape(b * k, -1).astype(np.float64)
     p = p.reshape(b * k, -1).astype(np.float64)

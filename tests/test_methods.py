@@ -27,7 +27,9 @@ def _random_batch(config, rng, b=4):
     }
     if methods.get(config.method).views == 2:
         # A second view near the first, as the pipeline samples it.
-        batch["views"] = np.clip(batch["crops"] + rng.normal(0, 0.1, batch["crops"].shape), -1, 1).astype(np.float32)
+        batch["views"] = np.clip(batch["crops"] + rng.normal(0, 0.1, batch["crops"].shape), -1, 1).astype(
+            np.float32
+        )
     return batch
 
 
@@ -53,7 +55,9 @@ def test_each_method_lowers_its_loss_and_logs_its_terms(name):
     assert np.all(np.isfinite(losses_seen))
     assert np.mean(losses_seen[-3:]) < losses_seen[0], losses_seen
     for part in state["params"]:  # Encoder and head (if any) are both trained.
-        changed = jax.tree.map(lambda a, b: not np.allclose(a, b), initial[part], jax.tree.map(np.asarray, state["params"][part]))
+        changed = jax.tree.map(
+            lambda a, b: not np.allclose(a, b), initial[part], jax.tree.map(np.asarray, state["params"][part])
+        )
         assert any(jax.tree.leaves(changed)), part
 
 

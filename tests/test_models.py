@@ -18,8 +18,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from isimed.models import MODELS, DenseNet, ResNet, SmallCNN, count_params, create_encoder
-from isimed.models.layers import avg_pool, conv, max_pool
+from isimed.models import MODELS
+from isimed.models import DenseNet
+from isimed.models import ResNet
+from isimed.models import SmallCNN
+from isimed.models import count_params
+from isimed.models import create_encoder
+from isimed.models.layers import avg_pool
+from isimed.models.layers import conv
+from isimed.models.layers import max_pool
 
 # XLA compilation dominates the run time of these tests on CPU, hence: rbg
 # keys (their programs compile much faster than threefry's), NumPy inputs, and
@@ -32,7 +39,7 @@ def rngs(seed: int = 0) -> nnx.Rngs:
 
 
 def fast_jit(fn: Callable) -> Callable:
-    """Like ``nnx.jit`` for ``fn(model, *arrays)`` (state updates written back), compiled with FAST_COMPILE."""
+    """Like ``nnx.jit`` for ``fn(model, *arrays)`` (state updates written back), with FAST_COMPILE."""
 
     @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
     def pure(graphdef, state, *args):
@@ -64,7 +71,12 @@ def abstract_model_and_outputs(
 
     def build_and_apply():
         model = create_encoder(
-            name, spatial_dims=len(spatial), embed_dim=embed_dim, in_channels=in_channels, rngs=nnx.Rngs(0), **kwargs
+            name,
+            spatial_dims=len(spatial),
+            embed_dim=embed_dim,
+            in_channels=in_channels,
+            rngs=nnx.Rngs(0),
+            **kwargs,
         )
         # Eval mode avoids BatchStat writes, which make tracing deep models much slower.
         model.eval()
@@ -132,8 +144,18 @@ def test_count_params_excludes_batch_stats():
 SMALL_CONFIGS = {
     "small_cnn-3d": ("small_cnn", 3, {}, 16),
     "resnet_basic-2d": ("resnet18", 2, dict(base_width=8, stage_sizes=(1, 1)), 16),
-    "resnet_bottleneck_small_input-3d": ("resnet50", 3, dict(base_width=4, stage_sizes=(1, 1), small_input=True), 8),
-    "densenet-3d": ("densenet121", 3, dict(init_features=8, growth_rate=4, block_config=(2, 2), bn_size=2), 16),
+    "resnet_bottleneck_small_input-3d": (
+        "resnet50",
+        3,
+        dict(base_width=4, stage_sizes=(1, 1), small_input=True),
+        8,
+    ),
+    "densenet-3d": (
+        "densenet121",
+        3,
+        dict(init_features=8, growth_rate=4, block_config=(2, 2), bn_size=2),
+        16,
+    ),
 }
 
 
@@ -141,7 +163,9 @@ def build_small(key: str, dtype: str = "float32") -> tuple[nnx.Module, jax.Array
     """A small model, a batch of 4 and the same batch with its last two samples replaced."""
     name, spatial_dims, kwargs, size = SMALL_CONFIGS[key]
     model = init(
-        lambda: create_encoder(name, spatial_dims=spatial_dims, embed_dim=8, dtype=dtype, rngs=rngs(), **kwargs)
+        lambda: create_encoder(
+            name, spatial_dims=spatial_dims, embed_dim=8, dtype=dtype, rngs=rngs(), **kwargs
+        )
     )
     x = normal((4,) + (size,) * spatial_dims + (1,))
     mixed = x.at[2:].set(normal(x[2:].shape, seed=1))

@@ -14,17 +14,21 @@ import sys
 import jax
 import numpy as np
 import pytest
+from sharding_check import assert_same_step
 
 from isimed import checkpoints
-from sharding_check import assert_same_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One xdist worker runs the module, so the shared two-process run happens once.
 pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("multiprocess")]
 
 STEPS = 20
-TRAIN_FLAGS = [f"--config.total_steps={STEPS}", "--config.log_every=2", "--config.eval_every=10",
-               "--config.checkpoint_every=10"]
+TRAIN_FLAGS = [
+    f"--config.total_steps={STEPS}",
+    "--config.log_every=2",
+    "--config.eval_every=10",
+    "--config.checkpoint_every=10",
+]
 
 
 def _free_port() -> int:
@@ -34,8 +38,12 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    )
 
 
 def _start(script_and_args: list[str], processes: int, devices: int = 2) -> list[subprocess.Popen]:
@@ -43,12 +51,26 @@ def _start(script_and_args: list[str], processes: int, devices: int = 2) -> list
     port = _free_port()
     procs = []
     for i in range(processes):
-        dist = [] if processes == 1 else [
-            "--config.distributed=True", f"--config.coordinator_address=127.0.0.1:{port}",
-            f"--config.num_processes={processes}", f"--config.process_id={i}"]
-        procs.append(subprocess.Popen(
-            [sys.executable, *script_and_args, *dist], cwd=ROOT, env=_env(devices),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        dist = (
+            []
+            if processes == 1
+            else [
+                "--config.distributed=True",
+                f"--config.coordinator_address=127.0.0.1:{port}",
+                f"--config.num_processes={processes}",
+                f"--config.process_id={i}",
+            ]
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *script_and_args, *dist],
+                cwd=ROOT,
+                env=_env(devices),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -60,8 +82,14 @@ def _finish(procs, timeout=300) -> list[str]:
 
 
 def _pretrain_args(tfds_dir, workdir, *extra):
-    return ["main.py", "--config=configs/isimed_chest.py:test", f"--config.data.tfds_dir={tfds_dir}",
-            f"--workdir={workdir}", *TRAIN_FLAGS, *extra]
+    return [
+        "main.py",
+        "--config=configs/isimed_chest.py:test",
+        f"--config.data.tfds_dir={tfds_dir}",
+        f"--workdir={workdir}",
+        *TRAIN_FLAGS,
+        *extra,
+    ]
 
 
 def _state(workdir):
@@ -91,8 +119,7 @@ def test_two_processes_train_and_only_process_zero_writes(straight):
     assert "Held-out test subjects after 20 steps" in out0
     # Metrics, logs and the summary come from process 0 alone: each step is logged once.
     assert "train/loss" not in out1
-    steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")
-             if "train/loss" in line]
+    steps = [json.loads(line)["step"] for line in open(workdir / "metrics.jsonl") if "train/loss" in line]
     assert steps == list(range(2, STEPS + 1, 2))
     assert json.load(open(workdir / "summary.json"))["step"] == STEPS
     for png in ("training_curves.png", "distance_scatter.png", "pca.png"):
@@ -145,9 +172,18 @@ def test_linear_eval_two_processes_equals_one_process(straight, tmp_path):
     results = {}
     for processes, devices in ((1, 4), (2, 2)):
         out = tmp_path / f"eval{processes}"
-        _finish(_start(["linear_eval.py", "--config=configs/linear_eval_chest.py:test",
-                        f"--config.pretrain_workdir={straight[0]}", f"--workdir={out}"],
-                       processes, devices))
+        _finish(
+            _start(
+                [
+                    "linear_eval.py",
+                    "--config=configs/linear_eval_chest.py:test",
+                    f"--config.pretrain_workdir={straight[0]}",
+                    f"--workdir={out}",
+                ],
+                processes,
+                devices,
+            )
+        )
         results[processes] = json.load(open(out / "results.json"))
     one, two = results[1], results[2]
     one.pop("pretrain_workdir"), two.pop("pretrain_workdir")

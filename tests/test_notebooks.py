@@ -54,6 +54,7 @@ def test_notebook_executes_without_errors(name, phantom_dir, tmp_path, monkeypat
     client.execute()  # Raises CellExecutionError with the cell's traceback on any error.
 
     assert nb.cells[-1].outputs[-1]["text"].strip() == sys.prefix
-    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code"
-                 for o in c.outputs)
+    images = sum(
+        "image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
     assert images >= 4  # Every figure cell drew something.

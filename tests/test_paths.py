@@ -81,16 +81,20 @@ def test_writers_write_through_the_uri(bucket, monkeypatch):
 
 
 def test_plots_write_through_the_uri(bucket):
-    written = plots.roc_curves({"a": (np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.4, 0.6]))},
-                               f"{BUCKET}/eval/roc.png")
+    written = plots.roc_curves(
+        {"a": (np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.4, 0.6]))}, f"{BUCKET}/eval/roc.png"
+    )
     assert written == f"{BUCKET}/eval/roc.png"
     assert (bucket / "eval" / "roc.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_prepared_reader_gets_the_uri(bucket, monkeypatch):
-    manifest = {"format": prepared.FORMAT, "format_version": prepared.FORMAT_VERSION,
-                "status": "complete",
-                "splits": {"train": {"files": [{"file": "c0.array_record", "records": 1}]}}}
+    manifest = {
+        "format": prepared.FORMAT,
+        "format_version": prepared.FORMAT_VERSION,
+        "status": "complete",
+        "splits": {"train": {"files": [{"file": "c0.array_record", "records": 1}]}},
+    }
     (bucket / "prep").mkdir()
     (bucket / "prep" / prepared.MANIFEST).write_text(json.dumps(manifest))
     source = prepared.data_source(f"{BUCKET}/prep", "train")

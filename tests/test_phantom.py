@@ -89,9 +89,7 @@ def test_importing_defines_no_flags():
     baseline = "from absl import flags; print(len(list(flags.FLAGS)))"
     root = pathlib.Path(phantom.__file__).parents[2]
     counts = [
-        subprocess.run(
-            [sys.executable, "-c", c], cwd=root, check=True, capture_output=True, text=True
-        ).stdout
+        subprocess.run([sys.executable, "-c", c], cwd=root, check=True, capture_output=True, text=True).stdout
         for c in (code, baseline)
     ]
     assert counts[0] == counts[1]

@@ -23,12 +23,14 @@ def coded_source(n=6, shape=SHAPE, spacing=(5.0, 0.7, 0.7)):
             mask[(slice(4, 8), slice(5, 10), slice(6, 12))[: len(shape)]] = 1
         q, _ = np.linalg.qr(rng.normal(size=(len(shape), len(shape))))
         affine = geometry.affine_from_spacing(spacing[: len(shape)], rng.normal(size=len(shape)) * 50, q)
-        records.append({
-            "id": 100 + i,
-            "image": np.arange(np.prod(shape), dtype=np.float32).reshape(shape),
-            "affine": affine,
-            "mask": mask,
-        })
+        records.append(
+            {
+                "id": 100 + i,
+                "image": np.arange(np.prod(shape), dtype=np.float32).reshape(shape),
+                "affine": affine,
+                "mask": mask,
+            }
+        )
     return records
 
 
@@ -56,8 +58,7 @@ def test_batch_shapes_centres_and_labels():
     by_id = {r["id"]: r for r in source}
     cfg = data_config()
     # Evaluation batches carry the lesion labels (training batches skip them).
-    batch = next(iter(pipeline.make_dataset(cfg, "train", seed=0, train=False, batch_size=3,
-                                            source=source)))
+    batch = next(iter(pipeline.make_dataset(cfg, "train", seed=0, train=False, batch_size=3, source=source)))
     assert batch["crops"].shape == (3, 5, 4, 6, 5, 1) and batch["crops"].dtype == np.float32
     assert batch["centres"].shape == (3, 5, 3) and batch["centres"].dtype == np.float32
     assert batch["lesion_fraction"].shape == (3, 5) and batch["has_lesion"].shape == (3, 5)
@@ -107,8 +108,19 @@ def test_seeded_reproducible_and_shuffled():
     # Two batches of 3 make one epoch of 6 images: every image once, not in storage order.
     ids = np.concatenate([a[0]["image_id"], a[1]["image_id"]])
     assert sorted(ids) == [r["id"] for r in source]
-    orders = [tuple(np.concatenate([x["image_id"] for x in take(iter(pipeline.make_dataset(
-        cfg, "train", seed=s, train=True, source=source)), 2)])) for s in range(4)]
+    orders = [
+        tuple(
+            np.concatenate(
+                [
+                    x["image_id"]
+                    for x in take(
+                        iter(pipeline.make_dataset(cfg, "train", seed=s, train=True, source=source)), 2
+                    )
+                ]
+            )
+        )
+        for s in range(4)
+    ]
     assert len(set(orders)) > 1
 
 
@@ -131,8 +143,16 @@ def test_process_shards_are_disjoint_and_cover_the_split():
     cfg = data_config(images_per_batch=2)
     seen = []
     for index in range(2):
-        ds = pipeline.make_dataset(cfg, "eval", seed=0, train=False, source=source,
-                                   process_index=index, process_count=2, batch_size=1)
+        ds = pipeline.make_dataset(
+            cfg,
+            "eval",
+            seed=0,
+            train=False,
+            source=source,
+            process_index=index,
+            process_count=2,
+            batch_size=1,
+        )
         seen.append({int(x["image_id"][0]) for x in ds})
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {r["id"] for r in source}
@@ -168,7 +188,10 @@ def test_min_foreground_respected():
     [
         (lambda r: r["image"].__setitem__((1, 2, 3), np.nan), r"record id=100.*NaN"),
         (lambda r: r["affine"].__setitem__((slice(None), 1), 0.0), r"record id=100.*spacing"),
-        (lambda r: r.update(image=r["image"][:3], mask=r["mask"][:3]), r"record id=100.*crop size \(4, 6, 5\).*\(3, 20, 18\)"),
+        (
+            lambda r: r.update(image=r["image"][:3], mask=r["mask"][:3]),
+            r"record id=100.*crop size \(4, 6, 5\).*\(3, 20, 18\)",
+        ),
         (lambda r: r.__setitem__("mask", r["mask"][:, :4]), r"record id=100.*mask shape"),
         (lambda r: r.__setitem__("image", r["image"][0]), r"record id=100.*3D image"),
     ],
@@ -183,14 +206,24 @@ def test_bad_records_give_errors_naming_the_record(mutate, message):
 
 def test_fewer_than_two_crops_is_an_error():
     with pytest.raises(ValueError, match="crops_per_image must be >= 2"):
-        pipeline.make_dataset(data_config(crops_per_image=1), "train", seed=0, train=True, source=coded_source())
+        pipeline.make_dataset(
+            data_config(crops_per_image=1), "train", seed=0, train=True, source=coded_source()
+        )
 
 
 def test_unknown_config_key_fails_on_the_command_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "main.py", "--config=configs/isimed_chest.py:test",
-         "--config.data.crop_sise=4", f"--workdir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "main.py",
+            "--config=configs/isimed_chest.py:test",
+            "--config.data.crop_sise=4",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "crop_sise" in result.stderr

@@ -53,14 +53,27 @@ def test_training_curves_any_keys_resume_and_size(tmp_path):
     log = tmp_path / "metrics.jsonl"
     rows = [{"step": 0, "validation/spearman_within": 0.05}]
     for step in range(10, 110, 10):
-        rows.append({"step": step, "train/loss": 10.0 / step, "train/invariance": 1.0 + step,
-                     "train/embedding_std": 0.1, "train/rankme": 20.0, "train/note": "text"})
+        rows.append(
+            {
+                "step": step,
+                "train/loss": 10.0 / step,
+                "train/invariance": 1.0 + step,
+                "train/embedding_std": 0.1,
+                "train/rankme": 20.0,
+                "train/note": "text",
+            }
+        )
     rows.append({"step": 50, "validation/spearman_within": 0.5})
     rows.append({"step": 50, "train/loss": 123.0})  # A resumed run repeats step 50: later wins.
     write_jsonl(log, rows)
     series = metrics_log.read_metrics(str(log))
-    assert set(series) == {"train/loss", "train/invariance", "train/embedding_std", "train/rankme",
-                           "validation/spearman_within"}
+    assert set(series) == {
+        "train/loss",
+        "train/invariance",
+        "train/embedding_std",
+        "train/rankme",
+        "validation/spearman_within",
+    }
     steps, values = series["train/loss"]
     assert list(steps) == list(range(10, 110, 10))
     assert values[list(steps).index(50)] == 123.0
@@ -110,12 +123,16 @@ def test_distance_scatter_panels_hand_spearman_and_fitted_scale(tmp_path):
     assert_png(out, 400, 2 * 420)
     fig = plots._distance_scatter_figure(panels, centres, None, 2, 0)
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["exact: Spearman 1.000\n(3 within-image pairs, 2 shown)",
-                      "trained: Spearman 0.500\n(3 within-image pairs, 2 shown)"]
+    assert titles == [
+        "exact: Spearman 1.000\n(3 within-image pairs, 2 shown)",
+        "trained: Spearman 0.500\n(3 within-image pairs, 2 shown)",
+    ]
     # Least-squares scale latent.physical / latent.latent: 100 for "exact"; (2 + 9 + 2) / (4 + 9 + 1)
     # = 13 / 14 = 0.929 for "trained".
-    assert [ax.get_ylabel() for ax in fig.axes] == ["latent distance x 100 mm (fitted)",
-                                                    "latent distance x 0.929 mm (fitted)"]
+    assert [ax.get_ylabel() for ax in fig.axes] == [
+        "latent distance x 100 mm (fitted)",
+        "latent distance x 0.929 mm (fitted)",
+    ]
 
 
 def test_pca_matches_sklearn():
@@ -185,8 +202,7 @@ def test_cross_validate_returns_out_of_fold_predictions():
     groups = np.repeat(np.arange(12), 10)
     x = rng.standard_normal((120, 4))
     y = (x[:, 0] + 0.5 * rng.standard_normal(120) > 0).astype(int)
-    res = probes.cross_validate(x, y, groups, task="binary", folds=3, epochs=5,
-                                weight_decays=(0.0,))
+    res = probes.cross_validate(x, y, groups, task="binary", folds=3, epochs=5, weight_decays=(0.0,))
     pred = res["predictions"]
     np.testing.assert_array_equal(pred.y_true, y)
     assert pred.score.shape == (120,) and np.all((pred.score >= 0) & (pred.score <= 1))
@@ -195,23 +211,26 @@ def test_cross_validate_returns_out_of_fold_predictions():
         assert set(groups[pred.fold == i]) == set(test_ids)
         fold_auc = metrics.binary_metrics(y[pred.fold == i], pred.score[pred.fold == i])["auc"]
         assert fold_auc == res["folds"][i]["auc"]
-    again = probes.cross_validate(x, y, groups, task="binary", folds=3, epochs=5,
-                                  weight_decays=(0.0,))
+    again = probes.cross_validate(x, y, groups, task="binary", folds=3, epochs=5, weight_decays=(0.0,))
     assert again == res  # Predictions compare by value, so whole results still compare.
 
-    reg = probes.cross_validate(x, x[:, 1], groups, task="regression", folds=3, epochs=5,
-                                weight_decays=(0.0,))
+    reg = probes.cross_validate(
+        x, x[:, 1], groups, task="regression", folds=3, epochs=5, weight_decays=(0.0,)
+    )
     assert reg["predictions"].score.shape == (120,) and np.all(np.isfinite(reg["predictions"].score))
 
 
 def test_write_training_plots_writes_three_pngs(tmp_path):
     rng = np.random.default_rng(6)
-    write_jsonl(tmp_path / "metrics.jsonl",
-                [{"step": s, "train/loss": 1.0 / s, "validation/spearman_within": 0.1} for s in (1, 2, 3)])
+    write_jsonl(
+        tmp_path / "metrics.jsonl",
+        [{"step": s, "train/loss": 1.0 / s, "validation/spearman_within": 0.1} for s in (1, 2, 3)],
+    )
     config = ml_collections.ConfigDict({"loss": {"scale": 100.0}})
     z, centres = fake_embeddings(rng)
-    written = plots.write_training_plots(str(tmp_path), config, z, centres,
-                                         lesion=(rng.random(centres.shape[:2]) < 0.3).astype(int))
+    written = plots.write_training_plots(
+        str(tmp_path), config, z, centres, lesion=(rng.random(centres.shape[:2]) < 0.3).astype(int)
+    )
     assert set(written) == {"training_curves", "distance_scatter", "pca"}
     for name in ("training_curves", "distance_scatter", "pca"):
         assert written[name] == str(tmp_path / f"{name}.png")
@@ -225,11 +244,16 @@ def test_write_training_plots_writes_three_pngs(tmp_path):
 def test_write_linear_eval_plots(tmp_path):
     rng = np.random.default_rng(7)
     y = (rng.random(60) < 0.4).astype(int)
-    results = {"feature_sets": {
-        name: {"lesion_crop": {"predictions": probes.Predictions(y, y + rng.normal(0, s, 60),
-                                                                  np.zeros(60, int))}}
-        for name, s in (("pretrained", 0.5), ("random_init", 1.0), ("raw_intensity", 2.0))
-    }}
+    results = {
+        "feature_sets": {
+            name: {
+                "lesion_crop": {
+                    "predictions": probes.Predictions(y, y + rng.normal(0, s, 60), np.zeros(60, int))
+                }
+            }
+            for name, s in (("pretrained", 0.5), ("random_init", 1.0), ("raw_intensity", 2.0))
+        }
+    }
     z, centres = fake_embeddings(rng, b=6, k=10)
     pretrained = {"embeddings": z, "centres": centres, "has_lesion": y.reshape(6, 10)}
     written = plots.write_linear_eval_plots(str(tmp_path), results, pretrained=pretrained)
@@ -238,8 +262,9 @@ def test_write_linear_eval_plots(tmp_path):
         read_png(path)
     # Data without lesions (e.g. image-level labels only): no ROC, PCA without a lesion panel.
     no_lesion = {"embeddings": z, "centres": centres, "has_lesion": np.zeros((6, 10), int)}
-    written = plots.write_linear_eval_plots(str(tmp_path / "none"), {"feature_sets": {"x": {}}},
-                                            pretrained=no_lesion)
+    written = plots.write_linear_eval_plots(
+        str(tmp_path / "none"), {"feature_sets": {"x": {}}}, pretrained=no_lesion
+    )
     assert set(written) == {"pca"}
 
 
@@ -250,8 +275,7 @@ def test_linear_eval_writes_plots_and_keeps_predictions_out_of_json(pretrained, 
     config = linear_eval_chest.get_config("test")
     config.pretrain_workdir = pretrained[0]
     results = linear_eval.evaluate(config, str(tmp_path))
-    assert isinstance(results["feature_sets"]["pretrained"]["lesion_crop"]["predictions"],
-                      probes.Predictions)
+    assert isinstance(results["feature_sets"]["pretrained"]["lesion_crop"]["predictions"], probes.Predictions)
     text = open(tmp_path / "results.json").read()
     assert "predictions" not in text
     assert json.loads(text)["feature_sets"]["pretrained"]["lesion_crop"]["mean"]

@@ -14,7 +14,9 @@ import pytest
 from scipy import ndimage
 
 from isimed import geometry
-from isimed.data import pipeline, prepare, prepared
+from isimed.data import pipeline
+from isimed.data import prepare
+from isimed.data import prepared
 
 NUM_CASES = 8
 # Explicit split lists: 3 train, 1 validation, 4 test (linear evaluation needs folds + 1 = 4).
@@ -56,16 +58,19 @@ def brats_raw(tmp_path_factory):
         centre = np.array([20.0 + 2 * i, -10.0, 15.0])  # World mm, inside the brain.
         os.makedirs(root / name)
         nib.save(nib.Nifti1Image(image, affine), str(root / name / f"{name}_t1.nii.gz"))
-        nib.save(nib.Nifti1Image(_tumour_mask(data.shape, affine, centre), affine),
-                 str(root / name / f"{name}_seg.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(_tumour_mask(data.shape, affine, centre), affine),
+            str(root / name / f"{name}_seg.nii.gz"),
+        )
     return str(root)
 
 
 @pytest.fixture(scope="module")
 def brats_prepared(brats_raw, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("brats_prepared") / "out")
-    manifest = prepare.prepare("brats", brats_raw, out, spacing=4.0, crop_foreground=True,
-                               splits=SPLITS, progress=False)
+    manifest = prepare.prepare(
+        "brats", brats_raw, out, spacing=4.0, crop_foreground=True, splits=SPLITS, progress=False
+    )
     return out, manifest
 
 
@@ -98,8 +103,9 @@ def test_brats_prepared_keeps_world_mm(brats_raw, brats_prepared):
         # The tumour's centroid stays at its world position (to within the 4 mm grid).
         raw_mask = np.asarray(nib.load(raw.get_filename().replace("_t1", "_seg")).dataobj)
         centroid = lambda m, a: geometry.voxel_to_world(np.argwhere(m > 0).mean(0), a)
-        np.testing.assert_allclose(centroid(record["mask"], record["affine"]),
-                                   centroid(raw_mask, raw.affine), atol=2.0)
+        np.testing.assert_allclose(
+            centroid(record["mask"], record["affine"]), centroid(raw_mask, raw.affine), atol=2.0
+        )
 
 
 def test_process_volume_resample_and_crop_keep_world_positions():
@@ -116,8 +122,9 @@ def test_process_volume_resample_and_crop_keep_world_positions():
     image += offset
     image[:5] = -1000.0  # Air (below the CT foreground threshold): cropped away.
     for spacing, crop in [(None, True), ((1.5, 1.5, 1.5), False), ((2.0, 1.0, 3.0), True)]:
-        out = prepare.process_volume(image, affine, None, intensity="ct", window=(-1000, 1000),
-                                     spacing=spacing, crop_foreground=crop)
+        out = prepare.process_volume(
+            image, affine, None, intensity="ct", window=(-1000, 1000), spacing=spacing, crop_foreground=crop
+        )
         assert out["image"].dtype == np.float16
         np.testing.assert_array_equal(out["bbox"], [[5, 0, 0], shape])
         index = np.argwhere(np.ones(out["image"].shape, bool))[::7]
@@ -128,12 +135,14 @@ def test_process_volume_resample_and_crop_keep_world_positions():
         expected = (points @ gradient + offset) / 1000.0
         np.testing.assert_allclose(out["image"][tuple(index.T)][inside], expected[inside], atol=1e-3)
         if crop:  # The first stored voxel is the box's first voxel, at the same world point.
-            np.testing.assert_allclose(geometry.voxel_to_world([0, 0, 0], out["affine"]),
-                                       geometry.voxel_to_world([5, 0, 0], affine))
+            np.testing.assert_allclose(
+                geometry.voxel_to_world([0, 0, 0], out["affine"]), geometry.voxel_to_world([5, 0, 0], affine)
+            )
 
 
 def test_brats_config_trains_and_linear_eval_runs(brats_prepared, tmp_path):
-    from configs import isimed_brats, linear_eval_brats
+    from configs import isimed_brats
+    from configs import linear_eval_brats
     from isimed import train
     from isimed.evaluation import linear_eval
 
@@ -176,8 +185,9 @@ def test_medmnist_records_carry_labels(tmp_path):
 
     arrays = _medmnist_npz(tmp_path / "chestmnist_16.npz")
     out = str(tmp_path / "out")
-    manifest = prepare.prepare("medmnist", str(tmp_path / "chestmnist_16.npz"), out, spacing=25.0,
-                               shard_size=5, progress=False)
+    manifest = prepare.prepare(
+        "medmnist", str(tmp_path / "chestmnist_16.npz"), out, spacing=25.0, shard_size=5, progress=False
+    )
     assert manifest["counts"] == {"train": 12, "validation": 5, "test": 8}
     assert manifest["label_names"][:2] == ["atelectasis", "cardiomegaly"]
     assert manifest["ndim"] == 2 and len(manifest["splits"]["train"]["files"]) == 3
@@ -218,12 +228,21 @@ def raw_with_bad_files(tmp_path):
 def test_bad_files_skipped_and_listed_or_raise(raw_with_bad_files, tmp_path):
     for bad, problem in [("empty", "no foreground"), ("truncated", "cannot read NIfTI")]:
         with pytest.raises(prepare.PrepareError, match=f"{bad}_t1.nii.gz: {problem}"):
-            prepare.prepare("brats", str(raw_with_bad_files), str(tmp_path / bad),
-                            splits={"train": ["good0", bad]}, progress=False)
+            prepare.prepare(
+                "brats",
+                str(raw_with_bad_files),
+                str(tmp_path / bad),
+                splits={"train": ["good0", bad]},
+                progress=False,
+            )
     manifest = prepare.prepare(
-        "brats", str(raw_with_bad_files), str(tmp_path / "out"), skip_bad=True,
+        "brats",
+        str(raw_with_bad_files),
+        str(tmp_path / "out"),
+        skip_bad=True,
         splits={"train": ["empty", "good0", "good1", "truncated"], "test": ["good2"]},
-        progress=False)
+        progress=False,
+    )
     assert manifest["report"]["skipped"] == 2 and manifest["report"]["done"] == 3
     reasons = {s["case_id"]: s["reason"] for s in manifest["skipped"]}
     assert "no foreground" in reasons["empty"] and "cannot read NIfTI" in reasons["truncated"]
@@ -234,8 +253,7 @@ def test_bad_files_skipped_and_listed_or_raise(raw_with_bad_files, tmp_path):
 
 def test_rerun_resumes_and_refuses_other_settings(raw_with_bad_files, tmp_path):
     out = tmp_path / "out"
-    kwargs = dict(splits={"train": ["good0", "good1"], "test": ["good2"]}, skip_bad=True,
-                  progress=False)
+    kwargs = dict(splits={"train": ["good0", "good1"], "test": ["good2"]}, skip_bad=True, progress=False)
     prepare.prepare("brats", str(raw_with_bad_files), str(out), **kwargs)
     os.remove(out / "train" / "good1.array_record")  # As if interrupted before this volume...
     (out / "train" / ".good1.array_record.tmp").write_bytes(b"half")  # ...while writing it.
@@ -246,31 +264,44 @@ def test_rerun_resumes_and_refuses_other_settings(raw_with_bad_files, tmp_path):
     with pytest.raises(prepare.PrepareError, match="other settings.*spacing"):
         prepare.prepare("brats", str(raw_with_bad_files), str(out), spacing=2.0, **kwargs)
     with pytest.raises(prepare.PrepareError, match="changed"):
-        prepare.prepare("brats", str(raw_with_bad_files), str(out),
-                        **{**kwargs, "splits": {"train": ["good0"], "test": ["good2"]}})
+        prepare.prepare(
+            "brats",
+            str(raw_with_bad_files),
+            str(out),
+            **{**kwargs, "splits": {"train": ["good0"], "test": ["good2"]}},
+        )
 
 
 def test_data_source_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepared.json"):
         prepared.data_source(str(tmp_path), "train")
     _medmnist_npz(tmp_path / "chestmnist_16.npz", sizes=(3, 0, 2))
-    prepare.prepare("medmnist", str(tmp_path / "chestmnist_16.npz"), str(tmp_path / "out"),
-                    spacing=25.0, progress=False)
+    prepare.prepare(
+        "medmnist", str(tmp_path / "chestmnist_16.npz"), str(tmp_path / "out"), spacing=25.0, progress=False
+    )
     with pytest.raises(ValueError, match="'validation' is empty"):
         prepared.data_source(str(tmp_path / "out"), "validation")
     with pytest.raises(ValueError, match="no split 'val'"):
         prepared.data_source(str(tmp_path / "out"), "val")
 
 
-CONFIGS = ("isimed_brats", "isimed_autopet", "isimed_chestmnist", "isimed_folder",
-           "linear_eval_brats", "linear_eval_autopet", "linear_eval_chestmnist")
+CONFIGS = (
+    "isimed_brats",
+    "isimed_autopet",
+    "isimed_chestmnist",
+    "isimed_folder",
+    "linear_eval_brats",
+    "linear_eval_autopet",
+    "linear_eval_chestmnist",
+)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_load(name):
     import importlib
 
-    from configs import isimed_chest, linear_eval_chest
+    from configs import isimed_chest
+    from configs import linear_eval_chest
 
     module = importlib.import_module(f"configs.{name}")
     for preset in (None, "paper", "demo", "test"):
@@ -288,14 +319,14 @@ def test_configs_load(name):
 
 
 def test_chestmnist_config_trains_and_linear_eval_uses_labels(tmp_path):
-    from configs import isimed_chestmnist, linear_eval_chestmnist
+    from configs import isimed_chestmnist
+    from configs import linear_eval_chestmnist
     from isimed import train
     from isimed.evaluation import linear_eval
 
     _medmnist_npz(tmp_path / "chestmnist_16.npz", sizes=(8, 4, 8))
     out = str(tmp_path / "out")
-    prepare.prepare("medmnist", str(tmp_path / "chestmnist_16.npz"), out, spacing=25.0,
-                    progress=False)
+    prepare.prepare("medmnist", str(tmp_path / "chestmnist_16.npz"), out, spacing=25.0, progress=False)
     config = isimed_chestmnist.get_config("test")
     config.data.dir = out
     config.total_steps = 3

@@ -43,17 +43,22 @@ def folder(tmp_path_factory):
     for i, (name, shape) in enumerate(CASES.items()):
         affine = np.diag([1.0 + i, 1.5, 2.0, 1.0])
         os.makedirs(root / name)
-        nib.save(nib.Nifti1Image(rng.integers(1, 900, size=shape).astype(np.int16), affine),
-                 str(root / name / f"{name}_t1.nii.gz"))
-        nib.save(nib.Nifti1Image((rng.random(shape) > 0.8).astype(np.uint8), affine),
-                 str(root / name / f"{name}_seg.nii.gz"))
+        nib.save(
+            nib.Nifti1Image(rng.integers(1, 900, size=shape).astype(np.int16), affine),
+            str(root / name / f"{name}_t1.nii.gz"),
+        )
+        nib.save(
+            nib.Nifti1Image((rng.random(shape) > 0.8).astype(np.uint8), affine),
+            str(root / name / f"{name}_seg.nii.gz"),
+        )
     out = str(tmp_path_factory.mktemp("prepared") / "out")
     manifest = prepare.prepare("brats", str(root), out, splits={"train": list(CASES)}, progress=False)
     assert manifest["format_version"] == prepared.FORMAT_VERSION == 2
     expected = {}
     for index, name in enumerate(CASES):
-        volume = readers.read_volume(str(root / name / f"{name}_t1.nii.gz"),
-                                     str(root / name / f"{name}_seg.nii.gz"), ndim=3)
+        volume = readers.read_volume(
+            str(root / name / f"{name}_t1.nii.gz"), str(root / name / f"{name}_seg.nii.gz"), ndim=3
+        )
         fields = prepare.process_volume(volume.image, volume.affine, volume.mask, intensity="mri")
         expected[name] = {"id": index, "case_id": name, **fields}
     return out, expected
@@ -103,8 +108,7 @@ def test_decoding_survives_gc_that_parses(folder):
     gc.callbacks.append(parses)
     gc.set_threshold(1)  # A collection at (nearly) every allocation: also inside the AST constructor.
     try:
-        records = [prepared.deserialize(d, where=f"record {i}", dtype=np.float16)
-                   for i, d in enumerate(data)]
+        records = [prepared.deserialize(d, where=f"record {i}", dtype=np.float16) for i, d in enumerate(data)]
         if sys.version_info[:3] < (3, 11, 8):  # Not vacuous: the npz header parse does break.
             with pytest.raises(SystemError, match="AST constructor recursion depth mismatch"):
                 with np.load(io.BytesIO(npz.getvalue()), allow_pickle=False) as z:
@@ -156,12 +160,28 @@ def _old_format_folder(path):
     """A folder as format version 1 wrote it: "version": 1 and np.savez records."""
     os.makedirs(path / "train")
     buf = io.BytesIO()
-    np.savez(buf, id=np.int32(0), case_id=np.str_("c0"), image=np.zeros((4, 4), np.float16),
-             affine=np.eye(3), bbox=np.array([[0, 0], [4, 4]], np.int64))
+    np.savez(
+        buf,
+        id=np.int32(0),
+        case_id=np.str_("c0"),
+        image=np.zeros((4, 4), np.float16),
+        affine=np.eye(3),
+        bbox=np.array([[0, 0], [4, 4]], np.int64),
+    )
     prepare._write_records(str(path / "train" / "c0.array_record"), [buf.getvalue()])
-    manifest = {"format": prepared.FORMAT, "version": 1, "status": "complete", "settings": {},
-                "plan": {}, "splits": {"train": {"count": 1, "files": [
-                    {"id": 0, "case_id": "c0", "file": "c0.array_record", "records": 1}]}}}
+    manifest = {
+        "format": prepared.FORMAT,
+        "version": 1,
+        "status": "complete",
+        "settings": {},
+        "plan": {},
+        "splits": {
+            "train": {
+                "count": 1,
+                "files": [{"id": 0, "case_id": "c0", "file": "c0.array_record", "records": 1}],
+            }
+        },
+    }
     (path / prepared.MANIFEST).write_text(json.dumps(manifest))
     return buf.getvalue()
 
@@ -175,20 +195,33 @@ def test_old_format_folder_gives_one_clear_line(tmp_path):
     assert "\n" not in message and message.startswith(str(old))
     assert "format version 1" in message and "python -m isimed.data.prepare" in message
     # A stray old record (e.g. copied into a new folder) is named as such, not as corrupt.
-    with pytest.raises(prepared.RecordError, match=r"^x\.array_record: a record in the old npz "
-                       r"format .*python -m isimed\.data\.prepare"):
+    with pytest.raises(
+        prepared.RecordError,
+        match=r"^x\.array_record: a record in the old npz "
+        r"format .*python -m isimed\.data\.prepare",
+    ):
         prepared.deserialize(record, where="x.array_record")
 
 
 def test_prepare_refuses_to_resume_an_old_format_folder(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {f"{s}_{k}": v for s in ("train", "val", "test")
-              for k, v in (("images", rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)),
-                           ("labels", rng.integers(0, 2, (3, 2), dtype=np.uint8)))}
+    arrays = {
+        f"{s}_{k}": v
+        for s in ("train", "val", "test")
+        for k, v in (
+            ("images", rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)),
+            ("labels", rng.integers(0, 2, (3, 2), dtype=np.uint8)),
+        )
+    }
     np.savez(tmp_path / "chestmnist_8.npz", **arrays)
     out = tmp_path / "out"
-    run = lambda: prepare.prepare("medmnist", str(tmp_path / "chestmnist_8.npz"), str(out),  # noqa: E731
-                                  spacing=50.0, progress=False)
+    run = lambda: prepare.prepare(
+        "medmnist",
+        str(tmp_path / "chestmnist_8.npz"),
+        str(out),  # noqa: E731
+        spacing=50.0,
+        progress=False,
+    )
     run()
     manifest = json.loads((out / prepared.MANIFEST).read_text())
     manifest["version"] = 1  # As version 1 wrote it, half done.
@@ -201,21 +234,30 @@ def test_prepare_refuses_to_resume_an_old_format_folder(tmp_path):
         prepared.data_source(str(out), "train")
 
 
-RECORD = {"id": np.int32(7), "case_id": "case/ü", "image": np.arange(24, dtype=np.float16).reshape(2, 3, 4),
-          "affine": np.eye(4), "bbox": np.array([[0, 0, 0], [2, 3, 4]], np.int64)}
+RECORD = {
+    "id": np.int32(7),
+    "case_id": "case/ü",
+    "image": np.arange(24, dtype=np.float16).reshape(2, 3, 4),
+    "affine": np.eye(4),
+    "bbox": np.array([[0, 0, 0], [2, 3, 4]], np.int64),
+}
 
 
 def test_layout_is_the_documented_one():
     """The bytes, built here by hand from the module docstring, equal `serialize`'s."""
-    fields = [("id", 7, (), np.int32(7).tobytes()), ("case_id", 13, (), "case/ü".encode()),
-              ("image", 10, (2, 3, 4), RECORD["image"].tobytes()),
-              ("affine", 12, (4, 4), np.eye(4).tobytes()),
-              ("bbox", 9, (2, 3), RECORD["bbox"].tobytes())]
+    fields = [
+        ("id", 7, (), np.int32(7).tobytes()),
+        ("case_id", 13, (), "case/ü".encode()),
+        ("image", 10, (2, 3, 4), RECORD["image"].tobytes()),
+        ("affine", 12, (4, 4), np.eye(4).tobytes()),
+        ("bbox", 9, (2, 3), RECORD["bbox"].tobytes()),
+    ]
     header_size = 448  # 16 + 5 * 80 = 416, padded to a multiple of 64.
     entries, body, offset = b"", b"", header_size
     for name, code, shape, raw in fields:
-        entries += struct.pack("<16sBB6xQQ5Q", name.encode(), code, len(shape), offset, len(raw),
-                               *shape, *[0] * (5 - len(shape)))
+        entries += struct.pack(
+            "<16sBB6xQQ5Q", name.encode(), code, len(shape), offset, len(raw), *shape, *[0] * (5 - len(shape))
+        )
         pad = -(offset + len(raw)) % 64 if name != "bbox" else 0
         body += raw + bytes(pad)
         offset += len(raw) + pad
@@ -224,7 +266,7 @@ def test_layout_is_the_documented_one():
 
 
 def _corrupt(data, at, value):
-    return data[:at] + value + data[at + len(value):]
+    return data[:at] + value + data[at + len(value) :]
 
 
 GOOD = prepared.serialize(RECORD)
@@ -238,8 +280,9 @@ CORRUPT = {
     "5 bytes after the last field": GOOD + bytes(5),
     "unknown field 'imagf'": _corrupt(GOOD, ENTRY, b"imagf"),
     "field 'image': unknown dtype code 99": _corrupt(GOOD, ENTRY + 16, bytes([99])),
-    "field 'image': shape (2, 3, 5) of float16 needs 60 bytes, the header says 48":
-        _corrupt(GOOD, ENTRY + 40 + 16, struct.pack("<Q", 5)),
+    "field 'image': shape (2, 3, 5) of float16 needs 60 bytes, the header says 48": _corrupt(
+        GOOD, ENTRY + 40 + 16, struct.pack("<Q", 5)
+    ),
     "field 'case_id': not UTF-8": _corrupt(GOOD, 512, b"\xff"),  # Its bytes: 448 + 64.
 }
 
@@ -288,7 +331,10 @@ def test_serialize_refuses_what_the_format_cannot_hold():
     with pytest.raises(ValueError, match=r"required fields \['bbox'\]"):
         prepared.serialize({k: v for k, v in RECORD.items() if k != "bbox"})
     # Big-endian and strided input is stored little-endian, C order; 0-d stays 0-d.
-    record = prepared.deserialize(prepared.serialize(
-        {**RECORD, "affine": np.eye(4, dtype=">f8"), "labels": np.ones((3, 2), np.float32)[:, 0]}))
+    record = prepared.deserialize(
+        prepared.serialize(
+            {**RECORD, "affine": np.eye(4, dtype=">f8"), "labels": np.ones((3, 2), np.float32)[:, 0]}
+        )
+    )
     assert record["affine"].dtype == np.dtype("<f8") and record["labels"].shape == (3,)
     assert record["case_id"] == "case/ü" and record["id"] == 7

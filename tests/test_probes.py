@@ -61,7 +61,7 @@ def test_pair_distances_match_brute_force(pairs):
     expected_l, expected_p = [], []
     crops = [(b, i) for b in range(3) for i in range(4)]  # Row-major, as the function orders pairs.
     for n, (b1, i1) in enumerate(crops):
-        for b2, i2 in crops[n + 1:]:
+        for b2, i2 in crops[n + 1 :]:
             if {"within": b1 == b2, "cross": b1 != b2, "all": True}[pairs]:
                 expected_l.append(np.linalg.norm(z[b1, i1] - z[b2, i2]))
                 expected_p.append(np.linalg.norm(centres[b1, i1] - centres[b2, i2]))
@@ -225,16 +225,27 @@ def test_fit_linear_probe_selects_best_candidate():
     probe = probes.fit_linear_probe(*args, task="binary", weight_decays=wds, **PROBE_KW)
     sel = probe.selected
     # Each weight decay alone: its best checkpoint, and its last epoch (eval_every=epochs).
-    best_each = [probes.fit_linear_probe(*args, task="binary", weight_decays=(wd,), **PROBE_KW)
-                 .selected["val_score"] for wd in wds]
-    last_each = [probes.fit_linear_probe(*args, task="binary", weight_decays=(wd,), eval_every=30,
-                                         **PROBE_KW).selected["val_score"] for wd in wds]
+    best_each = [
+        probes.fit_linear_probe(*args, task="binary", weight_decays=(wd,), **PROBE_KW).selected["val_score"]
+        for wd in wds
+    ]
+    last_each = [
+        probes.fit_linear_probe(
+            *args, task="binary", weight_decays=(wd,), eval_every=30, **PROBE_KW
+        ).selected["val_score"]
+        for wd in wds
+    ]
     assert sel["val_score"] == pytest.approx(max(best_each), abs=1e-12)
     assert sel["val_score"] > max(last_each)  # Early stopping mattered on this data.
     # The returned weights are those after `epoch` epochs with that weight decay: retraining for
     # exactly that long (same shuffles, since they are drawn epoch by epoch) reproduces them.
-    again = probes.fit_linear_probe(*args, task="binary", weight_decays=(sel["weight_decay"],),
-                                    eval_every=sel["epoch"], **dict(PROBE_KW, epochs=sel["epoch"]))
+    again = probes.fit_linear_probe(
+        *args,
+        task="binary",
+        weight_decays=(sel["weight_decay"],),
+        eval_every=sel["epoch"],
+        **dict(PROBE_KW, epochs=sel["epoch"]),
+    )
     np.testing.assert_allclose(again.weights, probe.weights, rtol=1e-5, atol=1e-6)
 
 
@@ -242,14 +253,15 @@ def test_fit_linear_probe_regression_exact_linear():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(220, 8)) * 3.0 + 1.0
     t = x @ rng.normal(size=8) * 10.0 + 50.0  # Off-scale targets: exercises target standardising.
-    probe = probes.fit_linear_probe(x[:160], t[:160], x[160:], t[160:], task="regression",
-                                    weight_decays=(0.0, 1e-2), **PROBE_KW)
+    probe = probes.fit_linear_probe(
+        x[:160], t[:160], x[160:], t[160:], task="regression", weight_decays=(0.0, 1e-2), **PROBE_KW
+    )
     pred = probe.predict(x[160:])
     assert pred.shape == (60,)
     m = metrics.regression_metrics(t[160:], pred)
     assert m["mae"] < 1e-2 * t.std()
     assert probe.selected["weight_decay"] in (0.0, 1e-2)
-    assert probe.selected["val_score"] == pytest.approx(-m["rmse"] ** 2, rel=1e-6, abs=1e-9)
+    assert probe.selected["val_score"] == pytest.approx(-(m["rmse"] ** 2), rel=1e-6, abs=1e-9)
 
 
 def test_fit_linear_probe_multilabel():
@@ -314,8 +326,9 @@ def test_cross_validate_is_repeatable():
 def test_cross_validate_regression_keys():
     x, _, groups = _grouped_data(seed=2)
     t = x @ np.arange(1.0, 9.0)
-    res = probes.cross_validate(x, t, groups, task="regression", folds=5,
-                                weight_decays=(0.0, 1e-2), **PROBE_KW)
+    res = probes.cross_validate(
+        x, t, groups, task="regression", folds=5, weight_decays=(0.0, 1e-2), **PROBE_KW
+    )
     assert set(res["mean"]) == {"mae", "rmse"}
     assert res["mean"]["mae"] < 0.05 * t.std()
 

@@ -48,9 +48,7 @@ def _oblique_affine():
 # --- NIfTI ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "name", ["anatomical.nii", "standard.nii.gz", "reoriented_anat_moved.nii"]
-)
+@pytest.mark.parametrize("name", ["anatomical.nii", "standard.nii.gz", "reoriented_anat_moved.nii"])
 def test_nibabel_files_world_coordinates(name):
     path = os.path.join(NIB_DATA, name)
     img = nib.load(path)
@@ -68,8 +66,11 @@ def test_nibabel_files_world_coordinates(name):
 
 @pytest.mark.parametrize(
     "name, shape",
-    [("example4d.nii.gz", (128, 96, 24, 2)), ("example_nifti2.nii.gz", (32, 20, 12, 2)),
-     ("functional.nii", (17, 21, 3, 20))],
+    [
+        ("example4d.nii.gz", (128, 96, 24, 2)),
+        ("example_nifti2.nii.gz", (32, 20, 12, 2)),
+        ("functional.nii", (17, 21, 3, 20)),
+    ],
 )
 def test_4d_file_where_3d_expected(name, shape):
     with pytest.raises(ValueError, match=re.escape(name) + ".*" + re.escape(str(shape))):
@@ -180,12 +181,16 @@ def test_nrrd_lps_converted_to_ras(tmp_path):
     lps = readers.LPS_TO_RAS @ _oblique_affine()  # The same geometry written the way ITK does.
     data = np.arange(3 * 4 * 5, dtype=np.int16).reshape(3, 4, 5)
     path = str(tmp_path / "a.nrrd")
-    nrrd.write(path, data, {
-        "space": "left-posterior-superior",
-        "space directions": lps[:3, :3].T,  # One row per array axis.
-        "space origin": lps[:3, 3],
-        "kinds": ["domain"] * 3,
-    })
+    nrrd.write(
+        path,
+        data,
+        {
+            "space": "left-posterior-superior",
+            "space directions": lps[:3, :3].T,  # One row per array axis.
+            "space origin": lps[:3, 3],
+            "kinds": ["domain"] * 3,
+        },
+    )
     array, affine = readers.read_image(path)
     np.testing.assert_array_equal(array, data)
     np.testing.assert_allclose(affine, _oblique_affine(), atol=1e-9)
@@ -193,10 +198,15 @@ def test_nrrd_lps_converted_to_ras(tmp_path):
 
 def test_nrrd_ras_spacings_and_missing_geometry(tmp_path):
     ras = str(tmp_path / "ras.nrrd")
-    nrrd.write(ras, np.zeros((2, 3, 4), np.uint8), {
-        "space": "right-anterior-superior", "space directions": np.diag([1.0, 2.0, 3.0]),
-        "space origin": np.array([5.0, 6.0, 7.0]),
-    })
+    nrrd.write(
+        ras,
+        np.zeros((2, 3, 4), np.uint8),
+        {
+            "space": "right-anterior-superior",
+            "space directions": np.diag([1.0, 2.0, 3.0]),
+            "space origin": np.array([5.0, 6.0, 7.0]),
+        },
+    )
     np.testing.assert_allclose(readers.read_image(ras)[1][:3, 3], [5, 6, 7])
     spaced = str(tmp_path / "spacings.nrrd")
     nrrd.write(spaced, np.zeros((2, 3, 4), np.uint8), {"spacings": [0.5, 0.7, 2.0]})
@@ -209,8 +219,11 @@ def test_nrrd_ras_spacings_and_missing_geometry(tmp_path):
 
 def test_nrrd_non_spatial_axis(tmp_path):
     directions = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [np.nan] * 3])
-    header = {"space": "left-posterior-superior", "space directions": directions,
-              "kinds": ["domain"] * 3 + ["list"]}
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": directions,
+        "kinds": ["domain"] * 3 + ["list"],
+    }
     one = str(tmp_path / "one.nrrd")
     nrrd.write(one, np.zeros((2, 3, 4, 1), np.float32), header)
     assert readers.read_image(one)[0].shape == (2, 3, 4)
@@ -227,8 +240,7 @@ def test_nifti_to_nrrd_round_trip(tmp_path):
     array, affine = readers.read_image(nifti)
     lps = readers.LPS_TO_RAS @ affine
     path = str(tmp_path / "ct.nrrd")
-    nrrd.write(path, array, {"space": "LPS", "space directions": lps[:3, :3].T,
-                             "space origin": lps[:3, 3]})
+    nrrd.write(path, array, {"space": "LPS", "space directions": lps[:3, :3].T, "space origin": lps[:3, 3]})
     array2, affine2 = readers.read_image(path)
     np.testing.assert_array_equal(array2, data)
     np.testing.assert_allclose(affine2, affine, atol=1e-9)
@@ -241,8 +253,9 @@ def _ras(point_lps):
     return np.asarray(point_lps, np.float64) * np.array([-1.0, -1.0, 1.0])
 
 
-def _write_series(folder, positions, *, orientation=None, pixel_spacing=None, slope=None,
-                  series_uid=None, name_prefix="im"):
+def _write_series(
+    folder, positions, *, orientation=None, pixel_spacing=None, slope=None, series_uid=None, name_prefix="im"
+):
     """Copies of CT_small.dcm at `positions` (LPS), each with pixels offset by 10*index, written
     in shuffled order under random names. SliceThickness is deliberately wrong (1 mm)."""
     os.makedirs(folder, exist_ok=True)
@@ -335,8 +348,9 @@ def test_nibabel_mr_pair_spacing_from_positions(tmp_path):
     array, affine = readers.read_image(str(tmp_path))
     first, second = (pydicom.dcmread(os.path.join(NIB_DATA, n)) for n in ("0.dcm", "1.dcm"))
     assert float(first.SliceThickness) == 2.5 and array.shape == (256, 256, 2)
-    normal = np.cross(np.array(first.ImageOrientationPatient[:3], float),
-                      np.array(first.ImageOrientationPatient[3:], float))
+    normal = np.cross(
+        np.array(first.ImageOrientationPatient[:3], float), np.array(first.ImageOrientationPatient[3:], float)
+    )
     gap = np.dot(np.subtract(second.ImagePositionPatient, first.ImagePositionPatient, dtype=float), normal)
     assert gap == pytest.approx(3.0, abs=1e-3)
     for k, ds in enumerate((first, second)):
@@ -412,8 +426,11 @@ def test_medmnist_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"uneven\.npz.*3 test_images but 6 test_labels"):
         readers.read_medmnist(uneven, "test")
     objects = str(tmp_path / "objects.npz")
-    np.savez(objects, train_images=np.array([arrays["train_images"], None], dtype=object),
-             train_labels=arrays["train_labels"])
+    np.savez(
+        objects,
+        train_images=np.array([arrays["train_images"], None], dtype=object),
+        train_labels=arrays["train_labels"],
+    )
     with pytest.raises(ValueError, match=r"objects\.npz.*object arrays.*never loaded"):
         readers.read_medmnist(objects, "train")
     with pytest.raises(ValueError, match="unknown MedMNIST split"):
@@ -437,8 +454,9 @@ def _pickle_uses(source, name):
     for node in ast.walk(ast.parse(source, name)):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-            problems += [f"{name}:{node.lineno}: import {m}" for m in modules
-                         if m.split(".")[0] in UNPICKLING_MODULES]
+            problems += [
+                f"{name}:{node.lineno}: import {m}" for m in modules if m.split(".")[0] in UNPICKLING_MODULES
+            ]
         elif isinstance(node, ast.Call):
             func = ast.unparse(node.func)
             keywords = {kw.arg: kw.value for kw in node.keywords}
@@ -453,16 +471,22 @@ def _pickle_uses(source, name):
 
 
 def test_pickle_check_finds_unpickling_code():
-    bad = ("import pickle\nfrom joblib import load\nnp.load(f)\nnp.load(f, allow_pickle=True)\n"
-           "numpy.load(f, allow_pickle=flag)\npd.read_pickle(f)\n")
+    bad = (
+        "import pickle\nfrom joblib import load\nnp.load(f)\nnp.load(f, allow_pickle=True)\n"
+        "numpy.load(f, allow_pickle=flag)\npd.read_pickle(f)\n"
+    )
     assert len(_pickle_uses(bad, "bad.py")) == 6
     assert _pickle_uses("np.load(f, allow_pickle=False)\nnib.load(f)\n", "good.py") == []
 
 
 def test_no_pickle_in_source():
     """No module of the package, the entry points or the configs can unpickle."""
-    files = [*REPO.glob("isimed/**/*.py"), REPO / "main.py", REPO / "linear_eval.py",
-             *REPO.glob("configs/*.py")]
+    files = [
+        *REPO.glob("isimed/**/*.py"),
+        REPO / "main.py",
+        REPO / "linear_eval.py",
+        *REPO.glob("configs/*.py"),
+    ]
     problems, loads = [], 0
     for path in files:
         source = path.read_text()
@@ -506,7 +530,8 @@ def test_object_arrays_are_refused_without_running_code(tmp_path):
     np.savez(tmp_path / "objects.npz", train_images=payload, train_labels=labels)
     with pytest.raises(ValueError, match=r"objects\.npz.*object arrays.*never loaded"):
         readers.read_medmnist(str(tmp_path / "objects.npz"), "train")
-    np.savez(tmp_path / "extra.npz", train_images=np.zeros((2, 4, 4), np.uint8),
-             train_labels=labels, notes=payload)
+    np.savez(
+        tmp_path / "extra.npz", train_images=np.zeros((2, 4, 4), np.uint8), train_labels=labels, notes=payload
+    )
     readers.read_medmnist(str(tmp_path / "extra.npz"), "train")  # Keys not read are not decoded.
     assert UNPICKLED == []

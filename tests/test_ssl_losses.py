@@ -5,8 +5,6 @@ import pytest
 
 from isimed import losses
 
-
-
 # --- Brute-force float64 references, straight from the formulas -----------------------------------
 
 
@@ -123,7 +121,10 @@ def test_losses_cast_low_precision_inputs_to_float32():
     for fn in (losses.nt_xent_loss, losses.vicreg_loss, losses.barlow_twins_loss):
         fn = jax.jit(fn)  # Eager op-by-op dispatch is slower than one compile here.
         loss16, _ = fn(jnp.asarray(z1, jnp.bfloat16), jnp.asarray(z2, jnp.bfloat16))
-        loss32, _ = fn(jnp.asarray(z1, jnp.bfloat16).astype(jnp.float32), jnp.asarray(z2, jnp.bfloat16).astype(jnp.float32))
+        loss32, _ = fn(
+            jnp.asarray(z1, jnp.bfloat16).astype(jnp.float32),
+            jnp.asarray(z2, jnp.bfloat16).astype(jnp.float32),
+        )
         assert loss16.dtype == jnp.float32
         np.testing.assert_allclose(loss16, loss32, rtol=1e-6)
 

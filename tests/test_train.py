@@ -8,9 +8,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from sharding_check import assert_same_step
 
 from isimed import checkpoints
-from sharding_check import assert_same_step
 from isimed import train
 from isimed import train_state
 
@@ -58,10 +58,20 @@ def test_sigterm_checkpoint_then_resume_equals_straight_run(test_config, tmp_pat
 
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(
-        [sys.executable, "main.py", "--config=configs/isimed_chest.py:test",
-         f"--config.data.tfds_dir={test_config.data.tfds_dir}", f"--config.total_steps={steps}",
-         "--config.eval_every=1000", "--config.checkpoint_every=50", f"--workdir={interrupted}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "main.py",
+            "--config=configs/isimed_chest.py:test",
+            f"--config.data.tfds_dir={test_config.data.tfds_dir}",
+            f"--config.total_steps={steps}",
+            "--config.eval_every=1000",
+            "--config.checkpoint_every=50",
+            f"--workdir={interrupted}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     for line in proc.stdout:  # Interrupt at the first training log line.
         if line.startswith("step 10:"):

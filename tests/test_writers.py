@@ -107,8 +107,14 @@ def test_progress_bars_show_only_on_a_terminal(terminal, monkeypatch):
     err = _Terminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     elements = ({"crops": np.full((2, 3), i, np.float32), "id": np.int32(i)} for i in range(3))
-    out = features.embed_elements(elements, {"sum": lambda c: c.sum(axis=1, keepdims=True)},
-                                  np.stack, with_crops=False, desc="embed test", total=3)
+    out = features.embed_elements(
+        elements,
+        {"sum": lambda c: c.sum(axis=1, keepdims=True)},
+        np.stack,
+        with_crops=False,
+        desc="embed test",
+        total=3,
+    )
     np.testing.assert_array_equal(out["embeddings"]["sum"][:, 0, 0], [0.0, 3.0, 6.0])
     bar = prepare._progress(4, "prepare", True, "case")
     bar.update(4)

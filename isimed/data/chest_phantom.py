@@ -16,7 +16,8 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from isimed.data import layouts, phantom
+from isimed.data import layouts
+from isimed.data import phantom
 
 
 @dataclasses.dataclass(eq=False)
@@ -29,7 +30,11 @@ class ChestPhantomConfig(tfds.core.BuilderConfig):
 
 def _config(name: str, view: str, spec: phantom.PhantomSpec, num_subjects, description: str):
     return ChestPhantomConfig(
-        name=name, view=view, spec=spec, num_subjects=num_subjects, description=description,
+        name=name,
+        view=view,
+        spec=spec,
+        num_subjects=num_subjects,
+        description=description,
         version=tfds.core.Version("1.0.0"),
     )
 
@@ -47,8 +52,13 @@ class ChestPhantom(tfds.core.GeneratorBasedBuilder):
         _config("demo2d", "coronal", _DEMO, (64, 16, 16), "coronal projections of demo3d"),
         _config("large3d", "3d", _LARGE, (200, 50, 50), "128x192x192 voxels, 2.5x1.75x1.75 mm"),
         _config("large2d", "coronal", _LARGE, (200, 50, 50), "coronal projections of large3d"),
-        _config("tiny3d", "3d", phantom.PhantomSpec(shape=(32, 48, 48), spacing=(10.0, 7.0, 7.0)),
-                (12, 4, 12), "tests: 32x48x48 voxels, 10x7x7 mm"),
+        _config(
+            "tiny3d",
+            "3d",
+            phantom.PhantomSpec(shape=(32, 48, 48), spacing=(10.0, 7.0, 7.0)),
+            (12, 4, 12),
+            "tests: 32x48x48 voxels, 10x7x7 mm",
+        ),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -60,15 +70,19 @@ class ChestPhantom(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description="SYNTHETIC procedural thorax CT phantom (HU) with lung-nodule masks.",
-            features=tfds.features.FeaturesDict({
-                "id": np.int32,
-                # Raw bytes: the default protobuf int64 list parses ~10x slower, and a float list
-                # would round the float64 affine to float32.
-                "image": tfds.features.Tensor(shape=shape, dtype=np.int16, encoding="bytes"),
-                "mask": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="zlib"),
-                "affine": tfds.features.Tensor(shape=(ndim + 1, ndim + 1), dtype=np.float64, encoding="bytes"),
-                "has_nodule": np.bool_,
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    "id": np.int32,
+                    # Raw bytes: the default protobuf int64 list parses ~10x slower, and a float list
+                    # would round the float64 affine to float32.
+                    "image": tfds.features.Tensor(shape=shape, dtype=np.int16, encoding="bytes"),
+                    "mask": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="zlib"),
+                    "affine": tfds.features.Tensor(
+                        shape=(ndim + 1, ndim + 1), dtype=np.float64, encoding="bytes"
+                    ),
+                    "has_nodule": np.bool_,
+                }
+            ),
         )
 
     def _split_generators(self, dl_manager):
@@ -86,13 +100,16 @@ class ChestPhantom(tfds.core.GeneratorBasedBuilder):
             subject = phantom.generate_subject(cfg.spec, cfg.seed, int(index))
             if cfg.view == "coronal":
                 subject = phantom.project_coronal(subject)
-            yield int(index), {
-                "id": int(index),
-                "image": subject["image"].astype(np.int16),
-                "mask": subject["mask"].astype(np.uint8),
-                "affine": subject["affine"].astype(np.float64),
-                "has_nodule": bool(np.any(subject["mask"])),
-            }
+            yield (
+                int(index),
+                {
+                    "id": int(index),
+                    "image": subject["image"].astype(np.int16),
+                    "mask": subject["mask"].astype(np.uint8),
+                    "affine": subject["affine"].astype(np.float64),
+                    "has_nodule": bool(np.any(subject["mask"])),
+                },
+            )
 
 
 def data_source(config_name: str, split: str, data_dir: str):

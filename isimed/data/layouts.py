@@ -38,9 +38,7 @@ BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")
 AUTOPET_IMAGES = ("CTres", "SUV", "CT", "PET")
 # The formats `readers` reads, plus MedMNIST's npz. ".nii.gz" is listed whole, so "a.nii.gz" loses
 # ".nii.gz" where os.path.splitext would strip only ".gz".
-IMAGE_SUFFIXES = (
-    readers.NIFTI_SUFFIXES + readers.NRRD_SUFFIXES + readers.DICOM_SUFFIXES + (".npz",)
-)
+IMAGE_SUFFIXES = readers.NIFTI_SUFFIXES + readers.NRRD_SUFFIXES + readers.DICOM_SUFFIXES + (".npz",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +224,9 @@ def _resolve(root: str, relative: str, image: str) -> str:
         return path
     matches = sorted(glob.glob(os.path.join(glob.escape(root), relative), recursive=True))
     if len(matches) > 1:
-        raise ValueError(f"mask pattern {relative!r} for image {image} matches {len(matches)} files: {matches[:5]}")
+        raise ValueError(
+            f"mask pattern {relative!r} for image {image} matches {len(matches)} files: {matches[:5]}"
+        )
     return matches[0] if matches else path
 
 

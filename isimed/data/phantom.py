@@ -69,12 +69,8 @@ class PhantomSpec:
     blur_mm: float = 1.5  # partial-volume blur (Gaussian sigma in mm, converted per axis)
 
     def __post_init__(self) -> None:
-        if len(self.shape) != 3 or not all(
-            isinstance(n, (int, np.integer)) and n >= 8 for n in self.shape
-        ):
-            raise ValueError(
-                f"PhantomSpec.shape must be 3 integers >= 8 (z, y, x), got {self.shape}"
-            )
+        if len(self.shape) != 3 or not all(isinstance(n, (int, np.integer)) and n >= 8 for n in self.shape):
+            raise ValueError(f"PhantomSpec.shape must be 3 integers >= 8 (z, y, x), got {self.shape}")
         if len(self.spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in self.spacing):
             raise ValueError(
                 f"PhantomSpec.spacing must be 3 finite values > 0 mm (z, y, x), got {self.spacing}"
@@ -88,13 +84,11 @@ class PhantomSpec:
         lo, hi = self.nodule_diameter_mm
         if not 0 < lo <= hi:
             raise ValueError(
-                "PhantomSpec.nodule_diameter_mm must satisfy 0 < min <= max, "
-                f"got {self.nodule_diameter_mm}"
+                f"PhantomSpec.nodule_diameter_mm must satisfy 0 < min <= max, got {self.nodule_diameter_mm}"
             )
         if self.noise_hu < 0 or self.blur_mm < 0:
             raise ValueError(
-                "PhantomSpec.noise_hu and blur_mm must be >= 0, "
-                f"got {self.noise_hu}, {self.blur_mm}"
+                f"PhantomSpec.noise_hu and blur_mm must be >= 0, got {self.noise_hu}, {self.blur_mm}"
             )
 
 
@@ -432,10 +426,7 @@ def _render_labels(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: _Anatomy) -> 
     labels[lung & (x < 0)] = STRUCTURES["lung_right"]
 
     liver = (
-        cavity
-        & (z < diaphragm - 5.0)
-        & (z > a.liver_bottom_z)
-        & (x < a.liver_edge_x - 0.5 * (y - a.cav_yc))
+        cavity & (z < diaphragm - 5.0) & (z > a.liver_bottom_z) & (x < a.liver_edge_x - 0.5 * (y - a.cav_yc))
     )
     labels[liver] = STRUCTURES["liver"]
     labels[heart] = STRUCTURES["heart"]
@@ -618,9 +609,7 @@ def _place_nodules(
         count = int(rng.integers(1, spec.max_nodules + 1))
     # One voxel diagonal of clearance keeps nodules apart as 26-connected components.
     clearance = float(np.linalg.norm(spacing)) + _NODULE_CLEARANCE_MM
-    lung_voxels = {
-        side: np.flatnonzero(labels == STRUCTURES[side]) for side in ("lung_left", "lung_right")
-    }
+    lung_voxels = {side: np.flatnonzero(labels == STRUCTURES[side]) for side in ("lung_left", "lung_right")}
     painted, centres, diameters = [], [], []
     for _ in range(count):
         diameter = float(rng.uniform(*spec.nodule_diameter_mm))
@@ -641,8 +630,8 @@ def _place_nodules(
             lo, hi = voxel - half, voxel + half + 1
             if np.any(lo < 0) or np.any(hi > np.asarray(spec.shape)):
                 continue
-            box = tuple(slice(int(l), int(h)) for l, h in zip(lo, hi))
-            axes = [(np.arange(l, h) - c) * s for l, h, c, s in zip(lo, hi, centre, spacing)]
+            box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            axes = [(np.arange(a, b) - c) * s for a, b, c, s in zip(lo, hi, centre, spacing)]
             dist2 = np.square(axes[0])[:, None, None] + np.square(axes[1])[None, :, None]
             dist2 = dist2 + np.square(axes[2])[None, None, :]
             if not np.all(labels[box][dist2 <= reach * reach] == STRUCTURES[side]):
@@ -755,9 +744,7 @@ def save_preview(spec: PhantomSpec, seed: int, num_subjects: int, out_path: str)
             ax.imshow(data, **window, **kwargs)
             ax.set_title(f"subject {index}: {name} mid-slice", fontsize=9)
         ax = axes[index, 3]
-        ax.imshow(
-            projection["image"], cmap="gray", vmin=-1000, vmax=0, aspect=sz / sx, origin="lower"
-        )
+        ax.imshow(projection["image"], cmap="gray", vmin=-1000, vmax=0, aspect=sz / sx, origin="lower")
         if projection["mask"].any():
             ax.contour(projection["mask"], levels=[0.5], colors="red", linewidths=0.8)
         n = len(subject["nodule_diameters_mm"])
@@ -795,7 +782,8 @@ def _main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import app
+    from absl import flags
 
     flags.DEFINE_bool("preview", False, "Write a PNG of mid-slices and projections.")
     flags.DEFINE_string("out", "phantom_preview.png", "Path of the preview PNG.")

@@ -71,7 +71,10 @@ def normalise_window(x: np.ndarray, window: Sequence[float] | None) -> np.ndarra
 
 
 def crops_at(
-    record: Record, starts: np.ndarray, crop_shape: Sequence[int], window: Sequence[float] | None,
+    record: Record,
+    starts: np.ndarray,
+    crop_shape: Sequence[int],
+    window: Sequence[float] | None,
     labels: bool = True,
 ) -> dict[str, np.ndarray]:
     """The crops of `record` at `starts` `(n, ndim)` with their world-mm centres and lesion labels:
@@ -132,10 +135,12 @@ class SampleCrops(grain.transforms.RandomMap):
         num_lesion = 0
         if mask is not None and self.lesion_share > 0 and np.any(mask):
             num_lesion = int(round(self.lesion_share * self.num_crops))
-        starts = np.concatenate([
-            self._lesion_starts(rng, mask, num_lesion) if num_lesion else np.zeros((0, ndim), int),
-            self._uniform_starts(rng, image, self.num_crops - num_lesion, where),
-        ]).astype(np.int64)
+        starts = np.concatenate(
+            [
+                self._lesion_starts(rng, mask, num_lesion) if num_lesion else np.zeros((0, ndim), int),
+                self._uniform_starts(rng, image, self.num_crops - num_lesion, where),
+            ]
+        ).astype(np.int64)
 
         out = crops_at(record, starts, self.crop_shape, self.window, self.labels)
         if self.views == 2:
@@ -170,8 +175,13 @@ class SampleCrops(grain.transforms.RandomMap):
             if len(accepted) == n:
                 return np.asarray(accepted)
         return geometry.sample_crop_starts(
-            rng, image.shape, self.crop_shape, n, foreground=image > self.foreground_threshold,
-            min_foreground=self.min_foreground, where=where,
+            rng,
+            image.shape,
+            self.crop_shape,
+            n,
+            foreground=image > self.foreground_threshold,
+            min_foreground=self.min_foreground,
+            where=where,
         )
 
     def _lesion_starts(self, rng, mask, n: int) -> np.ndarray:
@@ -291,8 +301,7 @@ def make_dataset(
     if batch_size is None:
         if data.images_per_batch % process_count:
             raise ValueError(
-                f"data.images_per_batch={data.images_per_batch} is not divisible by "
-                f"{process_count} processes"
+                f"data.images_per_batch={data.images_per_batch} is not divisible by {process_count} processes"
             )
         batch_size = data.images_per_batch // process_count
     ds = ds.batch(batch_size, drop_remainder=train)

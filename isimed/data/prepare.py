@@ -46,19 +46,41 @@ import tqdm
 from scipy import ndimage
 
 from isimed import geometry
-from isimed.data import layouts, prepared, readers
+from isimed.data import layouts
+from isimed.data import prepared
+from isimed.data import readers
 
 VOLUME_LAYOUTS = ("brats", "nnunet", "autopet", "glob", "dicom")
 LAYOUTS = VOLUME_LAYOUTS + ("medmnist",)
 INTENSITIES = ("ct", "mri", "uint8")
 DEFAULT_INTENSITY = {"brats": "mri", "autopet": "ct", "medmnist": "uint8"}
 CT_FOREGROUND_HU = -500.0
-LAYOUT_FLAGS = ("modality", "channel", "image", "image_pattern", "mask_pattern", "subset",
-                "file_pattern", "require_mask")
+LAYOUT_FLAGS = (
+    "modality",
+    "channel",
+    "image",
+    "image_pattern",
+    "mask_pattern",
+    "subset",
+    "file_pattern",
+    "require_mask",
+)
 SLAB_VOXELS = 1 << 22  # ~16 MB of float32 per slab.
 CHESTMNIST_LABELS = (
-    "atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
-    "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia",
+    "atelectasis",
+    "cardiomegaly",
+    "effusion",
+    "infiltration",
+    "mass",
+    "nodule",
+    "pneumonia",
+    "pneumothorax",
+    "consolidation",
+    "edema",
+    "emphysema",
+    "fibrosis",
+    "pleural",
+    "hernia",
 )
 
 
@@ -93,10 +115,10 @@ def foreground_box(
             values.append(image[a:b][fg])
     if not axis0.any():
         return None, None
-    ranges = [axis0] + [rest.any(axis=tuple(i for i in range(rest.ndim) if i != k))
-                        for k in range(rest.ndim)]
-    box = np.array([[np.flatnonzero(r)[0] for r in ranges],
-                    [np.flatnonzero(r)[-1] + 1 for r in ranges]], np.int64)
+    ranges = [axis0] + [rest.any(axis=tuple(i for i in range(rest.ndim) if i != k)) for k in range(rest.ndim)]
+    box = np.array(
+        [[np.flatnonzero(r)[0] for r in ranges], [np.flatnonzero(r)[-1] + 1 for r in ranges]], np.int64
+    )
     return box, (np.concatenate(values) if collect_values else None)
 
 
@@ -118,8 +140,13 @@ def _resample_slab(image, factor, a: int, b: int, out_shape, order: int, dtype) 
     offset[0] = factor[0] * a
     # A diagonal matrix: output index i reads source index factor * i (+ the slab offset).
     return ndimage.affine_transform(
-        image, factor, offset=offset, output_shape=(b - a, *out_shape[1:]), order=order,
-        mode="nearest", output=dtype,
+        image,
+        factor,
+        offset=offset,
+        output_shape=(b - a, *out_shape[1:]),
+        order=order,
+        mode="nearest",
+        output=dtype,
     )
 
 
@@ -177,16 +204,19 @@ def _checked_volume(
     except ValueError as e:
         raise PrepareError(str(e)) from None
     if np.issubdtype(image.dtype, np.floating):
-        bad = sum(int(np.sum(~np.isfinite(image[a:b])))
-                  for a, b in _slabs(image.shape[0], int(np.prod(image.shape[1:]))))
+        bad = sum(
+            int(np.sum(~np.isfinite(image[a:b])))
+            for a, b in _slabs(image.shape[0], int(np.prod(image.shape[1:])))
+        )
         if bad:
             raise PrepareError(f"{where}: {bad} NaN/inf voxels")
     if mask is not None:
         mask = np.asarray(mask)
         if mask.shape != image.shape:
             raise PrepareError(f"{where}: mask shape {mask.shape} != image shape {image.shape}")
-        if mask.size and (mask.min() < 0 or mask.max() > 255 or
-                          (mask.dtype.kind == "f" and np.any(mask != np.round(mask)))):
+        if mask.size and (
+            mask.min() < 0 or mask.max() > 255 or (mask.dtype.kind == "f" and np.any(mask != np.round(mask)))
+        ):
             raise PrepareError(f"{where}: mask values must be integers in 0..255")
         mask = mask.astype(np.uint8, copy=False)
     return image, affine, mask
@@ -276,9 +306,11 @@ def _start(out: str, settings: dict, plan: dict, split_names: Sequence[str]) -> 
                 "use a new --out (or delete this one)"
             )
         if old["settings"] != settings:
-            diff = {k: (old["settings"].get(k), settings.get(k))
-                    for k in set(old["settings"]) | set(settings)
-                    if old["settings"].get(k) != settings.get(k)}
+            diff = {
+                k: (old["settings"].get(k), settings.get(k))
+                for k in set(old["settings"]) | set(settings)
+                if old["settings"].get(k) != settings.get(k)
+            }
             raise PrepareError(
                 f"{out} was prepared with other settings (existing, requested): {diff}; "
                 "use a new --out or the same settings"
@@ -297,8 +329,16 @@ def _start(out: str, settings: dict, plan: dict, split_names: Sequence[str]) -> 
         for name in os.listdir(split_dir):  # Leftovers of an interrupted write.
             if name.endswith(".tmp"):
                 os.remove(os.path.join(split_dir, name))
-    _write_json(path, {"format": prepared.FORMAT, "format_version": prepared.FORMAT_VERSION,
-                       "status": "incomplete", "settings": settings, "plan": plan})
+    _write_json(
+        path,
+        {
+            "format": prepared.FORMAT,
+            "format_version": prepared.FORMAT_VERSION,
+            "status": "incomplete",
+            "settings": settings,
+            "plan": plan,
+        },
+    )
 
 
 def _progress(total: int, label: str, enabled: bool, unit: str) -> tqdm.tqdm:
@@ -362,16 +402,18 @@ def prepare(
     """
     out = os.path.abspath(os.path.expanduser(out))
     root = os.path.expanduser(root)
-    settings = _settings(layout, options, intensity, window, spacing, crop_foreground, splits,
-                         fractions, seed, ndim)
+    settings = _settings(
+        layout, options, intensity, window, spacing, crop_foreground, splits, fractions, seed, ndim
+    )
     start = time.time()
     if layout == "medmnist":
         manifest = _prepare_medmnist(root, out, settings, shard_size, progress)
     else:
-        manifest = _prepare_volumes(root, out, settings, _resolve_splits(splits), ndim,
-                                    skip_bad, progress)
+        manifest = _prepare_volumes(root, out, settings, _resolve_splits(splits), ndim, skip_bad, progress)
     manifest["report"] = {
-        "out": out, "seconds": round(time.time() - start, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "out": out,
+        "seconds": round(time.time() - start, 2),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
         **manifest.pop("_report"),
     }
     manifest["status"] = "complete"
@@ -379,8 +421,9 @@ def prepare(
     return manifest
 
 
-def _settings(layout, options, intensity, window, spacing, crop_foreground, splits, fractions,
-              seed, ndim) -> dict[str, Any]:
+def _settings(
+    layout, options, intensity, window, spacing, crop_foreground, splits, fractions, seed, ndim
+) -> dict[str, Any]:
     """The validated, JSON-ready settings stored in prepared.json; a rerun into the same OUT must
     produce the same dict (see `_start`), so every value is normalised to plain types here."""
     if layout not in LAYOUTS:
@@ -396,11 +439,15 @@ def _settings(layout, options, intensity, window, spacing, crop_foreground, spli
         if layout != "medmnist" and len(spacing) != ndim:
             raise PrepareError(f"--spacing needs 1 or {ndim} values, got {spacing}")
     return {
-        "layout": layout, "options": dict(options or {}), "intensity": intensity,
+        "layout": layout,
+        "options": dict(options or {}),
+        "intensity": intensity,
         "window": [float(w) for w in window] if intensity == "ct" else None,
-        "spacing": spacing, "crop_foreground": bool(crop_foreground),
+        "spacing": spacing,
+        "crop_foreground": bool(crop_foreground),
         "splits": splits if isinstance(splits, str) or splits is None else "explicit",
-        "fractions": [float(f) for f in fractions], "seed": int(seed),
+        "fractions": [float(f) for f in fractions],
+        "seed": int(seed),
         "ndim": None if layout == "medmnist" else int(ndim),  # MedMNIST: from the file.
     }
 
@@ -411,21 +458,36 @@ def _normalisation(settings: dict) -> dict[str, Any]:
         "mri": "foreground (voxels > image minimum) percentiles 5..95 -> [-1, 1], clipped",
         "uint8": "[0, 255] -> [-1, 1]",
     }[settings["intensity"]]
-    return {"intensity": settings["intensity"], "window": settings["window"], "description": text,
-            "dtype": "float16"}
+    return {
+        "intensity": settings["intensity"],
+        "window": settings["window"],
+        "description": text,
+        "dtype": "float16",
+    }
 
 
-def _manifest(settings, plan, root, ndim, *, has_mask, label_names, splits_out, skipped, counts,
-              **extra) -> dict[str, Any]:
+def _manifest(
+    settings, plan, root, ndim, *, has_mask, label_names, splits_out, skipped, counts, **extra
+) -> dict[str, Any]:
     """prepared.json's content (still "incomplete"; `prepare` adds the report and completes it).
     `extra` keys go after the common ones; the key order is the file's."""
     return {
-        "format": prepared.FORMAT, "format_version": prepared.FORMAT_VERSION, "status": "incomplete",
-        "settings": settings, "plan": plan, "root": os.path.abspath(root), "ndim": ndim,
-        "spacing": settings["spacing"], "normalisation": _normalisation(settings),
-        "has_mask": has_mask, "label_names": label_names, "splits": splits_out,
-        "counts": {s: v["count"] for s, v in splits_out.items()}, "skipped": skipped,
-        **extra, "_report": counts,
+        "format": prepared.FORMAT,
+        "format_version": prepared.FORMAT_VERSION,
+        "status": "incomplete",
+        "settings": settings,
+        "plan": plan,
+        "root": os.path.abspath(root),
+        "ndim": ndim,
+        "spacing": settings["spacing"],
+        "normalisation": _normalisation(settings),
+        "has_mask": has_mask,
+        "label_names": label_names,
+        "splits": splits_out,
+        "counts": {s: v["count"] for s, v in splits_out.items()},
+        "skipped": skipped,
+        **extra,
+        "_report": counts,
     }
 
 
@@ -440,8 +502,9 @@ def _plan_volumes(root, settings, split_lists):
         raise PrepareError(f"no {settings['layout']} cases found under {root}")
     # AutoPET has several studies per patient: a patient must stay in one split.
     group = (lambda case_id: case_id.split("/")[0]) if settings["layout"] == "autopet" else None
-    assignment = layouts.assign_splits(cases, split_lists, fractions=tuple(settings["fractions"]),
-                                       seed=settings["seed"], group=group)
+    assignment = layouts.assign_splits(
+        cases, split_lists, fractions=tuple(settings["fractions"]), seed=settings["seed"], group=group
+    )
     assigned = {s: sorted(c, key=lambda case: case.case_id) for s, c in assignment.items()}
     plan = {s: [c.case_id for c in cs] for s, cs in assigned.items()}
     for split, cs in assigned.items():
@@ -474,13 +537,27 @@ def _prepare_volumes(root, out, settings, split_lists, ndim, skip_bad, progress)
             if reason is None:
                 entries.append({"id": index, "case_id": case.case_id, "file": name, "records": 1})
             else:
-                skipped.append({"split": split, "case_id": case.case_id, "image": case.image,
-                                "mask": case.mask, "reason": reason})
+                skipped.append(
+                    {
+                        "split": split,
+                        "case_id": case.case_id,
+                        "image": case.image,
+                        "mask": case.mask,
+                        "reason": reason,
+                    }
+                )
         splits_out[split] = {"count": len(entries), "files": entries}
     bar.close()
     return _manifest(
-        settings, plan, root, ndim, has_mask=has_mask, label_names=None, splits_out=splits_out,
-        skipped=skipped, counts=counts,
+        settings,
+        plan,
+        root,
+        ndim,
+        has_mask=has_mask,
+        label_names=None,
+        splits_out=splits_out,
+        skipped=skipped,
+        counts=counts,
         # Split lists vs cases found: cases in no list, listed ids without a case.
         unassigned=[c.case_id for c in getattr(assignment, "unassigned", [])],
         missing={k: len(v) for k, v in getattr(assignment, "missing", {}).items()},
@@ -495,13 +572,23 @@ def _prepare_case(case, index: int, path: str, ndim: int, settings: dict, skip_b
         if volume.image.ndim != ndim:
             raise PrepareError(f"expected a {ndim}D image, got shape {volume.image.shape}")
         fields = process_volume(
-            volume.image, volume.affine, volume.mask, intensity=settings["intensity"],
-            window=settings["window"] or (0, 1), spacing=settings["spacing"],
-            crop_foreground=settings["crop_foreground"], where=case.image,
+            volume.image,
+            volume.affine,
+            volume.mask,
+            intensity=settings["intensity"],
+            window=settings["window"] or (0, 1),
+            spacing=settings["spacing"],
+            crop_foreground=settings["crop_foreground"],
+            where=case.image,
         )
         del volume  # Only one volume in memory: free the source before serialising.
-        data = prepared.serialize({"id": np.int32(index), "case_id": np.str_(case.case_id),
-                                   **{k: v for k, v in fields.items() if v is not None}})
+        data = prepared.serialize(
+            {
+                "id": np.int32(index),
+                "case_id": np.str_(case.case_id),
+                **{k: v for k, v in fields.items() if v is not None},
+            }
+        )
         del fields
         _write_records(path, [data])
     except Exception as e:  # noqa: BLE001 - every failure is reported or re-raised.
@@ -526,8 +613,11 @@ def _prepare_medmnist(root, out, settings, shard_size, progress) -> dict:
     settings["spacing"] = [settings["spacing"][0]] * ndim
     affine = readers.medmnist_affine(images.shape[1], ndim, settings["spacing"][0])
     stem = safe_name(os.path.basename(root).split(".")[0])
-    label_names = (list(CHESTMNIST_LABELS) if stem.startswith("chestmnist") and labels.shape[1] == 14
-                   else [f"label_{j}" for j in range(labels.shape[1])])
+    label_names = (
+        list(CHESTMNIST_LABELS)
+        if stem.startswith("chestmnist") and labels.shape[1] == 14
+        else [f"label_{j}" for j in range(labels.shape[1])]
+    )
     # The npz is the only input: a different file (name or size) is a different plan.
     plan = {"file": os.path.basename(root), "bytes": os.path.getsize(root)}
     _start(out, settings, plan, layouts.SPLIT_NAMES)
@@ -548,25 +638,40 @@ def _prepare_medmnist(root, out, settings, shard_size, progress) -> dict:
             if os.path.exists(path):
                 counts["resumed"] += b - a
             else:
-                _write_records(path, [_medmnist_record(images, labels, i, split, affine, bbox)
-                                      for i in range(a, b)])
+                _write_records(
+                    path, [_medmnist_record(images, labels, i, split, affine, bbox) for i in range(a, b)]
+                )
                 counts["done"] += b - a
             bar.update(b - a)
         bar.close()
         splits_out[split] = {"count": n, "files": entries}
         del images, labels
-    return _manifest(settings, plan, root, ndim, has_mask=False, label_names=label_names,
-                     splits_out=splits_out, skipped=[], counts=counts)
+    return _manifest(
+        settings,
+        plan,
+        root,
+        ndim,
+        has_mask=False,
+        label_names=label_names,
+        splits_out=splits_out,
+        skipped=[],
+        counts=counts,
+    )
 
 
 def _medmnist_record(images, labels, i: int, split: str, affine, bbox) -> bytes:
     """Image i of a MedMNIST split as a serialised record. MedMNIST has no case names, so the
     case id is the split and index."""
-    return prepared.serialize({
-        "id": np.int32(i), "case_id": np.str_(f"{split}_{i:06d}"),
-        "image": _to_unit(images[i], 0.0, 255.0).astype(np.float16),
-        "affine": affine, "bbox": bbox, "labels": np.asarray(labels[i], np.float32),
-    })
+    return prepared.serialize(
+        {
+            "id": np.int32(i),
+            "case_id": np.str_(f"{split}_{i:06d}"),
+            "image": _to_unit(images[i], 0.0, 255.0).astype(np.float16),
+            "affine": affine,
+            "bbox": bbox,
+            "labels": np.asarray(labels[i], np.float32),
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -582,8 +687,10 @@ def format_report(manifest: dict[str, Any]) -> str:
         f"in {r['seconds']:.1f} s; peak RSS {r['peak_rss_mb']:.0f} MB",
     ]
     if manifest.get("unassigned") or any(manifest.get("missing", {}).values()):
-        lines.append(f"  split lists: {len(manifest['unassigned'])} case(s) in no list (left out), "
-                     f"listed ids without a case per split: {manifest['missing']}")
+        lines.append(
+            f"  split lists: {len(manifest['unassigned'])} case(s) in no list (left out), "
+            f"listed ids without a case per split: {manifest['missing']}"
+        )
     lines += [f"  skipped {s['case_id']} ({s['image']}): {s['reason']}" for s in manifest["skipped"]]
     return "\n".join(lines)
 
@@ -598,12 +705,21 @@ def main(argv: Sequence[str]) -> None:
     options = {k: f[k].value for k in LAYOUT_FLAGS if f[k].present}
     try:
         manifest = prepare(
-            f.layout, f.root, f.out, options=options, intensity=f.intensity,
+            f.layout,
+            f.root,
+            f.out,
+            options=options,
+            intensity=f.intensity,
             window=[float(w) for w in f.window],
             spacing=[float(s) for s in f.spacing] if f.spacing else None,
-            crop_foreground=f.crop_foreground, splits=f.splits,
-            fractions=[float(x) for x in f.fractions], seed=f.seed, ndim=f.ndim,
-            skip_bad=f.skip_bad, shard_size=f.shard_size, progress=True,
+            crop_foreground=f.crop_foreground,
+            splits=f.splits,
+            fractions=[float(x) for x in f.fractions],
+            seed=f.seed,
+            ndim=f.ndim,
+            skip_bad=f.skip_bad,
+            shard_size=f.shard_size,
+            progress=True,
         )
     except (ValueError, FileNotFoundError, TypeError) as e:  # Bad input: a message, no traceback.
         sys.stderr.write(f"\nerror: {e}\n")
@@ -625,14 +741,23 @@ def _define_flags() -> None:
     flags.DEFINE_string("subset", "Tr", "nnunet: imagesTr or imagesTs.")
     flags.DEFINE_string("file_pattern", "*.dcm", "dicom: which files are slices ('*': all).")
     flags.DEFINE_bool("require_mask", False, "A case without its mask file is an error.")
-    flags.DEFINE_enum("intensity", None, list(INTENSITIES),
-                      "ct (HU window) | mri (foreground percentiles 5..95) | uint8; default by layout.")
+    flags.DEFINE_enum(
+        "intensity",
+        None,
+        list(INTENSITIES),
+        "ct (HU window) | mri (foreground percentiles 5..95) | uint8; default by layout.",
+    )
     flags.DEFINE_list("window", ["-1000", "1000"], "CT HU window lo,hi mapped to [-1, 1].")
-    flags.DEFINE_list("spacing", None, "Target spacing in mm (one value: isotropic); "
-                      "default: keep each volume's grid. MedMNIST: the pixel size, required.")
+    flags.DEFINE_list(
+        "spacing",
+        None,
+        "Target spacing in mm (one value: isotropic); "
+        "default: keep each volume's grid. MedMNIST: the pixel size, required.",
+    )
     flags.DEFINE_bool("crop_foreground", False, "Store only the foreground bounding box.")
-    flags.DEFINE_string("splits", "fractions",
-                        "fractions | brats2021_t1 | autopet_ctres | a JSON file {split: [ids]}.")
+    flags.DEFINE_string(
+        "splits", "fractions", "fractions | brats2021_t1 | autopet_ctres | a JSON file {split: [ids]}."
+    )
     flags.DEFINE_list("fractions", ["0.8", "0.1", "0.1"], "train,validation,test shares.")
     flags.DEFINE_integer("seed", 0, "Seed of the fractions split.")
     flags.DEFINE_integer("ndim", 3, "Spatial dimensions of the volumes.")

@@ -82,8 +82,9 @@ def _aligned(n: int) -> int:
 
 def _field_bytes(name: str, value: Any) -> tuple[int, tuple[int, ...], Any]:
     """(dtype code, shape, contiguous little-endian bytes-like) of one field."""
-    if isinstance(value, str) or (isinstance(value, np.ndarray | np.generic)
-                                  and np.asarray(value).dtype.kind == "U"):
+    if isinstance(value, str) or (
+        isinstance(value, np.ndarray | np.generic) and np.asarray(value).dtype.kind == "U"
+    ):
         if np.ndim(value) != 0:
             raise ValueError(f"field {name!r}: only a single string can be stored")
         return _STRING_CODE, (), str(value).encode("utf-8")
@@ -91,8 +92,9 @@ def _field_bytes(name: str, value: Any) -> tuple[int, tuple[int, ...], Any]:
     code = _CODE_OF.get(f"{array.dtype.kind}{array.dtype.itemsize}")
     if code is None:  # Object arrays (they would need pickle), complex, datetime, ...
         storable = [c for c in DTYPE_CODES[1:] if c != STRING]
-        raise ValueError(f"field {name!r}: dtype {array.dtype} cannot be stored; use one of "
-                         f"{storable} or a str")
+        raise ValueError(
+            f"field {name!r}: dtype {array.dtype} cannot be stored; use one of {storable} or a str"
+        )
     if array.ndim > MAX_NDIM:
         raise ValueError(f"field {name!r}: {array.ndim} dimensions, at most {MAX_NDIM}")
     array = np.asarray(array, dtype=_DTYPES[code], order="C")  # Little-endian, C order.
@@ -117,8 +119,17 @@ def serialize(record: dict[str, Any]) -> bytes:
     entries, payload, end = [], [], header_size
     for name, code, shape, raw in fields:
         offset = _aligned(end)
-        entries.append(_ENTRY.pack(name.encode("ascii"), code, len(shape), offset, len(raw),
-                                   *shape, *[0] * (MAX_NDIM - len(shape))))
+        entries.append(
+            _ENTRY.pack(
+                name.encode("ascii"),
+                code,
+                len(shape),
+                offset,
+                len(raw),
+                *shape,
+                *[0] * (MAX_NDIM - len(shape)),
+            )
+        )
         payload += [bytes(offset - end), raw]
         end = offset + len(raw)
     header = _HEAD.pack(MAGIC, FORMAT_VERSION, len(fields), header_size) + b"".join(entries)
@@ -139,7 +150,8 @@ def _decode_fields(data, where: str) -> dict[str, Any]:
         if magic[:4] == _ZIP_MAGIC:
             raise RecordError(
                 f"{where}: a record in the old npz format (prepared format version 1), which this "
-                f"isimed no longer reads (format {FORMAT_VERSION}); {RERUN}")
+                f"isimed no longer reads (format {FORMAT_VERSION}); {RERUN}"
+            )
         raise _bad(where, f"bad magic {bytes(magic)!r} (expected {MAGIC!r})")
     if version != FORMAT_VERSION:
         raise _bad(where, f"record format version {version}; this isimed reads {FORMAT_VERSION}")
@@ -173,8 +185,11 @@ def _decode_fields(data, where: str) -> dict[str, Any]:
         dtype = _DTYPES[code]
         count_ = math.prod(shape)
         if count_ * dtype.itemsize != nbytes:
-            raise _bad(where, f"field {name!r}: shape {shape} of {dtype} needs "
-                              f"{count_ * dtype.itemsize} bytes, the header says {nbytes}")
+            raise _bad(
+                where,
+                f"field {name!r}: shape {shape} of {dtype} needs "
+                f"{count_ * dtype.itemsize} bytes, the header says {nbytes}",
+            )
         fields[name] = np.frombuffer(data, dtype, count_, offset).reshape(shape)
     if end != size:
         raise _bad(where, f"{size - end} bytes after the last field (expected {end} bytes)")
@@ -218,8 +233,7 @@ def load_manifest(directory: str) -> dict[str, Any]:
         raise ValueError(
             f"{directory}: prepared in record format version {version}"
             f"{' (np.savez records)' if version == 1 else ''}, this isimed reads only version "
-            f"{FORMAT_VERSION}; {RERUN}"
-            + ("" if version < FORMAT_VERSION else " or update isimed")
+            f"{FORMAT_VERSION}; {RERUN}" + ("" if version < FORMAT_VERSION else " or update isimed")
         )
     if manifest.get("status") != "complete":
         raise ValueError(
@@ -244,17 +258,12 @@ class PreparedSource:
         manifest = load_manifest(self.directory)
         splits = manifest["splits"]
         if split not in splits:
-            raise ValueError(
-                f"{self.directory}: no split {split!r}; prepared splits: {sorted(splits)}"
-            )
+            raise ValueError(f"{self.directory}: no split {split!r}; prepared splits: {sorted(splits)}")
         entries = splits[split]["files"]
         if not sum(int(e["records"]) for e in entries):
             raise ValueError(f"{self.directory}: split {split!r} is empty (0 prepared examples)")
         # "path[0:n]" lets ArrayRecordDataSource skip opening every file just to count records.
-        self._paths = [
-            f"{self.directory}/{split}/{e['file']}[0:{int(e['records'])}]"
-            for e in entries
-        ]
+        self._paths = [f"{self.directory}/{split}/{e['file']}[0:{int(e['records'])}]" for e in entries]
         self._files = [e["file"] for e in entries]
         self._offsets = np.cumsum([0] + [int(e["records"]) for e in entries])
         self._source = None

@@ -294,9 +294,7 @@ def _nrrd_geometry(header: dict, rank: int, path: str) -> tuple[list[int], np.nd
 # DICOM
 
 
-def read_dicom_series(
-    path_or_dir: str, *, series_uid: str | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def read_dicom_series(path_or_dir: str, *, series_uid: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`(array, affine)` of one DICOM series: a folder of single-frame slices, or one `.dcm` file.
 
     Array order `(column, row, slice)`: pixel `(r, c)` of the k-th slice is voxel `[c, r, k]`.
@@ -378,9 +376,7 @@ def _read_series_folder(folder: str, series_uid: str | None) -> list:
         )
     if series_uid is None and len(series) > 1:
         listing = ", ".join(f"{uid or '<none>'} ({len(fs)} files)" for uid, fs in sorted(series.items()))
-        raise ValueError(
-            f"{folder}: holds {len(series)} DICOM series; pass series_uid= one of: {listing}"
-        )
+        raise ValueError(f"{folder}: holds {len(series)} DICOM series; pass series_uid= one of: {listing}")
     if series_uid is not None and series_uid not in series:
         raise ValueError(f"{folder}: no series {series_uid!r}; present: {sorted(series)}")
     chosen = series[series_uid] if series_uid is not None else next(iter(series.values()))
@@ -404,7 +400,9 @@ def _slice_geometry(ds, single: bool):
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise ValueError(f"{ds.filename}: multi-frame DICOM ({ds.NumberOfFrames} frames) is not supported")
     if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise ValueError(f"{ds.filename}: colour DICOM (SamplesPerPixel={ds.SamplesPerPixel}) is not supported")
+        raise ValueError(
+            f"{ds.filename}: colour DICOM (SamplesPerPixel={ds.SamplesPerPixel}) is not supported"
+        )
     orientation = _floats(ds, "ImageOrientationPatient", 6, [1, 0, 0, 0, 1, 0] if single else None)
     position = _floats(ds, "ImagePositionPatient", 3, [0, 0, 0] if single else None)
     keyword = "PixelSpacing" if "PixelSpacing" in ds or not single else "ImagerPixelSpacing"
@@ -433,8 +431,10 @@ def _rescale(stack: list[np.ndarray], slices: list) -> np.ndarray:
     raw = np.stack(stack, axis=-1)
     if np.all(slopes == 1) and np.all(intercepts == 0):
         return raw
-    if np.issubdtype(raw.dtype, np.integer) and np.all(slopes == np.round(slopes)) and np.all(
-        intercepts == np.round(intercepts)
+    if (
+        np.issubdtype(raw.dtype, np.integer)
+        and np.all(slopes == np.round(slopes))
+        and np.all(intercepts == np.round(intercepts))
     ):
         values = raw.astype(np.int64) * slopes.astype(np.int64) + intercepts.astype(np.int64)
         for dtype in (np.int16, np.int32):  # HU fit in int16: half the memory of float32.

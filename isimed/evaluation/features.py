@@ -94,8 +94,14 @@ def embed_elements(
     parts: dict[str, list[np.ndarray]] = {}
     embedded: dict[str, list[np.ndarray]] = {name: [] for name in embeds}
     if desc is not None:
-        elements = tqdm.tqdm(elements, desc=desc, total=total, unit="image", leave=False,
-                             disable=None if jax.process_index() == 0 else True)
+        elements = tqdm.tqdm(
+            elements,
+            desc=desc,
+            total=total,
+            unit="image",
+            leave=False,
+            disable=None if jax.process_index() == 0 else True,
+        )
     for element in elements:
         for name, embed in embeds.items():
             embedded[name].append(embed(element["crops"]))
@@ -129,7 +135,12 @@ def collect(
     """
     k = crops_per_image or config.eval.crops_per_image
     ds = pipeline.make_dataset(
-        config.data, split, seed=seed, train=False, batch_size=1, crops_per_image=k,
+        config.data,
+        split,
+        seed=seed,
+        train=False,
+        batch_size=1,
+        crops_per_image=k,
         lesion_share=lesion_share,
     )
 
@@ -139,8 +150,9 @@ def collect(
                 break
             yield {key: value[0] for key, value in element.items()}
 
-    out = embed_elements(first_images(), embeds, np.stack, with_crops=with_crops,
-                         desc=f"embed {split}", total=max_images)
+    out = embed_elements(
+        first_images(), embeds, np.stack, with_crops=with_crops, desc=f"embed {split}", total=max_images
+    )
     if not out:
         raise ValueError(f"split {split!r} of {config.data.name} has no images")
     return out

@@ -96,8 +96,12 @@ def grid_features(
     def non_empty_grids():
         for index in range(min(max_images, len(source))):
             crops = grid_crops(
-                source[index], data.crop_size, stride, window=data.window,
-                min_foreground=data.min_foreground, foreground_threshold=data.foreground_threshold,
+                source[index],
+                data.crop_size,
+                stride,
+                window=data.window,
+                min_foreground=data.min_foreground,
+                foreground_threshold=data.foreground_threshold,
             )
             if len(crops["starts"]):
                 yield crops

@@ -30,17 +30,24 @@ def held_out_summary(
     }
     if with_probe:
         train = features_lib.collect(
-            config, "train", {"model": embed}, max_images=config.eval.probe_train_images,
+            config,
+            "train",
+            {"model": embed},
+            max_images=config.eval.probe_train_images,
             with_crops=True,
         )
         flat = features_lib.flatten
         out["position_probe"] = probes.position_probe(
-            flat(train["embeddings"]["model"]), flat(train["centres"]),
-            flat(z), flat(held["centres"]),
+            flat(train["embeddings"]["model"]),
+            flat(train["centres"]),
+            flat(z),
+            flat(held["centres"]),
         )
         n_train, n_held = len(flat(train["centres"])), len(flat(held["centres"]))
         out["position_probe_raw_intensity"] = probes.position_probe(
-            flat(train["crops"]).reshape(n_train, -1), flat(train["centres"]),
-            flat(held["crops"]).reshape(n_held, -1), flat(held["centres"]),
+            flat(train["crops"]).reshape(n_train, -1),
+            flat(train["centres"]),
+            flat(held["crops"]).reshape(n_held, -1),
+            flat(held["centres"]),
         )
     return out

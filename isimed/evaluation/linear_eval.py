@@ -62,8 +62,14 @@ def _pool(crops: np.ndarray, factor: int) -> np.ndarray:
 def _collect_all(config, pre_config, embed_fns, split, k, lesion_share, max_images):
     """Per feature set, the same crops' features and labels; raw intensities pooled."""
     data = features_lib.collect(
-        pre_config, split, embed_fns, max_images=max_images, crops_per_image=k,
-        lesion_share=lesion_share, with_crops=True, seed=config.seed + 17,
+        pre_config,
+        split,
+        embed_fns,
+        max_images=max_images,
+        crops_per_image=k,
+        lesion_share=lesion_share,
+        with_crops=True,
+        seed=config.seed + 17,
     )
     features = {**data.pop("embeddings"), "raw_intensity": _pool(data.pop("crops"), config.raw_pool)}
     return {name: {**data, "embeddings": z} for name, z in features.items()}
@@ -73,13 +79,28 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs every task and metric for the three feature sets; writes results.json and results.md."""
     train_state.initialize(config)
     pretrain_workdir, pre_config, embed_fns, state = _load_pretrained(config)
-    evaluation = _collect_all(config, pre_config, embed_fns, config.eval_split,
-                              config.crops_per_image, config.lesion_share, config.max_images)
-    reference = _collect_all(config, pre_config, embed_fns, config.reference_split,
-                             config.crops_per_image, config.lesion_share, config.reference_images)
+    evaluation = _collect_all(
+        config,
+        pre_config,
+        embed_fns,
+        config.eval_split,
+        config.crops_per_image,
+        config.lesion_share,
+        config.max_images,
+    )
+    reference = _collect_all(
+        config,
+        pre_config,
+        embed_fns,
+        config.reference_split,
+        config.crops_per_image,
+        config.lesion_share,
+        config.reference_images,
+    )
     # Spearman and RankMe on uniformly placed crops (lesion-centred crops cluster in the lungs).
-    uniform = _collect_all(config, pre_config, embed_fns, config.eval_split,
-                           config.crops_per_image, 0.0, config.max_images)
+    uniform = _collect_all(
+        config, pre_config, embed_fns, config.eval_split, config.crops_per_image, 0.0, config.max_images
+    )
 
     results: dict[str, Any] = {
         "pretrain_workdir": pretrain_workdir,
@@ -98,7 +119,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results["tasks"] = {"lesion": has_lesions, "labels": has_labels}
     for name in FEATURE_SETS:
         results["feature_sets"][name] = _feature_set_row(
-            config, evaluation[name], reference[name], uniform[name], has_lesions, has_labels)
+            config, evaluation[name], reference[name], uniform[name], has_lesions, has_labels
+        )
     _write_outputs(workdir, results, evaluation["pretrained"])
     return results
 
@@ -116,15 +138,23 @@ def _load_pretrained(config: ml_collections.ConfigDict):
 
 
 def _feature_set_row(
-    config: ml_collections.ConfigDict, ev: dict, ref: dict, uni: dict, has_lesions: bool,
+    config: ml_collections.ConfigDict,
+    ev: dict,
+    ref: dict,
+    uni: dict,
+    has_lesions: bool,
     has_labels: bool,
 ) -> dict[str, Any]:
     """Every task and metric of one feature set: `ev` the evaluated crops, `ref` the reference
     (training-split) crops, `uni` uniformly placed evaluation crops."""
     cv = functools.partial(
-        probes.cross_validate, folds=config.folds, val_fraction=config.val_fraction,
-        epochs=config.probe.epochs, learning_rate=config.probe.learning_rate,
-        weight_decays=tuple(config.probe.weight_decays), batch_size=config.probe.batch_size,
+        probes.cross_validate,
+        folds=config.folds,
+        val_fraction=config.val_fraction,
+        epochs=config.probe.epochs,
+        learning_rate=config.probe.learning_rate,
+        weight_decays=tuple(config.probe.weight_decays),
+        batch_size=config.probe.batch_size,
         seed=config.seed,
     )
     flat = features_lib.flatten
@@ -137,18 +167,20 @@ def _feature_set_row(
         row["lesion_crop"] = cv(x, flat(ev["has_lesion"]), groups, task="binary")
         row["lesion_fraction"] = cv(x, flat(ev["lesion_fraction"]), groups, task="regression")
         row["knn_accuracy"] = probes.knn_accuracy(
-            flat(ref["embeddings"]), flat(ref["has_lesion"]), x, flat(ev["has_lesion"]),
-            k=config.knn_k)
+            flat(ref["embeddings"]), flat(ref["has_lesion"]), x, flat(ev["has_lesion"]), k=config.knn_k
+        )
     if has_labels and len(image_x) >= 2 * config.folds:
         row["labels_image"] = cv(image_x, ev["labels"], ev["image_id"], task="multilabel")
-    row.update({
-        "rankme": metrics_lib.rankme(flat(uni["embeddings"])),
-        "position_probe": probes.position_probe(
-            flat(ref["embeddings"]), flat(ref["centres"]), flat(uni["embeddings"]),
-            flat(uni["centres"])),
-        "spearman_within": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "within"),
-        "spearman_cross": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "cross"),
-    })
+    row.update(
+        {
+            "rankme": metrics_lib.rankme(flat(uni["embeddings"])),
+            "position_probe": probes.position_probe(
+                flat(ref["embeddings"]), flat(ref["centres"]), flat(uni["embeddings"]), flat(uni["centres"])
+            ),
+            "spearman_within": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "within"),
+            "spearman_cross": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "cross"),
+        }
+    )
     if has_lesions and len(np.unique(image_y)) == 2 and len(image_y) >= 2 * config.folds:
         row["lesion_image"] = cv(image_x, image_y, ev["image_id"], task="binary")
     return row
@@ -160,7 +192,8 @@ def _write_outputs(workdir: str, results: dict[str, Any], pretrained: dict) -> N
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "results.json").write_text(
-            json.dumps(_without_predictions(results), indent=2, default=float))
+            json.dumps(_without_predictions(results), indent=2, default=float)
+        )
         (workdir / "results.md").write_text(format_results(results) + "\n")
         # roc.png (out-of-fold lesion-probe scores) and pca.png (pretrained embeddings).
         plots.write_linear_eval_plots(workdir, results, pretrained=pretrained)
@@ -189,10 +222,12 @@ def format_results(results: dict[str, Any]) -> str:
         "| Spearman cross |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, row in results["feature_sets"].items():
-        def cell(task, metric):  # "n/a" for tasks the data cannot pose (no masks, no labels).
-            return _pm(row[task], metric) if task in row else "n/a"
 
+    def cell_of(row, task, metric):  # "n/a" for tasks the data cannot pose (no masks, no labels).
+        return _pm(row[task], metric) if task in row else "n/a"
+
+    for name, row in results["feature_sets"].items():
+        cell = functools.partial(cell_of, row)
         knn = f"{row['knn_accuracy']:.3f}" if "knn_accuracy" in row else "n/a"
         lines.append(
             f"| {name} | {cell('lesion_crop', 'auc')} | {cell('lesion_crop', 'accuracy')} "

@@ -90,9 +90,7 @@ def spearman(latent: np.ndarray, physical: np.ndarray) -> float:
     return float(scipy.stats.spearmanr(latent, physical)[0])
 
 
-def distance_spearman(
-    embeddings: np.ndarray, centres_mm: np.ndarray, pairs: str = "within"
-) -> float:
+def distance_spearman(embeddings: np.ndarray, centres_mm: np.ndarray, pairs: str = "within") -> float:
     """Spearman correlation of latent vs physical distances over unordered crop pairs.
 
     Args:

@@ -86,8 +86,14 @@ def _training_curves_figure(series: Mapping[str, tuple[np.ndarray, np.ndarray]],
     for ax, key in zip(axes, keys):
         steps, values = series[key]
         validation = key.startswith("validation/")
-        ax.plot(steps, values, marker="o" if validation or len(steps) < 20 else None,
-                markersize=3, color="tab:orange" if validation else "tab:blue", linewidth=1.2)
+        ax.plot(
+            steps,
+            values,
+            marker="o" if validation or len(steps) < 20 else None,
+            markersize=3,
+            color="tab:orange" if validation else "tab:blue",
+            linewidth=1.2,
+        )
         if _log_scale(key, values):
             ax.set_yscale("log")
             if values.max() / values.min() > 100.0:
@@ -97,7 +103,7 @@ def _training_curves_figure(series: Mapping[str, tuple[np.ndarray, np.ndarray]],
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(which="both", labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in axes[len(keys):]:
+    for ax in axes[len(keys) :]:
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
     return fig
@@ -139,8 +145,15 @@ def _distance_scatter_figure(
             scale, scale_note = float(scale_mm), f"x {float(scale_mm):g} mm"
         rho = metrics_lib.spearman(latent, physical)
         keep = _subsample(len(latent), max_pairs, seed)
-        ax.scatter(physical[keep], scale * latent[keep], s=3, alpha=0.35, linewidths=0,
-                   color="tab:blue", rasterized=True)
+        ax.scatter(
+            physical[keep],
+            scale * latent[keep],
+            s=3,
+            alpha=0.35,
+            linewidths=0,
+            color="tab:blue",
+            rasterized=True,
+        )
         top = max(float(physical.max(initial=0.0)), float(scale * latent.max(initial=0.0)), 1e-6)
         ax.plot([0, top], [0, top], color="black", linewidth=1, linestyle="--", label="identity")
         ax.set_xlim(0, top * 1.02)
@@ -148,8 +161,9 @@ def _distance_scatter_figure(
         ax.set_aspect("equal")
         ax.set_xlabel("physical distance (mm)", fontsize=8)
         ax.set_ylabel(f"latent distance {scale_note}", fontsize=8)
-        ax.set_title(f"{name}: Spearman {rho:.3f}\n({len(latent)} within-image pairs, "
-                     f"{len(keep)} shown)", fontsize=9)
+        ax.set_title(
+            f"{name}: Spearman {rho:.3f}\n({len(latent)} within-image pairs, {len(keep)} shown)", fontsize=9
+        )
         ax.legend(loc="upper left", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -240,8 +254,9 @@ def _embedding_pca_figure(
         xs, ys = p.scores[keep, a], p.scores[keep, b]
         for col, name in enumerate(names):
             ax = axes[row, col]
-            points = ax.scatter(xs, ys, c=centres_mm[keep, col], cmap="viridis", s=5,
-                                linewidths=0, rasterized=True)
+            points = ax.scatter(
+                xs, ys, c=centres_mm[keep, col], cmap="viridis", s=5, linewidths=0, rasterized=True
+            )
             fig.colorbar(points, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
             ax.set_title(f"coloured by {name}", fontsize=8)
         if lesion is not None:
@@ -269,13 +284,21 @@ def _lesion_panel(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, values: np.nd
         # Positives drawn last so a few lesion crops are not hidden under the rest.
         for label, color, text in ((0.0, "lightgray", "no lesion"), (1.0, "tab:red", "lesion")):
             m = values == label
-            ax.scatter(xs[m], ys[m], s=5 if label == 0 else 9, color=color, linewidths=0,
-                       label=f"{text} ({int(m.sum())})", rasterized=True)
+            ax.scatter(
+                xs[m],
+                ys[m],
+                s=5 if label == 0 else 9,
+                color=color,
+                linewidths=0,
+                label=f"{text} ({int(m.sum())})",
+                rasterized=True,
+            )
         ax.legend(fontsize=7, loc="best", markerscale=2)
     else:
         order = np.argsort(values)
-        points = ax.scatter(xs[order], ys[order], c=values[order], cmap="magma_r", s=5,
-                            linewidths=0, rasterized=True)
+        points = ax.scatter(
+            xs[order], ys[order], c=values[order], cmap="magma_r", s=5, linewidths=0, rasterized=True
+        )
         fig.colorbar(points, ax=ax, shrink=0.85).ax.tick_params(labelsize=7)
     ax.set_title("coloured by lesion", fontsize=8)
 
@@ -326,8 +349,7 @@ def _roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str)
         if math.isnan(auc):
             ax.plot([], [], label=label)  # Listed in the legend, nothing to draw.
             continue
-        fpr, tpr, _ = sklearn.metrics.roc_curve(np.asarray(y_true).reshape(-1),
-                                                np.asarray(score).reshape(-1))
+        fpr, tpr, _ = sklearn.metrics.roc_curve(np.asarray(y_true).reshape(-1), np.asarray(score).reshape(-1))
         ax.plot(fpr, tpr, linewidth=1.5, label=label)
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1, label="chance")
     ax.set_xlim(0, 1)
@@ -393,7 +415,9 @@ def write_training_plots(
     )
     flat = features_lib.flatten
     written["pca"] = embedding_pca(
-        flat(embeddings), flat(centres), workdir / "pca.png",
+        flat(embeddings),
+        flat(centres),
+        workdir / "pca.png",
         lesion=None if lesion is None else flat(lesion),
     )
     return written
@@ -425,7 +449,8 @@ def write_linear_eval_plots(
             curves[name] = (predictions.y_true, predictions.score)
     if curves:
         written["roc"] = roc_curves(
-            curves, workdir / "roc.png",
+            curves,
+            workdir / "roc.png",
             title="Crop-level lesion ROC (out-of-fold linear-probe scores)",
         )
     if pretrained is not None and "centres" in pretrained:
@@ -435,7 +460,9 @@ def write_linear_eval_plots(
             lesion = None
         flat = features_lib.flatten
         written["pca"] = embedding_pca(
-            flat(pretrained["embeddings"]), flat(pretrained["centres"]),
-            workdir / "pca.png", lesion=None if lesion is None else flat(lesion),
+            flat(pretrained["embeddings"]),
+            flat(pretrained["centres"]),
+            workdir / "pca.png",
+            lesion=None if lesion is None else flat(lesion),
         )
     return written

@@ -64,8 +64,6 @@ def knn_accuracy(
     return float(np.mean(clf.predict(np.asarray(test_x)) == np.asarray(test_y)))
 
 
-
-
 def position_probe(
     train_features: np.ndarray,
     train_centres: np.ndarray,
@@ -161,12 +159,12 @@ def _train_all(
     run is one program (scan over epochs and steps) because per-step Python dispatch would
     dominate the cost of such a small model.
     """
-    d, l = x.shape[1], y.shape[1]
+    d, labels = x.shape[1], y.shape[1]
 
     def train_one(wd):
         # Bias is not decayed: shrinking it towards 0 only biases the predicted base rate.
         tx = optax.adamw(learning_rate, weight_decay=wd, mask={"w": True, "b": False})
-        params = {"w": jnp.zeros((d, l), x.dtype), "b": jnp.zeros((l,), x.dtype)}
+        params = {"w": jnp.zeros((d, labels), x.dtype), "b": jnp.zeros((labels,), x.dtype)}
 
         def step(carry, idx):
             params, opt_state = carry
@@ -245,10 +243,16 @@ def fit_linear_probe(
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     t_mean, t_std = _target_statistics(ytr, task)
     x_pad, y_pad, valid, batches = _padded_minibatches(
-        (train_x - mean) / std, (ytr - t_mean) / t_std, batch_size, epochs, seed)
+        (train_x - mean) / std, (ytr - t_mean) / t_std, batch_size, epochs, seed
+    )
     history = _train_all(
-        jnp.asarray(x_pad), jnp.asarray(y_pad), jnp.asarray(valid), jnp.asarray(batches),
-        jnp.asarray(weight_decays, jnp.float32), jnp.asarray(learning_rate, jnp.float32), task=task,
+        jnp.asarray(x_pad),
+        jnp.asarray(y_pad),
+        jnp.asarray(valid),
+        jnp.asarray(batches),
+        jnp.asarray(weight_decays, jnp.float32),
+        jnp.asarray(learning_rate, jnp.float32),
+        task=task,
     )
     checkpoints = np.array(sorted({*range(eval_every, epochs + 1, eval_every), epochs})) - 1
     w_hist = np.asarray(history["w"], np.float64)[:, checkpoints]  # (W, C, D, L)
@@ -257,11 +261,22 @@ def fit_linear_probe(
     yva_target = (yva - t_mean) / t_std if task == "regression" else yva
     scores = _val_scores(task, val_logits, yva_target, t_std)
     wi, ci = _best_candidate(scores)
-    selected = {"weight_decay": float(weight_decays[wi]), "epoch": int(checkpoints[ci] + 1),
-                "val_score": float(scores[wi, ci])}
-    return LinearProbe(task=task, weights=w_hist[wi, ci], bias=b_hist[wi, ci], feature_mean=mean,
-                       feature_std=std, target_mean=t_mean, target_std=t_std, squeeze=squeeze,
-                       selected=selected)
+    selected = {
+        "weight_decay": float(weight_decays[wi]),
+        "epoch": int(checkpoints[ci] + 1),
+        "val_score": float(scores[wi, ci]),
+    }
+    return LinearProbe(
+        task=task,
+        weights=w_hist[wi, ci],
+        bias=b_hist[wi, ci],
+        feature_mean=mean,
+        feature_std=std,
+        target_mean=t_mean,
+        target_std=t_std,
+        squeeze=squeeze,
+        selected=selected,
+    )
 
 
 def _check_probe_settings(
@@ -419,27 +434,44 @@ def cross_validate(
     splits = _grouped_splits(features, groups, folds, val_fraction, seed)
     for i, (train_idx, val_idx, test_idx) in enumerate(splits):
         probe = fit_linear_probe(
-            features[train_idx], labels[train_idx], features[val_idx], labels[val_idx],
-            task=task, seed=seed, **probe_kwargs)
+            features[train_idx],
+            labels[train_idx],
+            features[val_idx],
+            labels[val_idx],
+            task=task,
+            seed=seed,
+            **probe_kwargs,
+        )
         predicted = probe.predict(features[test_idx])
         if oof_score is None:
             oof_score = np.full((len(features), *predicted.shape[1:]), np.nan)
         oof_score[test_idx], oof_fold[test_idx] = predicted, i
         subjects = tuple(np.unique(groups[idx]).tolist() for idx in (train_idx, val_idx, test_idx))
-        per_fold.append({
-            **_TASK_METRICS[task](labels[test_idx], predicted),
-            "selected": dict(probe.selected),
-            "n_subjects": {k: len(s) for k, s in zip(("train", "val", "test"), subjects)},
-            "n_samples": {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)},
-        })
+        per_fold.append(
+            {
+                **_TASK_METRICS[task](labels[test_idx], predicted),
+                "selected": dict(probe.selected),
+                "n_subjects": {k: len(s) for k, s in zip(("train", "val", "test"), subjects)},
+                "n_samples": {"train": len(train_idx), "val": len(val_idx), "test": len(test_idx)},
+            }
+        )
         fold_subjects.append(subjects)
     mean, std = _fold_mean_std(per_fold)
-    return {"folds": per_fold, "mean": mean, "std": std, "fold_subjects": fold_subjects,
-            "predictions": Predictions(y_true=labels.copy(), score=oof_score, fold=oof_fold)}
+    return {
+        "folds": per_fold,
+        "mean": mean,
+        "std": std,
+        "fold_subjects": fold_subjects,
+        "predictions": Predictions(y_true=labels.copy(), score=oof_score, fold=oof_fold),
+    }
 
 
 def _check_cv_inputs(
-    features: np.ndarray, labels: np.ndarray, groups: np.ndarray, task: str, folds: int,
+    features: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    task: str,
+    folds: int,
     val_fraction: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The three inputs as numpy arrays; ValueError for anything `cross_validate` cannot do."""
@@ -481,7 +513,8 @@ def _grouped_splits(
                 "carved from them; use fewer folds or more subjects"
             )
         inner = sklearn.model_selection.GroupShuffleSplit(
-            n_splits=1, test_size=val_fraction, random_state=seed + i)
+            n_splits=1, test_size=val_fraction, random_state=seed + i
+        )
         tr, va = next(inner.split(fit_idx, groups=groups[fit_idx]))
         yield fit_idx[tr], fit_idx[va], test_idx
 

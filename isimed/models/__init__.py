@@ -11,7 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from isimed.models.densenet import DenseNet
-from isimed.models.resnet import BasicBlock, Bottleneck, ResNet
+from isimed.models.resnet import BasicBlock
+from isimed.models.resnet import Bottleneck
+from isimed.models.resnet import ResNet
 from isimed.models.small_cnn import SmallCNN
 
 __all__ = [
@@ -29,7 +31,9 @@ MODELS: dict[str, Callable[..., nnx.Module]] = {
     "small_cnn": SmallCNN,
     "resnet18": functools.partial(ResNet, block=BasicBlock, stage_sizes=(2, 2, 2, 2)),
     "resnet50": functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3)),
-    "densenet121": functools.partial(DenseNet, init_features=64, growth_rate=32, block_config=(6, 12, 24, 16)),
+    "densenet121": functools.partial(
+        DenseNet, init_features=64, growth_rate=32, block_config=(6, 12, 24, 16)
+    ),
 }
 
 
@@ -50,7 +54,12 @@ def create_encoder(
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS)}")
     return MODELS[name](
-        spatial_dims=spatial_dims, embed_dim=embed_dim, in_channels=in_channels, dtype=dtype, rngs=rngs, **kwargs
+        spatial_dims=spatial_dims,
+        embed_dim=embed_dim,
+        in_channels=in_channels,
+        dtype=dtype,
+        rngs=rngs,
+        **kwargs,
     )
 
 

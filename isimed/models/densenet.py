@@ -8,17 +8,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from isimed.models.layers import (
-    avg_pool,
-    batch_norm,
-    check_spatial_dims,
-    conv,
-    global_avg_pool,
-    linear,
-    max_pool,
-    cpu_backend,
-    resolve_dtype,
-)
+from isimed.models.layers import avg_pool
+from isimed.models.layers import batch_norm
+from isimed.models.layers import check_spatial_dims
+from isimed.models.layers import conv
+from isimed.models.layers import cpu_backend
+from isimed.models.layers import global_avg_pool
+from isimed.models.layers import linear
+from isimed.models.layers import max_pool
+from isimed.models.layers import resolve_dtype
 
 
 class DenseLayer(nnx.Module):

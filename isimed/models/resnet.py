@@ -8,24 +8,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from isimed.models.layers import (
-    batch_norm,
-    check_spatial_dims,
-    conv,
-    global_avg_pool,
-    linear,
-    max_pool,
-    resolve_dtype,
-)
+from isimed.models.layers import batch_norm
+from isimed.models.layers import check_spatial_dims
+from isimed.models.layers import conv
+from isimed.models.layers import global_avg_pool
+from isimed.models.layers import linear
+from isimed.models.layers import max_pool
+from isimed.models.layers import resolve_dtype
 
 
 class _Shortcut(nnx.Module):
     """1x1 strided projection + BN, used when a block changes shape."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, stride: int, *, spatial_dims: int, dtype: jnp.dtype, rngs: nnx.Rngs
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        *,
+        spatial_dims: int,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
     ) -> None:
-        self.conv = conv(in_channels, out_channels, 1, stride=stride, spatial_dims=spatial_dims, dtype=dtype, rngs=rngs)
+        self.conv = conv(
+            in_channels, out_channels, 1, stride=stride, spatial_dims=spatial_dims, dtype=dtype, rngs=rngs
+        )
         self.bn = batch_norm(out_channels, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -38,7 +45,14 @@ class BasicBlock(nnx.Module):
     expansion = 1
 
     def __init__(
-        self, in_channels: int, width: int, stride: int, *, spatial_dims: int, dtype: jnp.dtype, rngs: nnx.Rngs
+        self,
+        in_channels: int,
+        width: int,
+        stride: int,
+        *,
+        spatial_dims: int,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
     ) -> None:
         kw = dict(spatial_dims=spatial_dims, dtype=dtype, rngs=rngs)
         out_channels = width * self.expansion
@@ -47,7 +61,9 @@ class BasicBlock(nnx.Module):
         self.conv2 = conv(width, out_channels, 3, padding=1, **kw)
         self.bn2 = batch_norm(out_channels, dtype=dtype, rngs=rngs)
         self.shortcut = (
-            _Shortcut(in_channels, out_channels, stride, **kw) if stride != 1 or in_channels != out_channels else None
+            _Shortcut(in_channels, out_channels, stride, **kw)
+            if stride != 1 or in_channels != out_channels
+            else None
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -63,7 +79,14 @@ class Bottleneck(nnx.Module):
     expansion = 4
 
     def __init__(
-        self, in_channels: int, width: int, stride: int, *, spatial_dims: int, dtype: jnp.dtype, rngs: nnx.Rngs
+        self,
+        in_channels: int,
+        width: int,
+        stride: int,
+        *,
+        spatial_dims: int,
+        dtype: jnp.dtype,
+        rngs: nnx.Rngs,
     ) -> None:
         kw = dict(spatial_dims=spatial_dims, dtype=dtype, rngs=rngs)
         out_channels = width * self.expansion
@@ -74,7 +97,9 @@ class Bottleneck(nnx.Module):
         self.conv3 = conv(width, out_channels, 1, **kw)
         self.bn3 = batch_norm(out_channels, dtype=dtype, rngs=rngs)
         self.shortcut = (
-            _Shortcut(in_channels, out_channels, stride, **kw) if stride != 1 or in_channels != out_channels else None
+            _Shortcut(in_channels, out_channels, stride, **kw)
+            if stride != 1 or in_channels != out_channels
+            else None
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -8,7 +8,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from isimed.models.layers import batch_norm, check_spatial_dims, conv, global_avg_pool, linear, resolve_dtype
+from isimed.models.layers import batch_norm
+from isimed.models.layers import check_spatial_dims
+from isimed.models.layers import conv
+from isimed.models.layers import global_avg_pool
+from isimed.models.layers import linear
+from isimed.models.layers import resolve_dtype
 
 NORMS = ("batch", "group", "none")
 
@@ -77,7 +82,12 @@ class SmallCNN(nnx.Module):
             return batch_norm(width, dtype=self.dtype, rngs=rngs)
         if norm == "group":
             return nnx.GroupNorm(
-                width, num_groups=min(8, width), epsilon=1e-5, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs
+                width,
+                num_groups=min(8, width),
+                epsilon=1e-5,
+                dtype=self.dtype,
+                param_dtype=jnp.float32,
+                rngs=rngs,
             )
         return None
 
