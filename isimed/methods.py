@@ -5,10 +5,12 @@ head it trains, its loss and its default hyperparameters per preset. The one tra
 The loop calls `method.loss(outputs, batch, loss_config) -> (loss, aux)` with
 - `outputs["z"]`: encoder embeddings `(B, K, D)` of the first view;
 - `outputs["p1"]`, `outputs["p2"]`: the head's projections `(B*K, P)` of both views (augmented on
-  device), for methods with a head;
-- the method's own trainable parameters (`Method.init_params`), e.g. ISImed's `log_scale`.
+  device), for configs with a head (`config.model.head_dims`); one-view methods get `p1` only;
+- the method's own trainable parameters (`Method.init_params`), e.g. ISImed's `log_scale`;
+- `outputs["loss_ref"]`: the method's loss references kept in the train state
+  (`Method.init_loss_ref`), e.g. the hybrid's terms at step 0.
 `aux` holds the unweighted loss terms to log (`terms` averaged over steps, `last_terms` as their
-latest value).
+latest value) and, for methods with loss references, their new value as `aux["loss_ref"]`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -28,6 +31,9 @@ LossFn = Callable[[dict, dict, ml_collections.ConfigDict], tuple[jnp.ndarray, di
 # Head sizes per preset: paper scale, and smaller for the CPU presets.
 _EXPANDER = {"paper": (2048,) * 3, "demo": (1024,) * 3, "demo2d": (1024,) * 3, "test": (64,) * 3}
 _SIMCLR_PROJECTOR = {"paper": (2048, 128), "demo": (512, 128), "demo2d": (512, 128), "test": (64, 128)}
+# ISImed's optional projection head (configs/isimed_head_chest.py): SimCLR's projector sizes, so
+# the distance loss constrains a 128-d output as NT-Xent does.
+ISIMED_HEAD = _SIMCLR_PROJECTOR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +43,14 @@ class Method:
     terms: tuple[str, ...]
     defaults: dict[str, Any]  # The loss config (`config.loss`).
     views: int = 1  # 2: the pipeline samples a shifted second crop; both views are augmented.
-    head_dims: dict[str, tuple[int, ...]] | None = None  # Per preset; None: no head.
+    # Per preset; None: no head by default (a one-view method may still get one: a config that
+    # sets `model.head_dims`, e.g. configs/isimed_head_chest.py).
+    head_dims: dict[str, tuple[int, ...]] | None = None
     last_terms: tuple[str, ...] = ()
     init_params: Callable[[ml_collections.ConfigDict], dict] = lambda loss_config: {}
+    # Non-trainable values the loss keeps in the train state (`state["loss_ref"]`, checkpointed
+    # with it); {}: none.
+    init_loss_ref: Callable[[ml_collections.ConfigDict], dict] = lambda loss_config: {}
 
 
 def _isimed_params(loss_config: ml_collections.ConfigDict) -> dict:
@@ -48,10 +59,10 @@ def _isimed_params(loss_config: ml_collections.ConfigDict) -> dict:
     return {"log_scale": jnp.log(jnp.float32(loss_config.scale))}
 
 
-def _isimed(outputs, batch, loss_config):
+def _distance(embeddings, outputs, batch, loss_config):
     scale = jnp.exp(outputs["log_scale"]) if "log_scale" in outputs else loss_config.scale
     loss, aux = losses.isimed_loss(
-        outputs["z"],
+        embeddings,
         batch["centres"],
         scale=scale,
         pairs=loss_config.pairs,
@@ -59,6 +70,14 @@ def _isimed(outputs, batch, loss_config):
         cross_weight=loss_config.cross_weight,
     )
     return loss, {**aux, "target_scale": jnp.asarray(scale, jnp.float32)}
+
+
+def _isimed(outputs, batch, loss_config):
+    """The distance loss on the encoder embeddings or, with a projection head, on its output (as
+    SimCLR's and VICReg's losses constrain their heads' outputs, leaving the encoder freer)."""
+    z = outputs["z"]
+    embeddings = outputs["p1"].reshape(*z.shape[:2], -1) if "p1" in outputs else z
+    return _distance(embeddings, outputs, batch, loss_config)
 
 
 def _simclr(outputs, batch, loss_config):
@@ -82,12 +101,33 @@ def _barlow(outputs, batch, loss_config):
     return losses.barlow_twins_loss(outputs["p1"], outputs["p2"], lambda_offdiag=loss_config.lambda_offdiag)
 
 
+def _hybrid_ref(loss_config: ml_collections.ConfigDict) -> dict:
+    # 0: not measured yet; the first step stores its terms.
+    return {"isimed": jnp.float32(0), "vicreg": jnp.float32(0)} if loss_config.normalise else {}
+
+
 def _isimed_vicreg(outputs, batch, loss_config):
-    """Hybrid: `isimed_weight * ISImed(encoder embeddings) + vicreg_weight * VICReg(projections)`."""
-    distance, distance_aux = _isimed(outputs, batch, loss_config)
+    """Hybrid: `isimed_weight * ISImed(encoder embeddings) + vicreg_weight * VICReg(projections)`.
+
+    With `normalise` (the default) each term is divided by its value at the first step, kept in
+    the train state (so a resumed run divides by the same numbers): both normalised terms start at
+    1 and the weights are their shares of the loss at initialisation. Unnormalised, VICReg's
+    terms (weights 25/25/1) are tens of times the distance loss and swamp it.
+    """
+    distance, distance_aux = _distance(outputs["z"], outputs, batch, loss_config)
     vicreg, vicreg_aux = _vicreg(outputs, batch, loss_config)
+    aux = {"isimed": distance, "vicreg": vicreg, **distance_aux, **vicreg_aux}
+    if loss_config.normalise:
+        ref = {}
+        for name, value in (("isimed", distance), ("vicreg", vicreg)):
+            stored = outputs["loss_ref"][name]
+            # Floored: a term that starts at exactly 0 cannot be a divisor.
+            first = jax.lax.stop_gradient(jnp.maximum(value, 1e-12))
+            ref[name] = jnp.where(stored > 0, stored, first)
+        distance, vicreg = distance / ref["isimed"], vicreg / ref["vicreg"]
+        aux["loss_ref"] = ref
     loss = loss_config.isimed_weight * distance + loss_config.vicreg_weight * vicreg
-    return loss, {"isimed": distance, "vicreg": vicreg, **distance_aux, **vicreg_aux}
+    return loss, aux
 
 
 _ISIMED_DEFAULTS = {
@@ -134,12 +174,20 @@ METHODS = {
             "isimed_vicreg",
             _isimed_vicreg,
             ("isimed", "vicreg", "within", "cross", *_VICREG_TERMS),
-            # vicreg_weight brings VICReg's ~25-scale terms near the distance loss.
-            {**_VICREG_DEFAULTS, **_ISIMED_DEFAULTS, "isimed_weight": 1.0, "vicreg_weight": 0.04},
+            # Terms normalised by their step-0 values; the weights are then their shares at
+            # initialisation (README: the trade-off over vicreg_weight).
+            {
+                **_VICREG_DEFAULTS,
+                **_ISIMED_DEFAULTS,
+                "normalise": True,
+                "isimed_weight": 1.0,
+                "vicreg_weight": 1.0,
+            },
             views=2,
             head_dims=_EXPANDER,
             last_terms=("target_scale",),
             init_params=_isimed_params,
+            init_loss_ref=_hybrid_ref,
         ),
     )
 }
@@ -149,6 +197,11 @@ def get(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     return METHODS[name]
+
+
+def uses_head(config: ml_collections.ConfigDict) -> bool:
+    """Whether the config trains an MLP head on the encoder (`config.model.head_dims` set)."""
+    return bool(config.model.get("head_dims"))
 
 
 def configure(config: ml_collections.ConfigDict, name: str, preset: str) -> ml_collections.ConfigDict:

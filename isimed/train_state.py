@@ -2,8 +2,9 @@
 and the step. `create_train_step(config, mesh)` is the one way every caller (the loop, benchmarks,
 tests) builds them.
 
-The train state is a plain pytree `{"step", "params", "batch_stats", "opt_state"}` built from an
-NNX encoder with `nnx.split`, so it can be donated, sharded and checkpointed as it is.
+The train state is a plain pytree `{"step", "params", "batch_stats", "opt_state"}` (plus
+`"loss_ref"` for methods that keep loss references, e.g. the normalised hybrid) built from an NNX
+encoder with `nnx.split`, so it can be donated, sharded and checkpointed as it is.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class Networks:
         encoder.eval()
         self.eval_graph = nnx.split(encoder, nnx.Param, ...)[0]
         self.head_graph, self.head_params = None, None
-        if methods.get(config.method).head_dims is not None:
+        if methods.uses_head(config):
             head = MLPHead(config.model.embed_dim, tuple(config.model.head_dims), rngs=rngs)
             self.head_graph, head_params = nnx.split(head, nnx.Param)
             self.head_params = head_params.to_pure_dict()
@@ -116,25 +117,32 @@ def init_state(config: ml_collections.ConfigDict, networks: Networks, tx) -> Sta
     params = {"encoder": networks.params}
     if networks.head_params is not None:
         params["head"] = networks.head_params
-    params.update(methods.get(config.method).init_params(config.loss))
-    return {
+    method = methods.get(config.method)
+    params.update(method.init_params(config.loss))
+    state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "batch_stats": networks.batch_stats,
         "opt_state": tx.init(params),
     }
+    loss_ref = method.init_loss_ref(config.loss)
+    if loss_ref:  # Only then: states (and checkpoints) of other methods keep their structure.
+        state["loss_ref"] = loss_ref
+    return state
 
 
 def make_loss_fn(config: ml_collections.ConfigDict, networks: Networks):
-    """`loss_fn(params, batch_stats, batch, key) -> (loss, (aux, new_batch_stats, z))`.
+    """`loss_fn(params, batch_stats, batch, key, loss_ref) -> (loss, (aux, new_batch_stats, z))`,
+    `loss_ref` the state's `"loss_ref"` ({} for methods without).
 
     All crops of the step (B*K, times two for two-view methods) go through the encoder in one pass
     (train mode, so batch-norm statistics cover both views), then the head and the method's loss.
     Two-view methods augment both views on device with `key`.
     """
     method = methods.get(config.method)
+    head = methods.uses_head(config)
 
-    def loss_fn(params, batch_stats, batch, key):
+    def loss_fn(params, batch_stats, batch, key, loss_ref):
         crops = batch["crops"]
         b, k = crops.shape[:2]
         spatial = crops.shape[2:]
@@ -147,11 +155,15 @@ def make_loss_fn(config: ml_collections.ConfigDict, networks: Networks):
         z, batch_stats = networks.apply(params["encoder"], batch_stats, x, train=True)
         z = z.reshape(b, k, method.views, -1)
         outputs = {"z": z[:, :, 0]}
-        if method.head_dims is not None:
+        if head:
             p = networks.apply_head(params["head"], z.reshape(b * k * method.views, -1))
             p = p.reshape(b * k, method.views, -1)
-            outputs["p1"], outputs["p2"] = p[:, 0], p[:, 1]
+            outputs["p1"] = p[:, 0]
+            if method.views == 2:
+                outputs["p2"] = p[:, 1]
         outputs.update({name: params[name] for name in method.init_params(config.loss)})
+        if loss_ref:
+            outputs["loss_ref"] = loss_ref
         loss, aux = method.loss(outputs, batch, config.loss)
         return loss, (aux, batch_stats, outputs["z"])
 
@@ -178,7 +190,7 @@ def make_train_step(config: ml_collections.ConfigDict, networks: Networks, tx, s
         # Augmentation randomness is a function of (seed, step): resuming replays it exactly.
         key = jax.random.fold_in(jax.random.key(config.seed), state["step"])
         (loss, (aux, batch_stats, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], state["batch_stats"], batch, key
+            state["params"], state["batch_stats"], batch, key, state.get("loss_ref", {})
         )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         grad_norm = optax.tree.norm(grads)
@@ -188,6 +200,8 @@ def make_train_step(config: ml_collections.ConfigDict, networks: Networks, tx, s
             "batch_stats": batch_stats,
             "opt_state": opt_state,
         }
+        if "loss_ref" in state:  # Set by the first step, then carried unchanged.
+            candidate["loss_ref"] = aux["loss_ref"]
         # NaN guard: a non-finite step leaves the state untouched (the host stops the run), so a
         # later checkpoint can never contain NaNs.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -224,7 +238,7 @@ def make_monitor_fn(networks: Networks):
 class TrainSetup:
     """What `create_train_step` builds. `state` is the initial state, replicated on the mesh;
     `step` is jitted with the state donated and the batch sharded by image over `data`;
-    `grad_fn(params, batch_stats, batch, key) -> ((loss, aux), grads)` is the same loss, jitted
+    `grad_fn(params, batch_stats, batch, key, loss_ref) -> ((loss, aux), grads)` is the same loss, jitted
     with the same shardings (for tests that compare gradients across device counts);
     `monitors(state, batch)` the collapse monitors, for logging steps."""
 
@@ -259,7 +273,7 @@ def create_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
     )
     grad_fn = jax.jit(
         jax.value_and_grad(make_loss_fn(config, networks), has_aux=True),
-        in_shardings=(replicated, replicated, data_sharding, replicated),
+        in_shardings=(replicated, replicated, data_sharding, replicated, replicated),
         out_shardings=replicated,
     )
     monitors = jax.jit(

@@ -83,7 +83,9 @@ def main(out: str, config_name: str = "isimed_chest", *overrides: str) -> None:
     batch = {name: _global(x, setup.data_sharding) for name, x in batch.items()}
     state = setup.state
     key = jax.random.key(3)
-    (loss, (_, batch_stats, _)), grads = setup.grad_fn(state["params"], state["batch_stats"], batch, key)
+    (loss, (_, batch_stats, _)), grads = setup.grad_fn(
+        state["params"], state["batch_stats"], batch, key, state.get("loss_ref", {})
+    )
     flat = {"loss": np.asarray(loss), **_flat("grad", grads), **_flat("stats", batch_stats)}
     state, _ = setup.step(state, batch)
     flat.update(_flat("params", state["params"]))

@@ -13,6 +13,7 @@ from isimed import train_state
 from isimed.data import pipeline
 
 BASELINE_CONFIGS = ["simclr_chest", "vicreg_chest", "barlow_chest", "isimed_vicreg_chest"]
+ISIMED_CONFIGS = ["isimed_chest", "isimed_head_chest"]
 
 
 def _config(name, preset="test"):
@@ -33,7 +34,7 @@ def _random_batch(config, rng, b=4):
     return batch
 
 
-@pytest.mark.parametrize("name", ["isimed_chest", *BASELINE_CONFIGS])
+@pytest.mark.parametrize("name", [*ISIMED_CONFIGS, *BASELINE_CONFIGS])
 def test_each_method_lowers_its_loss_and_logs_its_terms(name):
     config = _config(name)
     method = methods.get(config.method)
@@ -42,7 +43,7 @@ def test_each_method_lowers_its_loss_and_logs_its_terms(name):
             if key.endswith("_prob"):
                 config.augment[key] = 0.0
     setup = train_state.create_train_step(config, train_state.make_mesh())
-    assert (setup.networks.head_params is not None) == (method.head_dims is not None)
+    assert (setup.networks.head_params is not None) == ("head_dims" in config.model)
     state, step = setup.state, setup.step
     initial = jax.tree.map(np.asarray, state["params"])
     batch = _random_batch(config, np.random.default_rng(0))
@@ -75,10 +76,7 @@ def test_collapse_monitors_see_collapse():
     assert spread["rankme"] > 5 and spread["embedding_std"] > 0.01, spread
 
 
-def test_hybrid_loss_is_the_weighted_sum_of_its_parts():
-    config = _config("isimed_vicreg_chest")
-    config.loss.isimed_weight, config.loss.vicreg_weight = 0.7, 0.2
-    config.loss.scale = 50.0
+def _hybrid_inputs(config):
     rng = np.random.default_rng(1)
     outputs = {
         "z": rng.normal(size=(3, 5, 8)).astype(np.float32),
@@ -86,11 +84,81 @@ def test_hybrid_loss_is_the_weighted_sum_of_its_parts():
         "p2": rng.normal(size=(15, 6)).astype(np.float32),
     }
     batch = {"centres": rng.uniform(-100, 100, size=(3, 5, 3)).astype(np.float32)}
-    loss, aux = methods.get("isimed_vicreg").loss(outputs, batch, config.loss)
     distance, _ = losses.isimed_loss(outputs["z"], batch["centres"], scale=50.0, pairs=config.loss.pairs)
     vicreg, _ = losses.vicreg_loss(outputs["p1"], outputs["p2"])
+    return outputs, batch, float(distance), float(vicreg)
+
+
+def test_hybrid_loss_is_the_weighted_sum_of_its_parts():
+    config = _config("isimed_vicreg_chest")
+    config.loss.isimed_weight, config.loss.vicreg_weight = 0.7, 0.2
+    config.loss.scale = 50.0
+    config.loss.normalise = False
+    outputs, batch, distance, vicreg = _hybrid_inputs(config)
+    loss, aux = methods.get("isimed_vicreg").loss(outputs, batch, config.loss)
     np.testing.assert_allclose(loss, 0.7 * distance + 0.2 * vicreg, rtol=1e-5)
     np.testing.assert_allclose(aux["isimed"], distance, rtol=1e-6)
+    assert "loss_ref" not in aux
+
+
+def test_normalised_hybrid_divides_each_term_by_its_first_value():
+    config = _config("isimed_vicreg_chest")
+    assert config.loss.normalise  # The default.
+    config.loss.isimed_weight, config.loss.vicreg_weight = 0.7, 0.2
+    config.loss.scale = 50.0
+    method = methods.get("isimed_vicreg")
+    outputs, batch, distance, vicreg = _hybrid_inputs(config)
+    # First step (references 0: not measured): both terms are 1, the references their raw values.
+    outputs["loss_ref"] = method.init_loss_ref(config.loss)
+    loss, aux = method.loss(outputs, batch, config.loss)
+    np.testing.assert_allclose(loss, 0.7 + 0.2, rtol=1e-6)
+    np.testing.assert_allclose(
+        [aux["loss_ref"]["isimed"], aux["loss_ref"]["vicreg"]], [distance, vicreg], rtol=1e-6
+    )
+    np.testing.assert_allclose([aux["isimed"], aux["vicreg"]], [distance, vicreg], rtol=1e-6)  # Logged raw.
+    # Later steps divide by the stored references and keep them.
+    outputs["loss_ref"] = {"isimed": np.float32(2.0), "vicreg": np.float32(8.0)}
+    loss, aux = method.loss(outputs, batch, config.loss)
+    np.testing.assert_allclose(loss, 0.7 * distance / 2.0 + 0.2 * vicreg / 8.0, rtol=1e-5)
+    assert float(aux["loss_ref"]["isimed"]) == 2.0 and float(aux["loss_ref"]["vicreg"]) == 8.0
+
+
+def test_hybrid_references_are_the_first_steps_terms_and_live_in_the_state():
+    """The references are measured once, by step 0, and carried in the (checkpointed) state."""
+    config = _config("isimed_vicreg_chest")
+    for key in config.augment:
+        if key.endswith("_prob"):
+            config.augment[key] = 0.0
+    setup = train_state.create_train_step(config, train_state.make_mesh())
+    assert set(setup.state["loss_ref"]) == {"isimed", "vicreg"}
+    assert (
+        "loss_ref"
+        not in train_state.create_train_step(_config("vicreg_chest"), train_state.make_mesh()).state
+    )
+    batch = _random_batch(config, np.random.default_rng(0))
+    state, metrics = setup.step(setup.state, batch)
+    first = metrics.compute()
+    ref = jax.device_get(state["loss_ref"])
+    np.testing.assert_allclose([ref["isimed"], ref["vicreg"]], [first["isimed"], first["vicreg"]], rtol=1e-6)
+    np.testing.assert_allclose(
+        first["loss"], config.loss.isimed_weight + config.loss.vicreg_weight, rtol=1e-5
+    )
+    state, _ = setup.step(state, batch)
+    assert jax.device_get(state["loss_ref"]) == ref
+
+
+def test_isimed_head_carries_the_distance_loss():
+    """With a head, ISImed's distance loss is on the head's output, not on the encoder embeddings."""
+    config = _config("isimed_head_chest")
+    assert tuple(config.model.head_dims) == methods.ISIMED_HEAD["test"]
+    assert "head_dims" not in _config("isimed_chest").model  # Off in the plain config.
+    outputs, batch, _, _ = _hybrid_inputs(_config("isimed_vicreg_chest"))
+    outputs = {"z": outputs["z"], "p1": outputs["p1"]}
+    loss, _ = methods.get("isimed").loss(outputs, batch, config.loss)
+    on_head, _ = losses.isimed_loss(
+        outputs["p1"].reshape(3, 5, 6), batch["centres"], scale=config.loss.scale, pairs="all"
+    )
+    np.testing.assert_allclose(loss, on_head, rtol=1e-6)
 
 
 def test_augmentation_is_a_function_of_seed_and_step():
