@@ -59,6 +59,12 @@ SEEDS ?= 1
 compare: install
 	$(PY) -m benchmarks.compare_methods --seeds=$(SEEDS)
 
+# Position transfer on real MRI: the folder demo preset pretrained on nilearn's MNI152 template,
+# crop position probed on smoothly deformed, bias-shaded, noisy copies of it (README: Benchmarks).
+.PHONY: position-transfer
+position-transfer: install
+	$(PY) -m benchmarks.position_transfer
+
 # TensorBoard on every run under workdirs/ (LOGDIR=...); installs the [tracking] extra on first use.
 LOGDIR ?= workdirs
 .PHONY: tensorboard
