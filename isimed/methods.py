@@ -109,23 +109,30 @@ def _hybrid_ref(loss_config: ml_collections.ConfigDict) -> dict:
 def _isimed_vicreg(outputs, batch, loss_config):
     """Hybrid: `isimed_weight * ISImed(encoder embeddings) + vicreg_weight * VICReg(projections)`.
 
-    With `normalise` (the default) each term is divided by its value at the first step, kept in
-    the train state (so a resumed run divides by the same numbers): both normalised terms start at
-    1 and the weights are their shares of the loss at initialisation. Unnormalised, VICReg's
-    terms (weights 25/25/1) are tens of times the distance loss and swamp it.
+    With `normalise` (the default) each term is divided by its running mean (`loss_ref`, kept in
+    the train state, so a resumed run divides by the same numbers): it starts at the term's value
+    at the first step (both normalised terms start at 1), then follows
+    `ref <- normalise_decay * ref + (1 - normalise_decay) * term` after each step. Each term then
+    pulls with its relative gradient `grad(term) / term`, whatever its units, and the weights set
+    the balance. `normalise_decay = 1` keeps the step-0 values; the distance loss's step-0 value is
+    set by the random initial embedding scale (tens of times its trained value), so the distance
+    term then pulls too weakly. Unnormalised, VICReg's terms (weights 25/25/1, about 20 in a demo
+    run) are tens of times the distance loss (about 0.6) and swamp it.
     """
     distance, distance_aux = _distance(outputs["z"], outputs, batch, loss_config)
     vicreg, vicreg_aux = _vicreg(outputs, batch, loss_config)
     aux = {"isimed": distance, "vicreg": vicreg, **distance_aux, **vicreg_aux}
     if loss_config.normalise:
-        ref = {}
+        decay = loss_config.normalise_decay
+        ref, new_ref = {}, {}
         for name, value in (("isimed", distance), ("vicreg", vicreg)):
             stored = outputs["loss_ref"][name]
-            # Floored: a term that starts at exactly 0 cannot be a divisor.
-            first = jax.lax.stop_gradient(jnp.maximum(value, 1e-12))
-            ref[name] = jnp.where(stored > 0, stored, first)
+            # Floored: a term that is exactly 0 cannot be a divisor.
+            value = jax.lax.stop_gradient(jnp.maximum(value, 1e-12))
+            ref[name] = jnp.where(stored > 0, stored, value)
+            new_ref[name] = decay * ref[name] + (1.0 - decay) * value
         distance, vicreg = distance / ref["isimed"], vicreg / ref["vicreg"]
-        aux["loss_ref"] = ref
+        aux["loss_ref"] = new_ref
     loss = loss_config.isimed_weight * distance + loss_config.vicreg_weight * vicreg
     return loss, aux
 
@@ -174,12 +181,13 @@ METHODS = {
             "isimed_vicreg",
             _isimed_vicreg,
             ("isimed", "vicreg", "within", "cross", *_VICREG_TERMS),
-            # Terms normalised by their step-0 values; the weights are then their shares at
-            # initialisation (README: the trade-off over vicreg_weight).
+            # Terms normalised by their running means (about the last 100 steps); README: the
+            # trade-off over vicreg_weight.
             {
                 **_VICREG_DEFAULTS,
                 **_ISIMED_DEFAULTS,
                 "normalise": True,
+                "normalise_decay": 0.99,
                 "isimed_weight": 1.0,
                 "vicreg_weight": 1.0,
             },

@@ -116,15 +116,17 @@ def test_normalised_hybrid_divides_each_term_by_its_first_value():
         [aux["loss_ref"]["isimed"], aux["loss_ref"]["vicreg"]], [distance, vicreg], rtol=1e-6
     )
     np.testing.assert_allclose([aux["isimed"], aux["vicreg"]], [distance, vicreg], rtol=1e-6)  # Logged raw.
-    # Later steps divide by the stored references and keep them.
+    # Later steps divide by the stored running means and move them towards the current terms.
     outputs["loss_ref"] = {"isimed": np.float32(2.0), "vicreg": np.float32(8.0)}
     loss, aux = method.loss(outputs, batch, config.loss)
     np.testing.assert_allclose(loss, 0.7 * distance / 2.0 + 0.2 * vicreg / 8.0, rtol=1e-5)
-    assert float(aux["loss_ref"]["isimed"]) == 2.0 and float(aux["loss_ref"]["vicreg"]) == 8.0
+    d = config.loss.normalise_decay
+    np.testing.assert_allclose(aux["loss_ref"]["isimed"], d * 2.0 + (1 - d) * distance, rtol=1e-6)
+    np.testing.assert_allclose(aux["loss_ref"]["vicreg"], d * 8.0 + (1 - d) * vicreg, rtol=1e-6)
 
 
-def test_hybrid_references_are_the_first_steps_terms_and_live_in_the_state():
-    """The references are measured once, by step 0, and carried in the (checkpointed) state."""
+def test_hybrid_references_start_at_the_first_steps_terms_and_live_in_the_state():
+    """The running means start at step 0's terms and are carried in the (checkpointed) state."""
     config = _config("isimed_vicreg_chest")
     for key in config.augment:
         if key.endswith("_prob"):
@@ -143,8 +145,13 @@ def test_hybrid_references_are_the_first_steps_terms_and_live_in_the_state():
     np.testing.assert_allclose(
         first["loss"], config.loss.isimed_weight + config.loss.vicreg_weight, rtol=1e-5
     )
-    state, _ = setup.step(state, batch)
-    assert jax.device_get(state["loss_ref"]) == ref
+    state, metrics = setup.step(state, batch)
+    second, d = metrics.compute(), config.loss.normalise_decay
+    new = jax.device_get(state["loss_ref"])
+    for name in ("isimed", "vicreg"):
+        np.testing.assert_allclose(new[name], d * ref[name] + (1 - d) * second[name], rtol=1e-5)
+    expected = sum(config.loss[f"{n}_weight"] * second[n] / ref[n] for n in ("isimed", "vicreg"))
+    np.testing.assert_allclose(second["loss"], expected, rtol=1e-5)
 
 
 def test_isimed_head_carries_the_distance_loss():
