@@ -181,13 +181,13 @@ def test_anatomical_layout(index):
     assert np.all(highest_liver[columns] < lowest_lung[columns])
 
 
-def test_about_half_of_subjects_have_nodules():
+def test_about_three_quarters_of_subjects_have_nodules():
     flags = []
     for i in range(40):
         s = subject(TINY, 0, i)
         assert bool(s["has_nodule"]) == bool(s["mask"].any()) == (len(s["nodule_diameters_mm"]) > 0)
         flags.append(bool(s["has_nodule"]))
-    assert 0.25 <= np.mean(flags) <= 0.75
+    assert 0.6 <= np.mean(flags) <= 0.9
 
 
 def test_subjects_without_nodules_have_empty_mask():
@@ -197,19 +197,44 @@ def test_subjects_without_nodules_have_empty_mask():
     assert s["nodule_centres_mm"].shape == (0, 3)
 
 
-def test_nodules_lie_inside_lungs():
-    lung_or_nodule = [S["lung_left"], S["lung_right"], S["nodule"]]
-    for s in nodule_subjects(DEFAULT, 8) + nodule_subjects(TINY, 8):
-        mask = s["mask"].astype(bool)
-        np.testing.assert_array_equal(mask, s["labels"] == S["nodule"])
-        # Each nodule is surrounded by lung: its one-voxel neighbourhood is lung or nodule.
-        shell = ndimage.binary_dilation(mask, structure=np.ones((3, 3, 3)))
-        assert np.all(np.isin(s["labels"][shell], lung_or_nodule))
-        # ... of a single lung.
-        labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
-        for c in range(1, count + 1):
-            ring = ndimage.binary_dilation(labels == c, structure=np.ones((3, 3, 3))) & ~mask
-            assert len(np.unique(s["labels"][ring])) == 1
+def nodules_by_placement(spec: phantom.PhantomSpec, count: int):
+    """{placement: [(subject, one nodule's mask, its index)]}: the first `count` nodules of each
+    placement (seed 0)."""
+    found = {name: [] for name in phantom.NODULE_PLACEMENTS}
+    for i in range(40):
+        s = subject(spec, 0, i)
+        labels, _ = ndimage.label(s["mask"], structure=np.ones((3, 3, 3)))
+        for n, (centre, placement) in enumerate(zip(s["nodule_centres_mm"], s["nodule_placements"])):
+            index = np.rint(np.linalg.solve(s["affine"], np.append(centre, 1.0))[:3]).astype(int)
+            component = labels == labels[tuple(index)]
+            found[phantom.NODULE_PLACEMENTS[placement]].append((s, component, n))
+        if all(len(items) >= count for items in found.values()):
+            return {name: items[:count] for name, items in found.items()}
+    raise AssertionError(f"fewer than {count} nodules of some placement in 40 subjects: {found.keys()}")
+
+
+def ring(component: np.ndarray) -> np.ndarray:
+    return ndimage.binary_dilation(component, structure=np.ones((3, 3, 3))) & ~component
+
+
+def test_nodule_placements():
+    lungs = [S["lung_left"], S["lung_right"]]
+    for name, items in nodules_by_placement(DEFAULT, 3).items():
+        for s, component, _ in items:
+            np.testing.assert_array_equal(s["mask"].astype(bool), s["labels"] == S["nodule"])
+            around = set(np.unique(s["labels"][ring(component)]).tolist())
+            assert len(around & set(lungs)) == 1, (name, around)  # a single lung
+            if name == "isolated":
+                assert around <= {*lungs, S["vessel"]}, around
+            elif name == "juxta_vascular":
+                assert S["vessel"] in around and around <= {*lungs, S["vessel"]}, around
+            else:  # juxta-pleural: lies on the chest wall or diaphragm
+                assert around & {S["body"], S["ribs"]} and around <= {
+                    *lungs,
+                    S["vessel"],
+                    S["body"],
+                    S["ribs"],
+                }
 
 
 def test_nodule_diameters_match_mask_volume():
@@ -219,25 +244,93 @@ def test_nodule_diameters_match_mask_volume():
             labels, count = ndimage.label(s["mask"], structure=np.ones((3, 3, 3)))
             diameters = s["nodule_diameters_mm"]
             assert count == len(diameters)  # separate nodules stay separate
-            assert np.all((diameters >= 5.0) & (diameters <= 30.0))
-            for centre, diameter in zip(s["nodule_centres_mm"], diameters):
+            assert np.all((diameters >= 4.0) & (diameters <= 30.0))
+            for centre, diameter, placement in zip(s["nodule_centres_mm"], diameters, s["nodule_placements"]):
                 index = np.linalg.solve(s["affine"], np.append(centre, 1.0))[:3]
                 component = labels[tuple(np.rint(index).astype(int))]
                 assert component > 0, "nodule centre outside its mask"
                 measured = (6.0 / np.pi * np.sum(labels == component) * voxel_mm3) ** (1 / 3)
                 # Small nodules hold only a few voxels, so allow half a voxel diagonal on top.
                 tol = 0.1 * diameter + 0.5 * np.linalg.norm(spec.spacing)
-                assert abs(measured - diameter) <= tol, (measured, diameter)
-                assert 5.0 - tol <= measured <= 30.0 + tol
+                if phantom.NODULE_PLACEMENTS[placement] == "juxta_pleural":
+                    assert measured <= diameter + tol  # only the part inside the lung is nodule
+                else:
+                    assert abs(measured - diameter) <= tol, (measured, diameter)
 
 
-def test_nodule_masks_match_intensities():
-    for s in nodule_subjects(DEFAULT, 10):
-        mask = s["mask"].astype(bool)
+def test_nodule_intensities_by_type():
+    clean = phantom.PhantomSpec(noise_hu=0.0, blur_mm=0.0)
+    seen = set()
+    for s in nodule_subjects(clean, 8):
+        labels, _ = ndimage.label(s["mask"], structure=np.ones((3, 3, 3)))
+        for centre, kind, hu in zip(s["nodule_centres_mm"], s["nodule_types"], s["nodule_hu"]):
+            index = np.rint(np.linalg.solve(s["affine"], np.append(centre, 1.0))[:3]).astype(int)
+            values = s["image"][labels == labels[tuple(index)]]
+            name = phantom.NODULE_TYPES[kind]
+            seen.add(name)
+            if name == "ground_glass":
+                assert -700 <= hu <= -300
+                np.testing.assert_allclose(values, hu, atol=0.5)
+            else:
+                assert 0 <= hu <= 60
+                if name == "solid":
+                    np.testing.assert_allclose(values, hu, atol=0.5)
+                else:  # a solid core (the centre voxel) in ground glass
+                    assert abs(s["image"][tuple(index)] - hu) <= 0.5
+                    assert np.all((np.abs(values - hu) <= 0.5) | ((values >= -700) & (values <= -300)))
+    assert seen == set(phantom.NODULE_TYPES)
+
+
+def test_vessel_tree_is_connected_tapering_and_inside_the_lungs():
+    for index in range(3):
+        rng = np.random.default_rng([0, index])
+        anatomy = phantom._draw_anatomy(rng)
+        tree = phantom._draw_vessels(rng, anatomy)
+        roots = tree["level"] == 0
+        assert roots.sum() >= 6  # trunks from both hila
+        assert np.all(tree["r1"] < tree["r0"])  # each segment tapers
+        for i in np.flatnonzero(~roots):
+            # Every branch starts at the end of a thicker parent one level up.
+            parents = np.flatnonzero(
+                (tree["level"] == tree["level"][i] - 1)
+                & np.all(np.abs(tree["p1"] - tree["p0"][i]) < 1e-6, axis=1)
+            )
+            assert len(parents) == 1 and tree["r1"][parents[0]] > tree["r0"][i]
+        assert np.all(phantom._in_lung(tree["p1"], anatomy))
+        assert tree["level"].max() >= 4
+
+    # In the voxels: vessels in both lungs, thicker near the hila than in the periphery.
+    s = subject(DEFAULT, 0, 0)
+    vessel = s["labels"] == S["vessel"]
+    points = world(s["affine"], np.argwhere(vessel))
+    assert np.any(points[:, 0] > 20) and np.any(points[:, 0] < -20)
+    thickness = ndimage.distance_transform_edt(vessel, sampling=DEFAULT.spacing)[vessel]
+    distance = np.abs(points[:, 0] - np.median(points[:, 0]))  # lateral distance from the midline
+    assert (
+        thickness[distance < np.percentile(distance, 25)].mean()
+        > thickness[distance > np.percentile(distance, 75)].mean()
+    )
+
+
+def test_vessels_are_blood_bright_in_the_lungs():
+    for index in range(3):
+        s = subject(DEFAULT, 0, index)
+        thick = ndimage.binary_erosion(s["labels"] == S["vessel"], structure=np.ones((1, 3, 3)))
         lungs = np.isin(s["labels"], [S["lung_left"], S["lung_right"]])
-        nodule_hu, lung_hu = s["image"][mask].mean(), s["image"][lungs].mean()
-        assert nodule_hu > -300 and lung_hu < -700
-        assert nodule_hu > lung_hu + 400
+        assert thick.any()
+        assert np.median(s["image"][thick]) > np.median(s["image"][lungs]) + 400
+
+
+def test_pleura_mask_matches_a_brute_force_neighbour_search():
+    labels = subject(TINY, 0, 1)["labels"]
+    expected = np.zeros(labels.shape, bool)
+    for k, j, i in np.argwhere(np.isin(labels, [S["lung_left"], S["lung_right"]])):
+        for dk, dj, di in [(1, 0, 0), (-1, 0, 0), (0, 1, 0), (0, -1, 0), (0, 0, 1), (0, 0, -1)]:
+            n = (k + dk, j + dj, i + di)
+            if all(0 <= a < b for a, b in zip(n, labels.shape)) and labels[n] in (S["body"], S["ribs"]):
+                expected[k, j, i] = True
+    np.testing.assert_array_equal(phantom.pleura_mask(labels), expected)
+    assert expected.any()
 
 
 def test_project_coronal():

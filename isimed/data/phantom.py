@@ -44,7 +44,13 @@ STRUCTURES: dict[str, int] = {
     "ribs": 9,
     "liver": 10,
     "nodule": 11,
+    "vessel": 12,  # pulmonary arteries and veins: a tapering tree from each hilum
 }
+# Nodule types and placements, indexed by the subject's "nodule_types" / "nodule_placements".
+NODULE_TYPES = ("solid", "part_solid", "ground_glass")
+NODULE_PLACEMENTS = ("isolated", "juxta_vascular", "juxta_pleural")
+SOLID_HU = (0.0, 60.0)
+GROUND_GLASS_HU = (-700.0, -300.0)
 
 HU_MIN, HU_MAX = -1024.0, 3071.0
 _N_RIBS = 12
@@ -62,9 +68,11 @@ class PhantomSpec:
 
     shape: tuple[int, int, int] = (64, 96, 96)  # array axes (z, y, x): axial slices first
     spacing: tuple[float, float, float] = (5.0, 3.5, 3.5)  # mm along array axes (z, y, x)
-    nodule_probability: float = 0.5  # share of subjects with >= 1 lung nodule
+    nodule_probability: float = 0.75  # share of subjects with >= 1 lung nodule
     max_nodules: int = 3
-    nodule_diameter_mm: tuple[float, float] = (5.0, 30.0)
+    nodule_diameter_mm: tuple[float, float] = (4.0, 30.0)  # log-uniform: small nodules are common
+    nodule_type_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)  # as NODULE_TYPES
+    nodule_placement_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)  # as NODULE_PLACEMENTS
     noise_hu: float = 20.0
     blur_mm: float = 1.5  # partial-volume blur (Gaussian sigma in mm, converted per axis)
 
@@ -86,6 +94,12 @@ class PhantomSpec:
             raise ValueError(
                 f"PhantomSpec.nodule_diameter_mm must satisfy 0 < min <= max, got {self.nodule_diameter_mm}"
             )
+        for name in ("nodule_type_weights", "nodule_placement_weights"):
+            weights = getattr(self, name)
+            if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
+                raise ValueError(
+                    f"PhantomSpec.{name} must be 3 weights >= 0 with a positive sum, got {weights}"
+                )
         if self.noise_hu < 0 or self.blur_mm < 0:
             raise ValueError(
                 f"PhantomSpec.noise_hu and blur_mm must be >= 0, got {self.noise_hu}, {self.blur_mm}"
@@ -296,7 +310,7 @@ def _draw_tissue_hu(u: Callable[[float, float], float]) -> np.ndarray:
         "lung_left": lung_hu,
         "lung_right": lung_hu,
         "heart": u(35, 50),
-        "aorta": u(40, 150),  # from unenhanced to mild contrast
+        "aorta": u(35, 55),  # unenhanced blood, as in the pulmonary vessels
         "trachea": u(-1000, -980),
         "spine": u(650, 750),
         "ribs": u(450, 550),
@@ -305,6 +319,7 @@ def _draw_tissue_hu(u: Callable[[float, float], float]) -> np.ndarray:
     hu = np.zeros(max(STRUCTURES.values()) + 1, np.float32)
     for name, value in tissue_hu.items():
         hu[STRUCTURES[name]] = value
+    hu[STRUCTURES["vessel"]] = tissue_hu["aorta"]  # one blood pool: a vessel is as bright as a nodule
     return hu
 
 
@@ -322,13 +337,19 @@ def _patient_grid(
     affine: np.ndarray, anatomy: _Anatomy, shape: tuple[int, int, int], k0: int, k1: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Patient-frame (X, Y, Z) mm of the voxel centres of slices k0:k1, float32 (z, y, x)."""
-    _, ny, nx = shape
+    return _patient_box(affine, anatomy, (k0, 0, 0), (k1, shape[1], shape[2]))
+
+
+def _patient_box(
+    affine: np.ndarray, anatomy: _Anatomy, lo: tuple[int, ...], hi: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patient-frame (X, Y, Z) mm of the voxel centres of the box lo:hi, float32 (z, y, x)."""
     centre = anatomy.table_offset + anatomy.shift
     # The affine is a scaled permutation, so each world axis depends on one array axis only and
     # the rotated coordinates are sums of three broadcast 1D terms (no 3D index grid needed).
-    dx = affine[0, 3] + affine[0, 2] * np.arange(nx) - centre[0]
-    dy = affine[1, 3] + affine[1, 1] * np.arange(ny) - centre[1]
-    dz = affine[2, 3] + affine[2, 0] * np.arange(k0, k1) - centre[2]
+    dx = affine[0, 3] + affine[0, 2] * np.arange(lo[2], hi[2]) - centre[0]
+    dy = affine[1, 3] + affine[1, 1] * np.arange(lo[1], hi[1]) - centre[1]
+    dz = affine[2, 3] + affine[2, 0] * np.arange(lo[0], hi[0]) - centre[2]
     rot = anatomy.rotation
     grid = []
     for axis in range(3):  # patient = rotation^T @ (world - centre)
@@ -596,36 +617,278 @@ def _paint_ribs(
     labels.reshape(-1)[idx] = STRUCTURES["ribs"]
 
 
+# --------------------------------------------------------------------------------------------
+# Pulmonary vessels: a tree of tapering capsules from each hilum, grown level by level and
+# stopped where it would leave the lung.
+
+_VESSEL_LEVELS = 7
+_VESSEL_MIN_RADIUS_MM = 0.5
+_VESSEL_RETRIES = 3
+_LUNGS = (STRUCTURES["lung_left"], STRUCTURES["lung_right"])
+
+
+def _in_lung(points: np.ndarray, a: _Anatomy) -> np.ndarray:
+    """Whether patient-frame points `(n, 3)` mm fall in a lung (the label map at those points)."""
+    if len(points) == 0:
+        return np.zeros(0, bool)
+    x, y, z = (points[:, i].astype(np.float32) for i in range(3))
+    return np.isin(_render_labels(x, y, z, a), _LUNGS)
+
+
+def _draw_vessels(rng: np.random.Generator, a: _Anatomy) -> dict[str, np.ndarray]:
+    """Vessel segments in the patient frame: {"p0", "p1": (n, 3) mm, "r0", "r1": (n,) radius
+    at each end (mm), "level": (n,) 0 for the trunks leaving a hilum}.
+
+    Six trunks per hilum (upper, posterior, lateral, anterior, lower posterior, lower anterior)
+    branch in two at every level, each child 0.7-0.85 as long and as thick as its parent (close to
+    Murray's law, r_child = r / 2^(1/3)) and turned 20-40 degrees away from it. A segment whose
+    end would leave the lung is turned (up to `_VESSEL_RETRIES` times), then halved, then dropped;
+    the tree ends below `_VESSEL_MIN_RADIUS_MM` or after `_VESSEL_LEVELS` levels.
+    """
+    starts, dirs, lengths, radii = [], [], [], []
+    for side, end in ((-1.0, a.bronchus_right_end), (1.0, a.bronchus_left_end)):
+        hilum = np.asarray(end) + np.array([0.0, rng.uniform(-10, -4), rng.uniform(-5, 5)])
+        trunks = np.array(
+            [
+                [0.35 * side, -0.1, 1.0],
+                [0.5 * side, 0.6, 0.4],
+                [side, 0.0, 0.15],
+                [0.8 * side, -0.5, -0.2],
+                [0.4 * side, 0.5, -1.0],
+                [0.45 * side, -0.6, -0.8],
+            ]
+        )
+        trunks += rng.normal(0.0, 0.15, size=trunks.shape)
+        for direction in trunks:
+            starts.append(hilum)
+            dirs.append(direction / np.linalg.norm(direction))
+            lengths.append(rng.uniform(25, 35))
+            radii.append(rng.uniform(4.5, 6.0))
+    start, direction = np.asarray(starts), np.asarray(dirs)
+    length, radius = np.asarray(lengths), np.asarray(radii)
+    segments: dict[str, list[np.ndarray]] = {k: [] for k in ("p0", "p1", "r0", "r1", "level")}
+    for level in range(_VESSEL_LEVELS):
+        full = _in_lung(start + direction * length[:, None], a)
+        for _ in range(_VESSEL_RETRIES):  # Turn segments that leave the lung and try again.
+            turned = _turn(rng, direction[~full], 20.0, 50.0)
+            ok = _in_lung(start[~full] + turned * length[~full, None], a)
+            direction[np.flatnonzero(~full)[ok]] = turned[ok]
+            full[np.flatnonzero(~full)[ok]] = True
+        half = _in_lung(start + direction * 0.5 * length[:, None], a)
+        length = np.where(full, length, np.where(half, 0.5 * length, 0.0))
+        keep = length > 0
+        r_end = radius * rng.uniform(0.85, 0.95, size=len(radius))
+        segments["p0"].append(start[keep])
+        segments["p1"].append((start + direction * length[:, None])[keep])
+        segments["r0"].append(radius[keep])
+        segments["r1"].append(r_end[keep])
+        segments["level"].append(np.full(int(keep.sum()), level))
+        # Only segments that reached their full length branch on.
+        grow = full & (r_end * 0.85 >= _VESSEL_MIN_RADIUS_MM)
+        n = int(grow.sum())
+        if n == 0 or level == _VESSEL_LEVELS - 1:
+            break
+        parent = direction[grow]
+        # A unit vector perpendicular to the parent: the two children turn apart in its plane.
+        turn = _perpendicular(rng, parent)
+        angle = np.deg2rad(rng.uniform(20, 40, size=(2, n, 1)))
+        children = [
+            np.cos(angle[0]) * parent + np.sin(angle[0]) * turn,
+            np.cos(angle[1]) * parent - np.sin(angle[1]) * turn,
+        ]
+        end = (start + direction * length[:, None])[grow]
+        start = np.concatenate([end, end])
+        direction = np.concatenate(children)
+        length = np.tile(length[grow], 2) * rng.uniform(0.7, 0.85, size=2 * n)
+        radius = np.tile(r_end[grow], 2) * rng.uniform(0.7, 0.85, size=2 * n)
+    return {k: np.concatenate(v) for k, v in segments.items()}
+
+
+def _perpendicular(rng: np.random.Generator, direction: np.ndarray) -> np.ndarray:
+    """A random unit vector perpendicular to each row of the unit vectors `direction (n, 3)`."""
+    normal = np.cross(direction, rng.normal(size=direction.shape))
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True) + 1e-9
+    return np.cross(normal, direction)
+
+
+def _turn(rng: np.random.Generator, direction: np.ndarray, lo_deg: float, hi_deg: float) -> np.ndarray:
+    """Unit vectors `direction (n, 3)` each turned by a random angle in [lo, hi] degrees."""
+    angle = np.deg2rad(rng.uniform(lo_deg, hi_deg, size=(len(direction), 1)))
+    return np.cos(angle) * direction + np.sin(angle) * _perpendicular(rng, direction)
+
+
+def _tapered_dist(
+    x: np.ndarray, y: np.ndarray, z: np.ndarray, p0: np.ndarray, p1: np.ndarray, r0: float, r1: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(distance to the segment's axis, the tapered radius at the nearest axis point), mm."""
+    d = p1 - p0
+    rx, ry, rz = x - p0[0], y - p0[1], z - p0[2]
+    t = np.clip((rx * d[0] + ry * d[1] + rz * d[2]) * (1.0 / max(float(d @ d), 1e-9)), 0.0, 1.0)
+    dist = np.sqrt(np.square(rx - t * d[0]) + np.square(ry - t * d[1]) + np.square(rz - t * d[2]))
+    return dist, r0 + t * (r1 - r0)
+
+
+def _paint_vessels(
+    labels: np.ndarray,
+    image: np.ndarray,
+    spec: PhantomSpec,
+    affine: np.ndarray,
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray],
+    a: _Anatomy,
+    vessels: dict[str, np.ndarray],
+) -> None:
+    """Paints the vessel tree into lung voxels (the trunks also into the hilar soft tissue).
+
+    `grid`: the patient-frame (X, Y, Z) mm of every voxel. The label is "vessel" where a voxel
+    centre lies inside a capsule; the image mixes blood into
+    the lung by a linear partial-volume coverage over one mean voxel width, so vessels thinner
+    than a voxel still show as faint, bright lines.
+    """
+    spacing = np.asarray(spec.spacing)
+    width = float(spacing.mean())
+    world_to_index = np.linalg.inv(affine)
+    centre = a.table_offset + a.shift
+    coverage = np.zeros(spec.shape, np.float32)
+    vessel = np.zeros(spec.shape, bool)
+    lungs = np.isin(labels, _LUNGS)
+    hilar = lungs | (labels == STRUCTURES["fat"]) | (labels == STRUCTURES["body"])
+    for p0, p1, r0, r1, level in zip(
+        vessels["p0"], vessels["p1"], vessels["r0"], vessels["r1"], vessels["level"]
+    ):
+        ends = np.stack([p0, p1]) @ a.rotation.T + centre  # patient -> world
+        index = (world_to_index[:3, :3] @ ends.T).T + world_to_index[:3, 3]  # (2, 3) (k, j, i)
+        margin = (max(r0, r1) + width) / spacing
+        lo = np.maximum(np.floor(index.min(axis=0) - margin).astype(int), 0)
+        hi = np.minimum(np.ceil(index.max(axis=0) + margin).astype(int) + 1, spec.shape)
+        if np.any(hi <= lo):
+            continue
+        box = tuple(slice(int(l0), int(h0)) for l0, h0 in zip(lo, hi))
+        dist, r = _tapered_dist(*(g[box] for g in grid), p0, p1, r0, r1)
+        np.maximum(coverage[box], np.clip((r - dist) * (1.0 / width) + 0.5, 0.0, 1.0), out=coverage[box])
+        vessel[box] |= (dist <= r) & (hilar[box] if level == 0 else lungs[box])
+    mix = lungs | vessel
+    c = coverage[mix]
+    image[mix] = image[mix] * (1.0 - c) + a.hu[STRUCTURES["vessel"]] * c
+    labels[vessel] = STRUCTURES["vessel"]
+
+
+def pleura_mask(labels: np.ndarray) -> np.ndarray:
+    """Lung voxels with a face neighbour in the chest wall or diaphragm (soft tissue or rib)."""
+    wall = (labels == STRUCTURES["body"]) | (labels == STRUCTURES["ribs"])
+    near = np.zeros(labels.shape, bool)
+    for axis in range(labels.ndim):
+        n = labels.shape[axis]
+        lo = [slice(None)] * labels.ndim
+        hi = [slice(None)] * labels.ndim
+        lo[axis], hi[axis] = slice(0, n - 1), slice(1, n)
+        near[tuple(lo)] |= wall[tuple(hi)]
+        near[tuple(hi)] |= wall[tuple(lo)]
+    return near & np.isin(labels, _LUNGS)
+
+
+# --------------------------------------------------------------------------------------------
+# Nodules.
+
+
+def _nodule_candidate(
+    placement: str,
+    rng: np.random.Generator,
+    pools: dict[str, np.ndarray],
+    labels: np.ndarray,
+    spacing: np.ndarray,
+    radius: float,
+) -> np.ndarray | None:
+    """A continuous centre (array index) for a nodule of `placement`, or None (empty pool).
+
+    isolated: a random lung voxel; juxta_vascular: `radius * [0.4, 0.9]` from a random vessel
+    voxel (so the sphere swallows part of the vessel); juxta_pleural: `radius * [0.2, 0.6]`
+    inward from a random pleural voxel, along the direction to the local lung centroid.
+    """
+    pool = pools[placement]
+    if pool.size == 0:
+        return None
+    voxel = np.array(np.unravel_index(pool[rng.integers(pool.size)], labels.shape), np.float64)
+    if placement == "isolated":
+        return voxel
+    if placement == "juxta_vascular":
+        direction = rng.normal(size=3)
+        offset_mm = direction / np.linalg.norm(direction) * radius * rng.uniform(0.4, 0.9)
+        return voxel + offset_mm / spacing
+    lo = np.maximum(voxel.astype(int) - 2, 0)
+    hi = voxel.astype(int) + 3
+    near = np.argwhere(np.isin(labels[tuple(slice(a, b) for a, b in zip(lo, hi))], _LUNGS)) + lo
+    inward_mm = (near.mean(axis=0) - voxel) * spacing
+    norm = float(np.linalg.norm(inward_mm))
+    if norm < 1e-6:
+        return None
+    return voxel + inward_mm / norm * radius * rng.uniform(0.2, 0.6) / spacing
+
+
+def _nodule_fits(
+    placement: str, region: np.ndarray, sphere: np.ndarray, inner: np.ndarray, centre_label: int
+) -> np.ndarray | None:
+    """The voxels (of the box) a nodule paints, or None where it does not fit its placement.
+
+    Every nodule lies in one lung (vessels allowed) with a clearance shell free of other
+    nodules and mediastinum; juxta-vascular ones must touch a vessel outside the sphere;
+    juxta-pleural ones cover only lung (and vessel) voxels and must reach the chest wall.
+    """
+    if centre_label not in (*_LUNGS, STRUCTURES["vessel"]):
+        return None
+    present = set(np.unique(region[inner]).tolist())
+    lungs_present = present & set(_LUNGS)
+    if len(lungs_present) != 1:
+        return None
+    parenchyma = lungs_present | {STRUCTURES["vessel"]}
+    if placement == "juxta_pleural":
+        if not present <= parenchyma | {STRUCTURES["body"], STRUCTURES["ribs"]}:
+            return None
+        wall = np.isin(region, (STRUCTURES["body"], STRUCTURES["ribs"]))
+        if not np.any(sphere & wall):
+            return None
+        return sphere & np.isin(region, list(parenchyma))
+    if not present <= parenchyma:
+        return None
+    if placement == "juxta_vascular" and not np.any(inner & ~sphere & (region == STRUCTURES["vessel"])):
+        return None
+    return sphere
+
+
 def _place_nodules(
     labels: np.ndarray, spec: PhantomSpec, affine: np.ndarray, rng: np.random.Generator
-) -> tuple[list[tuple[tuple[slice, ...], np.ndarray]], np.ndarray, np.ndarray]:
-    """Paints nodule spheres fully inside one lung into `labels`.
-
-    Returns the painted (box, sphere mask) pairs, centres (world mm) and diameters (mm).
-    """
+) -> list[dict]:
+    """Paints nodules into `labels`; returns one dict per nodule: box, painted mask, dist2 (mm^2
+    from the centre, over the box), centre (world mm), diameter (mm), type, placement (indices)."""
     spacing = np.asarray(spec.spacing)
     count = 0
     if spec.max_nodules > 0 and rng.random() < spec.nodule_probability:
         count = int(rng.integers(1, spec.max_nodules + 1))
     # One voxel diagonal of clearance keeps nodules apart as 26-connected components.
     clearance = float(np.linalg.norm(spacing)) + _NODULE_CLEARANCE_MM
-    lung_voxels = {side: np.flatnonzero(labels == STRUCTURES[side]) for side in ("lung_left", "lung_right")}
-    painted, centres, diameters = [], [], []
+    pools = {
+        "isolated": np.flatnonzero(np.isin(labels, _LUNGS)),
+        "juxta_vascular": np.flatnonzero(labels == STRUCTURES["vessel"]),
+        "juxta_pleural": np.flatnonzero(pleura_mask(labels)),
+    }
+    type_p = np.asarray(spec.nodule_type_weights) / sum(spec.nodule_type_weights)
+    place_p = np.asarray(spec.nodule_placement_weights) / sum(spec.nodule_placement_weights)
+    log_lo, log_hi = np.log(spec.nodule_diameter_mm)
+    nodules = []
     for _ in range(count):
-        diameter = float(rng.uniform(*spec.nodule_diameter_mm))
+        diameter = float(np.exp(rng.uniform(log_lo, log_hi)))
+        kind = int(rng.choice(3, p=type_p))
+        placement = int(rng.choice(3, p=place_p))
         radius = 0.5 * diameter
-        side = "lung_left" if rng.random() < 0.5 else "lung_right"
-        candidates = lung_voxels[side]
-        if candidates.size == 0:
-            continue
         # Sub-voxel jitter small enough that the voxel holding the centre stays inside the
         # sphere, so even the smallest nodule owns at least one mask voxel.
         max_jitter = np.minimum(0.5 * spacing, 0.4 * radius / math.sqrt(3.0))
         reach = radius + clearance
         half = np.ceil(reach / spacing).astype(int)
         for _ in range(_NODULE_TRIES):
-            flat = candidates[rng.integers(candidates.size)]
-            voxel = np.array(np.unravel_index(flat, spec.shape))
+            target = _nodule_candidate(NODULE_PLACEMENTS[placement], rng, pools, labels, spacing, radius)
+            if target is None:
+                break
+            voxel = np.rint(target).astype(int)
             centre = voxel + rng.uniform(-1.0, 1.0, size=3) * max_jitter / spacing
             lo, hi = voxel - half, voxel + half + 1
             if np.any(lo < 0) or np.any(hi > np.asarray(spec.shape)):
@@ -634,19 +897,48 @@ def _place_nodules(
             axes = [(np.arange(a, b) - c) * s for a, b, c, s in zip(lo, hi, centre, spacing)]
             dist2 = np.square(axes[0])[:, None, None] + np.square(axes[1])[None, :, None]
             dist2 = dist2 + np.square(axes[2])[None, None, :]
-            if not np.all(labels[box][dist2 <= reach * reach] == STRUCTURES[side]):
+            region = labels[box]
+            painted = _nodule_fits(
+                NODULE_PLACEMENTS[placement],
+                region,
+                dist2 <= radius * radius,
+                dist2 <= reach * reach,
+                int(labels[tuple(voxel)]),
+            )
+            if painted is None or not painted.any():
                 continue
-            sphere = dist2 <= radius * radius
-            labels[box][sphere] = STRUCTURES["nodule"]
-            painted.append((box, sphere))
-            centres.append((affine @ np.append(centre, 1.0))[:3])
-            diameters.append(diameter)
+            region[painted] = STRUCTURES["nodule"]
+            nodules.append(
+                {
+                    "box": box,
+                    "painted": painted,
+                    "dist2": dist2,
+                    "centre": (affine @ np.append(centre, 1.0))[:3],
+                    "diameter": diameter,
+                    "type": kind,
+                    "placement": placement,
+                }
+            )
             break
-    return (
-        painted,
-        np.asarray(centres, np.float32).reshape(-1, 3),
-        np.asarray(diameters, np.float32),
-    )
+    return nodules
+
+
+def _paint_nodule_hu(image: np.ndarray, nodule: dict, rng: np.random.Generator) -> float:
+    """Writes one nodule's intensity; returns its solid HU (solid, part-solid) or its ground-glass
+    HU (ground glass). Part-solid: a solid core of 0.3-0.6 of the radius in ground glass."""
+    solid_hu = float(rng.uniform(*SOLID_HU))
+    glass_hu = float(rng.uniform(*GROUND_GLASS_HU))
+    core = float(rng.uniform(0.3, 0.6)) * 0.5 * nodule["diameter"]
+    box, painted = nodule["box"], nodule["painted"]
+    kind = NODULE_TYPES[nodule["type"]]
+    if kind == "solid":
+        image[box][painted] = solid_hu
+        return solid_hu
+    image[box][painted] = glass_hu
+    if kind == "part_solid":
+        image[box][painted & (nodule["dist2"] <= core * core)] = solid_hu
+        return solid_hu
+    return glass_hu
 
 
 def generate_subject(spec: PhantomSpec, seed: int, index: int) -> dict[str, np.ndarray]:
@@ -655,31 +947,35 @@ def generate_subject(spec: PhantomSpec, seed: int, index: int) -> dict[str, np.n
     Returns {"image": int16 HU (z, y, x), "mask": uint8 nodule mask (z, y, x) with 1 = nodule
     voxel, "labels": uint8 structure labels (z, y, x) using STRUCTURES, "affine": float64 (4, 4)
     array index [k, j, i, 1] -> world mm [x, y, z, 1], "has_nodule": bool scalar array,
-    "nodule_centres_mm": float32 (n, 3) world [x, y, z], "nodule_diameters_mm": float32 (n,)}.
+    "nodule_centres_mm": float32 (n, 3) world [x, y, z], "nodule_diameters_mm": float32 (n,),
+    "nodule_types" and "nodule_placements": int8 (n,) indices into NODULE_TYPES and
+    NODULE_PLACEMENTS, "nodule_hu": float32 (n,) the solid HU (solid, part-solid) or the
+    ground-glass HU (ground glass) before blur and noise}.
     """
     rng = np.random.default_rng([seed, index])
     anatomy = _draw_anatomy(rng)
     affine = _affine(spec, anatomy.table_offset)
     labels = np.empty(spec.shape, np.uint8)
     image = np.empty(spec.shape, np.float32)
+    grid = tuple(np.empty(spec.shape, np.float32) for _ in range(3))  # patient mm, for the vessels
     # Render a few slices at a time: the many elementwise steps then run on cache-sized
     # temporaries, which is several times faster than whole-volume temporaries.
     step = max(1, _SLAB_VOXELS // (spec.shape[1] * spec.shape[2]))
     for k0 in range(0, spec.shape[0], step):
         k1 = min(k0 + step, spec.shape[0])
         x, y, z = _patient_grid(affine, anatomy, spec.shape, k0, k1)
+        for full, part in zip(grid, (x, y, z)):
+            full[k0:k1] = part
         slab = _render_labels(x, y, z, anatomy)
         labels[k0:k1] = slab
         image[k0:k1] = anatomy.hu[slab]
         lung = (slab == STRUCTURES["lung_left"]) | (slab == STRUCTURES["lung_right"])
         gradient = anatomy.lung_gradient_hu / anatomy.cav_b
         image[k0:k1][lung] += gradient * (y[lung] - anatomy.cav_yc)
-    painted, centres, diameters = _place_nodules(labels, spec, affine, rng)
-
-    mask = np.zeros(spec.shape, np.uint8)
-    for box, sphere in painted:
-        image[box][sphere] = rng.uniform(0.0, 60.0)
-        mask[box][sphere] = 1
+    _paint_vessels(labels, image, spec, affine, grid, anatomy, _draw_vessels(rng, anatomy))
+    nodules = _place_nodules(labels, spec, affine, rng)
+    mask = (labels == STRUCTURES["nodule"]).astype(np.uint8)
+    nodule_hu = [_paint_nodule_hu(image, nodule, rng) for nodule in nodules]
 
     if spec.blur_mm > 0:
         sigma = [spec.blur_mm / s for s in spec.spacing]
@@ -692,9 +988,12 @@ def generate_subject(spec: PhantomSpec, seed: int, index: int) -> dict[str, np.n
         "mask": mask,
         "labels": labels,
         "affine": affine,
-        "has_nodule": np.array(len(painted) > 0),
-        "nodule_centres_mm": centres,
-        "nodule_diameters_mm": diameters,
+        "has_nodule": np.array(len(nodules) > 0),
+        "nodule_centres_mm": np.asarray([n["centre"] for n in nodules], np.float32).reshape(-1, 3),
+        "nodule_diameters_mm": np.asarray([n["diameter"] for n in nodules], np.float32),
+        "nodule_types": np.asarray([n["type"] for n in nodules], np.int8),
+        "nodule_placements": np.asarray([n["placement"] for n in nodules], np.int8),
+        "nodule_hu": np.asarray(nodule_hu, np.float32),
     }
 
 
