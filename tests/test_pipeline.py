@@ -270,3 +270,114 @@ def test_cached_pipeline_gives_the_same_batches(test_config):
         assert a.keys() == b.keys() == {"crops", "centres", "image_id"}  # No labels in training.
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+# ------------------------------------------------------------------------------------------------
+# The fast crop path (one gather, float16 table look-ups, cached foreground maps) against the plain
+# computation it replaced: the same crops for the same generator state.
+
+
+def _plain_uniform_starts(rng, image, crop, n, threshold, min_foreground):
+    """The rejection sampler as first written: cut every candidate, threshold it, take the mean."""
+    accepted = []
+    for _ in range(20):
+        cand = geometry.sample_crop_starts(rng, image.shape, crop, 4 * n)
+        fg = geometry.extract_crops(image, cand, crop) > threshold
+        ok = cand[fg.reshape(len(cand), -1).mean(axis=1) >= min_foreground]
+        accepted.extend(ok[: n - len(accepted)])
+        if len(accepted) == n:
+            return np.asarray(accepted)
+    fg = image > threshold
+    return geometry.sample_crop_starts(
+        rng, image.shape, crop, n, foreground=fg, min_foreground=min_foreground
+    )
+
+
+def _head_record(dtype=np.float16, shape=(30, 34, 26)):
+    """A noisy ellipsoid "head" in [-1, 1] on a -1 background, values near the -0.9 threshold too."""
+    rng = np.random.default_rng(5)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    inside = (grid**2).sum(0) < 0.7
+    image = np.where(inside, rng.uniform(-0.95, 1.0, shape), -1.0)
+    image[0, 0, :8] = [-0.9, -0.89990234, -0.9001, 0.0, -0.0, 1.0, -1.0, -0.8999]  # float16 rounding.
+    return {"id": np.int32(7), "image": image.astype(dtype), "affine": np.eye(4)}
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("views", [1, 2])
+def test_fast_crops_equal_the_plain_computation(cached, views):
+    crop, n = (8, 10, 6), 6
+    record = _head_record()
+    sampler = pipeline.SampleCrops(
+        crop, n, window=None, min_foreground=0.5, foreground_threshold=-0.9, views=views, labels=False
+    )
+    fast_rng, plain_rng = np.random.default_rng(11), np.random.default_rng(11)
+    source = pipeline.CachedRecord(record) if cached else record
+    for _ in range(5):
+        got = sampler.random_map(source, fast_rng)
+        starts = _plain_uniform_starts(plain_rng, record["image"], crop, n, -0.9, 0.5)
+        crops = geometry.extract_crops(record["image"], starts, crop).astype(np.float32)[..., None]
+        np.testing.assert_array_equal(got["crops"], crops)
+        np.testing.assert_array_equal(
+            got["centres"], geometry.crop_centres_mm(starts, crop, record["affine"]).astype(np.float32)
+        )
+        if views == 2:
+            shifted = sampler._shifted(plain_rng, starts, record["image"].shape)
+            expected = geometry.extract_crops(record["image"], shifted, crop).astype(np.float32)
+            np.testing.assert_array_equal(got["views"], expected[..., None])
+    assert list(getattr(source, "memo", {})) == ([("foreground_map", crop, -0.9, 0.5)] if cached else [])
+
+
+@pytest.mark.parametrize(
+    "shape,crop",
+    [((13, 11, 9), (4, 11, 3)), ((13, 11, 9), (1, 1, 1)), ((13, 11, 9), (13, 5, 9)), ((17, 12), (5, 4))],
+)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_foreground_map_is_the_per_crop_test_at_every_position(shape, crop, dtype):
+    rng = np.random.default_rng(1)
+    image = rng.uniform(-1, 1, shape).astype(dtype)
+    positions = [s - c + 1 for s, c in zip(shape, crop)]
+    starts = np.stack(np.unravel_index(np.arange(np.prod(positions)), positions), axis=-1)
+    for threshold, min_foreground in [(-0.2, 0.5), (0.3, 0.25), (-1.0, 1.0)]:
+        packed = pipeline.foreground_map(image, crop, threshold, min_foreground)
+        fg = geometry.extract_crops(image, starts, crop) > threshold
+        expected = fg.reshape(len(starts), -1).mean(axis=1) >= min_foreground
+        np.testing.assert_array_equal(pipeline.map_lookup(packed, starts, positions), expected)
+
+
+def test_float16_table_lookups_equal_numpy_for_every_bit_pattern():
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)
+    widened = pipeline.as_float32(every)
+    assert widened.dtype == np.float32
+    np.testing.assert_array_equal(widened.view(np.uint32), every.astype(np.float32).view(np.uint32))
+    for threshold in (-0.9, 0.0, -0.0, 1e-8, 70000.0, -np.inf):
+        with np.errstate(invalid="ignore", over="ignore"):  # numpy warns for 70000 -> float16.
+            np.testing.assert_array_equal(pipeline.above(every, threshold), every > threshold)
+    ints = np.arange(-5, 5, dtype=np.int16)
+    np.testing.assert_array_equal(pipeline.as_float32(ints), ints.astype(np.float32))
+    np.testing.assert_array_equal(pipeline.above(ints, 0.5), ints > 0.5)
+
+
+def test_cut_crops_equals_extract_crops():
+    image = np.arange(9 * 8 * 7, dtype=np.int16).reshape(9, 8, 7)
+    starts = np.array([[0, 0, 0], [5, 3, 4], [2, 6, 1], [5, 3, 4]])
+    crops = pipeline.cut_crops(image, starts, (4, 2, 3))
+    np.testing.assert_array_equal(crops, geometry.extract_crops(image, starts, (4, 2, 3)))
+    assert pipeline.cut_crops(image, np.zeros((0, 3), int), (4, 2, 3)).shape == (0, 4, 2, 3)
+
+
+def test_cached_records_compute_their_foreground_map_once(monkeypatch):
+    calls = []
+    real = pipeline.foreground_map
+    monkeypatch.setattr(pipeline, "foreground_map", lambda *a: calls.append(1) or real(*a))
+    records = [dict(_head_record(), id=np.int32(i)) for i in range(3)]
+    cfg = data_config(crop_size=(8, 10, 6), window=None, min_foreground=0.5, foreground_threshold=-0.9)
+    cfg.images_per_batch, cfg.cache_mb = 3, 64
+    batches = take(iter(pipeline.make_dataset(cfg, "train", seed=0, train=True, source=records)), 4)
+    assert len(calls) == 3  # One map per record, over 4 epochs.
+    cfg.cache_mb = 0
+    plain = take(iter(pipeline.make_dataset(cfg, "train", seed=0, train=True, source=records)), 4)
+    assert len(calls) == 3  # Records read each time are tested crop by crop.
+    for a, b in zip(batches, plain):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
