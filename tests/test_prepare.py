@@ -5,8 +5,15 @@ BraTS-style folder whose cases differ by shifts and flips of the affine, with sy
 masks at known world positions.
 """
 
+import errno
+import json
 import os
 import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -347,3 +354,117 @@ def test_chestmnist_config_trains_and_linear_eval_uses_labels(tmp_path):
     assert len(row["labels_image"]["folds"][0]["auc_per_label"]) == 14
     table = linear_eval.format_results(results)
     assert "| pretrained | n/a | n/a |" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# A failed write is not a bad input; kill -9 mid-run, rerun: the same folder as one run.
+
+
+def test_disk_full_stops_even_with_skip_bad(raw_with_bad_files, tmp_path, monkeypatch):
+    from array_record.python import array_record_module
+
+    real = array_record_module.ArrayRecordWriter
+    calls = []
+
+    class FullDisk:  # The second case's write fails as on a full disk, after bytes reached the file.
+        def __init__(self, path, options):
+            calls.append(path)
+            self.writer = real(path, options)
+
+        def write(self, data):
+            if len(calls) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.writer.write(data)
+
+        def close(self):
+            self.writer.close()
+
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullDisk)
+    out = tmp_path / "out"
+    kwargs = dict(splits={"train": ["empty", "good0", "good1", "truncated"]}, skip_bad=True, progress=False)
+    with pytest.raises(prepare.OutputError, match=r"cannot write .*/good1\.array_record: No space left"):
+        prepare.prepare("brats", str(raw_with_bad_files), str(out), **kwargs)
+    manifest = json.loads((out / prepared.MANIFEST).read_text())
+    assert manifest["status"] == "incomplete" and "skipped" not in manifest
+    assert sorted(os.listdir(out / "train")) == ["good0.array_record"]  # No partial file left.
+    with pytest.raises(ValueError, match="did not finish"):
+        prepared.data_source(str(out), "train")
+    monkeypatch.setattr(array_record_module, "ArrayRecordWriter", real)  # Space freed: resume.
+    manifest = prepare.prepare("brats", str(raw_with_bad_files), str(out), **kwargs)
+    assert (manifest["report"]["done"], manifest["report"]["resumed"]) == (1, 1)
+    assert sorted(s["case_id"] for s in manifest["skipped"]) == ["empty", "truncated"]
+
+
+def _prepare_command(root, out) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "isimed.data.prepare",
+        "--layout=glob",
+        f"--root={root}",
+        f"--out={out}",
+        "--image_pattern=*.nii.gz",
+        "--mask_pattern={stem}.seg.nii.gz",
+        "--intensity=mri",
+        "--spacing=0.7",
+        "--crop_foreground",
+        "--fractions=0.6,0.2,0.2",
+    ]
+
+
+def _folder_contents(out) -> tuple[dict, dict]:
+    """(prepared.json without the run's report, {(split, id): decoded record})."""
+    manifest = json.loads((out / prepared.MANIFEST).read_text())
+    del manifest["report"]
+    records = {}
+    for split in manifest["splits"]:
+        if manifest["splits"][split]["count"]:
+            for record in prepared.data_source(str(out), split, dtype=np.float16):
+                records[split, int(record["id"])] = record
+    return manifest, records
+
+
+def test_prepare_killed_at_random_moments_then_rerun_equals_one_run(tmp_path):
+    """SIGKILL `python -m isimed.data.prepare` after a random number of written files (3 rounds),
+    rerun each time; the final folder equals one prepared in one go, array for array."""
+    root = tmp_path / "raw"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        image = rng.integers(0, 900, (14 + i % 3, 12, 10)).astype(np.int16)
+        nib.save(nib.Nifti1Image(image, np.diag([1.0, 1.2, 1.5, 1.0])), str(root / f"c{i:02d}.nii.gz"))
+        mask = (rng.random(image.shape) > 0.9).astype(np.uint8)
+        nib.save(nib.Nifti1Image(mask, np.diag([1.0, 1.2, 1.5, 1.0])), str(root / f"c{i:02d}.seg.nii.gz"))
+    once = tmp_path / "once"
+    subprocess.run(_prepare_command(root, once), check=True, capture_output=True, timeout=120)
+
+    out = tmp_path / "killed"
+    random_ = random.Random(0)
+    killed_at = []  # Files written when each kill came.
+
+    def written() -> int:
+        return len(list(out.glob("*/*.array_record")))
+
+    for _ in range(3):
+        target = written() + random_.randint(1, 3)  # A few more files than the last round left.
+        proc = subprocess.Popen(
+            _prepare_command(root, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        while proc.poll() is None and written() < target:
+            time.sleep(0.002)
+        time.sleep(random_.uniform(0.0, 0.02))  # Then anywhere: reading, writing, renaming.
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            killed_at.append(written())
+        proc.wait(timeout=60)
+    assert any(n < 12 for n in killed_at), f"no round was killed mid-run: {killed_at}"
+    subprocess.run(_prepare_command(root, out), check=True, capture_output=True, timeout=120)
+
+    (once_manifest, once_records), (manifest, records) = _folder_contents(once), _folder_contents(out)
+    assert manifest == once_manifest
+    assert sorted(records) == sorted(once_records) and len(records) == 12
+    for key, record in records.items():
+        assert set(record) == set(once_records[key])
+        for field, value in record.items():
+            assert np.array_equal(value, once_records[key][field]), (key, field)
+    assert not list(out.glob("*/.*.tmp"))

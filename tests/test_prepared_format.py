@@ -338,3 +338,46 @@ def test_serialize_refuses_what_the_format_cannot_hold():
     )
     assert record["affine"].dtype == np.dtype("<f8") and record["labels"].shape == (3,)
     assert record["case_id"] == "case/ü" and record["id"] == 7
+
+
+def test_manifest_entries_never_reach_outside_the_folder(folder, tmp_path, monkeypatch):
+    out, _ = folder
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (tmp_path / "x.array_record").write_bytes(b"")  # What "../../x.array_record" would open.
+    opened = []
+    from array_record.python import array_record_data_source
+
+    monkeypatch.setattr(array_record_data_source, "ArrayRecordDataSource", lambda paths: opened.append(paths))
+    original = (copy / prepared.MANIFEST).read_text()
+    for bad in ("../../x.array_record", "/etc/passwd", "sub/c0.array_record", "..", "c0.npz", 7, None):
+        manifest = json.loads(original)
+        manifest["splits"]["train"]["files"][1]["file"] = bad
+        (copy / prepared.MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(
+            ValueError, match=rf"prepared\.json: split 'train' entry 1 names file {re.escape(repr(bad))}"
+        ):
+            prepared.data_source(str(copy), "train")
+    manifest = json.loads(original)
+    manifest["splits"]["train"]["files"][1]["records"] = -1
+    (copy / prepared.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"entry 1 \(c1\.array_record\): bad record count -1"):
+        prepared.data_source(str(copy), "train")
+    assert opened == []
+
+
+def test_truncated_array_record_file_is_named(folder, tmp_path):
+    out, _ = folder
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    path = copy / "train" / "c2.array_record"
+    data = path.read_bytes()
+    for size in (0, 10, len(data) - 3):
+        path.write_bytes(data[:size])
+        source = prepared.data_source(str(copy), "train")
+        source[1]
+        with pytest.raises(
+            prepared.RecordError,
+            match=rf"^{re.escape(str(path))}: not a readable array_record file \(truncated or corrupt\?\): ",
+        ):
+            source[2]

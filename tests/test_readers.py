@@ -22,6 +22,7 @@ import pytest
 from pydicom.pixels import apply_modality_lut
 
 from isimed import geometry
+from isimed.data import prepare
 from isimed.data import readers
 
 NIB_DATA = nibabel.testing.data_path
@@ -535,3 +536,89 @@ def test_object_arrays_are_refused_without_running_code(tmp_path):
     )
     readers.read_medmnist(str(tmp_path / "extra.npz"), "train")  # Keys not read are not decoded.
     assert UNPICKLED == []
+
+
+# --- Truncated and corrupt files, declared sizes, degenerate grids ---------------------------
+
+
+@pytest.mark.parametrize("cut", [400, 1000, 2000, 20000, -10])
+def test_truncated_dicom_says_truncated(tmp_path, cut):
+    """pydicom reads a cut file without complaint (a short last value, or a data set that simply
+    ends); it must be named truncated, not "PixelSpacing is missing", alone or in a series."""
+    data = pathlib.Path(CT_SMALL).read_bytes()
+    (tmp_path / "series").mkdir()
+    path = tmp_path / "series" / "cut.dcm"
+    path.write_bytes(data[:cut])
+    with pytest.raises(ValueError, match=r"cut\.dcm: truncated"):
+        readers.read_image(str(path))
+    shutil.copy(CT_SMALL, tmp_path / "series" / "whole.dcm")
+    with pytest.raises(ValueError, match=r"cut\.dcm: truncated"):
+        readers.read_image(str(tmp_path / "series"))
+
+
+def test_pydicom_truncated_files_are_refused_and_whole_ones_are_not():
+    for name in ("MR_truncated.dcm", "rtplan_truncated.dcm"):
+        with pytest.raises(ValueError, match=re.escape(name) + r": truncated DICOM file"):
+            readers._read_dicom_file(pydicom.data.get_testdata_file(name))
+    for name in (
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "rtplan.dcm",
+    ):
+        readers._read_dicom_file(pydicom.data.get_testdata_file(name))
+
+
+def test_declared_size_is_checked_before_reading(tmp_path):
+    # All zeros: gzip's best case, still within its 1032:1 bound, so the file reads.
+    path = _save_nifti(tmp_path / "zeros.nii.gz", np.zeros((96, 96, 96), np.int16))
+    assert os.path.getsize(path) * readers.GZIP_MAX_RATIO >= 96**3 * 2
+    assert readers.read_image(path)[0].shape == (96, 96, 96)
+    # An uncompressed file one voxel short: refused from its size, nothing allocated.
+    path = _save_nifti(tmp_path / "short.nii", np.ones((4, 5, 6), np.float32))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 4)
+    with pytest.raises(
+        ValueError, match=r"short\.nii: header declares shape \(4, 5, 6\) of float32 \(480 bytes\) "
+    ):
+        readers.read_image(path)
+
+
+def test_out_of_memory_names_the_file(tmp_path, monkeypatch):
+    path = _save_nifti(tmp_path / "big.nii.gz", np.ones((4, 5, 6), np.float32))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(readers, "_finish", no_memory)
+    with pytest.raises(MemoryError, match=r"big\.nii\.gz: not enough memory to read this image"):
+        readers.read_image(path)
+
+
+def test_axes_must_span_a_volume():
+    tilted = np.eye(4)
+    tilted[:3, 2] = [0.0, np.sin(np.radians(30)), np.cos(np.radians(30))]  # 30 degree gantry tilt.
+    readers.check_axes(tilted, "tilted")
+    for eps in (1e-3, 1e-5):
+        sheared = np.diag([0.7, 0.7, 2.0, 1.0])
+        sheared[:3, 1] = 0.7 * np.array([1.0, eps, 0.0]) / np.linalg.norm([1.0, eps, 0.0])
+        with pytest.raises(ValueError, match=r"sheared: the affine's axes are nearly collinear"):
+            readers.check_axes(sheared, "sheared")
+    with pytest.raises(ValueError, match=r"nearly collinear"):  # The same check when preparing.
+        prepare.process_volume(np.ones((4, 4, 4)), sheared, None, intensity="uint8", where="x")
+
+
+def test_2d_file_where_3d_expected_and_nrrd_axes(tmp_path):
+    path = str(tmp_path / "plane.nrrd")
+    nrrd.write(path, np.ones((5, 6), np.float32), {"spacings": [0.5, 0.5]})
+    with pytest.raises(ValueError, match=r"plane\.nrrd: expected a 3D image but the file holds a 2D image"):
+        readers.read_image(path)
+    assert readers.read_image(path, ndim=2)[0].shape == (5, 6)
+    # NaN spacing marks a non-spatial axis (of size 1 here: dropped); -1 and inf are errors.
+    nrrd.write(path, np.ones((5, 6, 7, 1), np.float32), {"spacings": [1.0, 1.0, 1.0, np.nan]})
+    assert readers.read_image(path)[0].shape == (5, 6, 7)
+    for bad in (-1.0, np.inf):
+        nrrd.write(path, np.ones((5, 6, 7), np.float32), {"spacings": [1.0, bad, 1.0]})
+        with pytest.raises(ValueError, match=r"plane\.nrrd: voxel spacing must be finite and > 0"):
+            readers.read_image(path)

@@ -26,7 +26,11 @@ Conventions:
   the float32 intermediates stay small.
 * Resumable: files are written to a temporary name then renamed, so a file that exists is complete;
   rerunning skips them. A rerun with other settings, on a changed set of cases, or into a folder
-  written in another record format version (`prepared.FORMAT_VERSION`), is refused.
+  written in another record format version (`prepared.FORMAT_VERSION`), is refused. A rerun after a
+  kill (even kill -9) gives the folder one uninterrupted run would have.
+* Bad input files stop the run with a message naming the file, or with `--skip_bad` are skipped and
+  listed. A failed write (disk full, no permission) is never the input's fault: it always stops the
+  run (`OutputError`), leaving prepared.json "incomplete" for a rerun to resume.
 """
 
 from __future__ import annotations
@@ -86,6 +90,19 @@ CHESTMNIST_LABELS = (
 
 class PrepareError(ValueError):
     """A bad input file or an inconsistent output directory; the message names the file."""
+
+
+class OutputError(OSError):
+    """Writing the output failed (disk full, no permission, ...): never a bad input, so it stops
+    preparation even with --skip_bad, and prepared.json stays "incomplete"."""
+
+
+def _output_error(path: str, e: Exception) -> OutputError:
+    reason = getattr(e, "strerror", None) or " ".join(str(e).split())
+    return OutputError(
+        f"cannot write {path}: {reason}; preparation stopped, the output stays incomplete "
+        "(fix the cause, e.g. free disk space, and rerun the same command to resume)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,6 +218,7 @@ def _checked_volume(
     affine = np.asarray(affine, np.float64)
     try:
         geometry.check_affine(affine, image.ndim, where)
+        readers.check_axes(affine, where)  # Also nearly collinear axes.
     except ValueError as e:
         raise PrepareError(str(e)) from None
     if np.issubdtype(image.dtype, np.floating):
@@ -274,20 +292,28 @@ def _write_records(path: str, records: Sequence[bytes]) -> None:
     from array_record.python import array_record_module
 
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    writer = array_record_module.ArrayRecordWriter(tmp, prepared.WRITER_OPTIONS)
     try:
-        for data in records:
-            writer.write(data)
-    finally:
-        writer.close()
-    os.replace(tmp, path)
+        writer = array_record_module.ArrayRecordWriter(tmp, prepared.WRITER_OPTIONS)
+        try:
+            for data in records:
+                writer.write(data)
+        finally:
+            writer.close()
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # array_record's writer reports ENOSPC as RuntimeError.
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise _output_error(path, e) from e
 
 
 def _write_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _output_error(path, e) from e
 
 
 def _start(out: str, settings: dict, plan: dict, split_names: Sequence[str]) -> None:
@@ -322,13 +348,16 @@ def _start(out: str, settings: dict, plan: dict, split_names: Sequence[str]) -> 
             )
     elif os.path.isdir(out) and os.listdir(out):
         raise PrepareError(f"{out} is not empty and has no {prepared.MANIFEST}; use a new --out")
-    os.makedirs(out, exist_ok=True)
-    for split in split_names:
-        split_dir = os.path.join(out, split)
-        os.makedirs(split_dir, exist_ok=True)
-        for name in os.listdir(split_dir):  # Leftovers of an interrupted write.
-            if name.endswith(".tmp"):
-                os.remove(os.path.join(split_dir, name))
+    try:
+        os.makedirs(out, exist_ok=True)
+        for split in split_names:
+            split_dir = os.path.join(out, split)
+            os.makedirs(split_dir, exist_ok=True)
+            for name in os.listdir(split_dir):  # Leftovers of an interrupted write.
+                if name.endswith(".tmp"):
+                    os.remove(os.path.join(split_dir, name))
+    except OSError as e:
+        raise _output_error(out, e) from e
     _write_json(
         path,
         {
@@ -566,38 +595,46 @@ def _prepare_volumes(root, out, settings, split_lists, ndim, skip_bad, progress)
 
 def _prepare_case(case, index: int, path: str, ndim: int, settings: dict, skip_bad: bool):
     """Reads, processes and writes one case; None on success, else the reason it was skipped
-    (with `skip_bad`; without it the failure is raised, naming the case and its file)."""
+    (with `skip_bad`; without it the failure is raised, naming the case and its file). A failed
+    write is not the input's fault: OutputError, whatever `skip_bad` says."""
     try:
-        volume = readers.read_volume(case.image, case.mask, ndim=ndim)
-        if volume.image.ndim != ndim:
-            raise PrepareError(f"expected a {ndim}D image, got shape {volume.image.shape}")
-        fields = process_volume(
-            volume.image,
-            volume.affine,
-            volume.mask,
-            intensity=settings["intensity"],
-            window=settings["window"] or (0, 1),
-            spacing=settings["spacing"],
-            crop_foreground=settings["crop_foreground"],
-            where=case.image,
-        )
-        del volume  # Only one volume in memory: free the source before serialising.
-        data = prepared.serialize(
-            {
-                "id": np.int32(index),
-                "case_id": np.str_(case.case_id),
-                **{k: v for k, v in fields.items() if v is not None},
-            }
-        )
-        del fields
-        _write_records(path, [data])
+        data = _case_record(case, index, ndim, settings)
     except Exception as e:  # noqa: BLE001 - every failure is reported or re-raised.
         reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
         if not skip_bad:
             where = "" if case.image in reason else f" ({case.image})"
             raise PrepareError(f"case {case.case_id}{where}: {reason}") from e
         return reason
+    _write_records(path, [data])
     return None
+
+
+def _case_record(case, index: int, ndim: int, settings: dict) -> bytes:
+    """One case read, checked, processed and serialised (errors here are the input's)."""
+    volume = readers.read_volume(case.image, case.mask, ndim=ndim)
+    if volume.image.ndim != ndim or 1 in volume.image.shape:
+        raise PrepareError(
+            f"{case.image}: expected a {ndim}D image, got shape {volume.image.shape}"
+            + (" (a single slice: prepare 2D images with --ndim=2)" if ndim == 3 else "")
+        )
+    fields = process_volume(
+        volume.image,
+        volume.affine,
+        volume.mask,
+        intensity=settings["intensity"],
+        window=settings["window"] or (0, 1),
+        spacing=settings["spacing"],
+        crop_foreground=settings["crop_foreground"],
+        where=case.image,
+    )
+    del volume  # Only one volume in memory: free the source before serialising.
+    return prepared.serialize(
+        {
+            "id": np.int32(index),
+            "case_id": np.str_(case.case_id),
+            **{k: v for k, v in fields.items() if v is not None},
+        }
+    )
 
 
 def _prepare_medmnist(root, out, settings, shard_size, progress) -> dict:
@@ -721,7 +758,8 @@ def main(argv: Sequence[str]) -> None:
             shard_size=f.shard_size,
             progress=True,
         )
-    except (ValueError, FileNotFoundError, TypeError) as e:  # Bad input: a message, no traceback.
+    # Bad input or a failed write: a message, no traceback.
+    except (ValueError, FileNotFoundError, TypeError, OutputError) as e:
         sys.stderr.write(f"\nerror: {e}\n")
         raise SystemExit(1) from None
     print(format_report(manifest))
@@ -761,7 +799,11 @@ def _define_flags() -> None:
     flags.DEFINE_list("fractions", ["0.8", "0.1", "0.1"], "train,validation,test shares.")
     flags.DEFINE_integer("seed", 0, "Seed of the fractions split.")
     flags.DEFINE_integer("ndim", 3, "Spatial dimensions of the volumes.")
-    flags.DEFINE_bool("skip_bad", False, "Skip (and list) bad files instead of stopping.")
+    flags.DEFINE_bool(
+        "skip_bad",
+        False,
+        "Skip (and list) bad input files instead of stopping (a failed write always stops).",
+    )
     flags.DEFINE_integer("shard_size", 4096, "MedMNIST: images per array_record file.")
     flags.mark_flags_as_required(["layout", "root", "out"])
 

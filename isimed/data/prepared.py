@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import struct
 from typing import Any
@@ -222,7 +223,7 @@ def load_manifest(directory: str) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} not found: {directory!r} is not a prepared directory "
+            f"{path} not found: {directory} is not a prepared directory "
             "(run `python -m isimed.data.prepare ... --out=DIR` first)"
         )
     manifest = json.loads(path.read_text())
@@ -259,7 +260,7 @@ class PreparedSource:
         splits = manifest["splits"]
         if split not in splits:
             raise ValueError(f"{self.directory}: no split {split!r}; prepared splits: {sorted(splits)}")
-        entries = splits[split]["files"]
+        entries = _checked_entries(splits[split]["files"], f"{self.directory}/{MANIFEST}", split)
         if not sum(int(e["records"]) for e in entries):
             raise ValueError(f"{self.directory}: split {split!r} is empty (0 prepared examples)")
         # "path[0:n]" lets ArrayRecordDataSource skip opening every file just to count records.
@@ -286,7 +287,14 @@ class PreparedSource:
         source = self._source or self._open()
         where = f"{self.directory}/{self.split}/{self._files[_file_of(self._offsets, index)]}"
         try:
-            return deserialize(source[index], where=where, dtype=self.dtype)
+            data = source[index]
+        except RuntimeError as e:  # array_record's reader: the file itself is cut short or corrupt.
+            raise RecordError(
+                f"{where}: not a readable array_record file (truncated or corrupt?): "
+                f"{' '.join(str(e).split())}; {RERUN}"
+            ) from e
+        try:
+            return deserialize(data, where=where, dtype=self.dtype)
         except RecordError:
             raise
         except Exception as e:  # Not a fault of the bytes: keep its type, say where it happened.
@@ -300,6 +308,28 @@ class PreparedSource:
 
     def __repr__(self) -> str:
         return f"PreparedSource({self.directory!r}, {self.split!r}, {len(self)} examples)"
+
+
+# What prepare writes (`prepare.safe_name` + suffix): never a path, so never outside the folder.
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.array_record")
+
+
+def _checked_entries(entries: Any, manifest: str, split: str) -> list[dict[str, Any]]:
+    """The `files` entries of one split, refusing any that would read outside `<dir>/<split>/`
+    (e.g. "../../x.array_record") or that are malformed; ValueError naming the manifest."""
+    if not isinstance(entries, list):
+        raise ValueError(f"{manifest}: split {split!r}: 'files' is not a list")
+    for i, entry in enumerate(entries):
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
+            raise ValueError(
+                f"{manifest}: split {split!r} entry {i} names file {name!r}, not a plain "
+                "<name>.array_record inside the split's folder; refusing to read it"
+            )
+        records = entry.get("records")
+        if not isinstance(records, int) or isinstance(records, bool) or records < 0:
+            raise ValueError(f"{manifest}: split {split!r} entry {i} ({name}): bad record count {records!r}")
+    return entries
 
 
 def _file_of(offsets: np.ndarray, index: int) -> int:

@@ -17,13 +17,16 @@ Every reader returns an image array and an affine, with one set of conventions w
   whose 3x3 affine gives in-plane millimetre coordinates: the slice plane's own orthonormal
   frame, so distances between pixels are exact whatever the slice orientation.
 
-Bad input (unreadable or truncated file, wrong rank, NaN voxels, zero or non-finite spacing, mask
-not matching its image) raises ValueError naming the file and the problem. No reader ever unpickles.
+Bad input (unreadable or truncated file, a header declaring more data than the file holds, wrong
+rank (a 2D file where 3D is expected, several volumes), NaN voxels, zero, negative or non-finite
+spacing, nearly collinear axes, mask not matching its image) raises ValueError naming the file and
+the problem; running out of memory raises MemoryError naming the file. No reader ever unpickles.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 import zipfile
@@ -40,6 +43,13 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 DICOM_SUFFIXES = (".dcm",)
 MEDMNIST_SPLITS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
+# |det| of the affine's axes over the product of their lengths: 1 for perpendicular axes, the
+# product of sines for oblique ones (a 30 degree gantry tilt: 0.87). Below this the grid is
+# nearly flat (axes within ~0.6 degrees of a plane): a corrupt orientation, not a real scan.
+MIN_AXES_VOLUME = 1e-2
+# Deflate (gzip) never compresses more than 1032:1, so a .nii.gz header declaring more data than
+# that is corrupt; refusing it up front avoids allocating what the header claims.
+GZIP_MAX_RATIO = 1032
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; compare fields instead.
@@ -72,17 +82,20 @@ def read_image(path: str, *, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """
     path = os.fspath(path)
     _check_ndim(ndim)
-    if os.path.isdir(path):
-        return _finish(*read_dicom_series(path), ndim=ndim, path=path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    lower = path.lower()
-    if lower.endswith(NIFTI_SUFFIXES):
-        return read_nifti(path, ndim=ndim)
-    if lower.endswith(NRRD_SUFFIXES):
-        return read_nrrd(path, ndim=ndim)
-    if lower.endswith(DICOM_SUFFIXES):
-        return _finish(*read_dicom_series(path), ndim=ndim, path=path)
+    try:
+        if os.path.isdir(path):
+            return _finish(*read_dicom_series(path), ndim=ndim, path=path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        lower = path.lower()
+        if lower.endswith(NIFTI_SUFFIXES):
+            return read_nifti(path, ndim=ndim)
+        if lower.endswith(NRRD_SUFFIXES):
+            return read_nrrd(path, ndim=ndim)
+        if lower.endswith(DICOM_SUFFIXES):
+            return _finish(*read_dicom_series(path), ndim=ndim, path=path)
+    except MemoryError as e:  # A bare MemoryError names nothing.
+        raise MemoryError(f"{path}: not enough memory to read this image ({e or 'allocation failed'})") from e
     raise ValueError(
         f"{path}: unknown image format; supported: {', '.join(NIFTI_SUFFIXES + NRRD_SUFFIXES)}, "
         f"{', '.join(DICOM_SUFFIXES)} files and folders of DICOM files"
@@ -132,6 +145,11 @@ def _to_ndim(array: np.ndarray, affine: np.ndarray, ndim: int, path: str):
     """
     _check_ndim(ndim)
     shape = array.shape
+    if ndim == 3 and array.ndim < 3:
+        raise ValueError(
+            f"{path}: expected a 3D image but the file holds a {array.ndim}D image of shape {shape}; "
+            "read 2D images with ndim=2 (prepare: --ndim=2)"
+        )
     while array.ndim < 3:  # A 2D file is a one-slice volume in its own frame.
         array = array[..., None]
     while array.ndim > 3 and array.shape[-1] == 1:
@@ -165,9 +183,24 @@ def _in_plane_affine(affine: np.ndarray, path: str) -> np.ndarray:
     return out
 
 
+def check_axes(affine: np.ndarray, where: str) -> None:
+    """ValueError unless the affine's axes span a proper grid (see MIN_AXES_VOLUME); a nearly
+    singular affine would turn sub-voxel steps into huge world distances and back."""
+    ndim = np.asarray(affine).shape[0] - 1
+    geometry.check_affine(affine, ndim, where)
+    axes = np.asarray(affine, np.float64)[:ndim, :ndim]
+    volume = abs(np.linalg.det(axes)) / np.prod(np.linalg.norm(axes, axis=0))
+    if volume < MIN_AXES_VOLUME:
+        raise ValueError(
+            f"{where}: the affine's axes are nearly collinear (|det| / product of spacings = "
+            f"{volume:.2g}, at least {MIN_AXES_VOLUME:g} expected): a corrupt orientation; "
+            f"axes (columns): {np.round(axes, 6).tolist()}"
+        )
+
+
 def _validate(array: np.ndarray, affine: np.ndarray, path: str) -> None:
-    """Zero/non-finite spacing, singular axes, empty arrays and NaN voxels -> ValueError."""
-    geometry.check_affine(affine, array.ndim, path)
+    """Zero/non-finite spacing, (nearly) singular axes, empty arrays and NaN voxels -> ValueError."""
+    check_axes(affine, path)
     if array.size == 0:
         raise ValueError(f"{path}: image is empty, shape {array.shape}")
     if np.issubdtype(array.dtype, np.inexact):
@@ -192,17 +225,55 @@ def read_nifti(path: str, *, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
     from nibabel.spatialimages import HeaderDataError
 
     path = os.fspath(path)
+    errors = (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError)
     try:
-        img = nib.load(path, mmap=False)
-        array = np.asarray(img.dataobj)
-        affine = np.asarray(img.affine, np.float64)
+        img = nib.load(path, mmap=False)  # The header only; the data is read below.
     except FileNotFoundError:
         raise
-    except (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError) as e:
-        raise ValueError(
-            f"{path}: cannot read NIfTI (truncated or corrupt file?): {type(e).__name__}: {e}"
-        ) from e
+    except errors as e:
+        raise _nifti_error(path, e) from e
+    _check_declared_size(img, path)
+    try:
+        array = np.asarray(img.dataobj)
+        affine = np.asarray(img.affine, np.float64)
+    except errors as e:
+        raise _nifti_error(path, e) from e
     return _finish(array, affine, ndim=ndim, path=path)
+
+
+def _nifti_error(path: str, e: Exception) -> ValueError:
+    return ValueError(f"{path}: cannot read NIfTI (truncated or corrupt file?): {type(e).__name__}: {e}")
+
+
+def _check_declared_size(img, path: str) -> None:
+    """ValueError when the header declares more data than the file can hold: a truncated file or
+    a corrupt header, found before nibabel allocates what the header claims."""
+    shape = tuple(int(n) for n in img.shape)
+    dtype = np.dtype(img.get_data_dtype())
+    declared = math.prod(shape) * dtype.itemsize
+    size = os.path.getsize(path)
+    if path.lower().endswith(".gz"):
+        if declared > GZIP_MAX_RATIO * size:
+            raise ValueError(
+                f"{path}: header declares shape {shape} of {dtype} ({_bytes(declared)}), more than a "
+                f"{_bytes(size)} gzip file can hold (at most {GZIP_MAX_RATIO}:1): a corrupt header"
+            )
+        return
+    # The proxy keeps the file's data offset (the loaded header's own is reset to 0).
+    available = size - int(getattr(img.dataobj, "offset", img.header["vox_offset"]))
+    if declared > available:
+        raise ValueError(
+            f"{path}: header declares shape {shape} of {dtype} ({_bytes(declared)}) but the file "
+            f"holds {_bytes(max(available, 0))} of image data: truncated file or corrupt header"
+        )
+
+
+def _bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,14 +309,16 @@ def read_nrrd(path: str, *, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
     except FileNotFoundError:
         raise
     except (OSError, EOFError, zlib.error, ValueError, nrrd.NRRDError) as e:
-        raise ValueError(f"{path}: cannot read NRRD: {type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"{path}: cannot read NRRD (truncated or corrupt file?): {type(e).__name__}: {e}"
+        ) from e
     data = np.asarray(data)
     spatial, affine = _nrrd_geometry(header, data.ndim, path)
     others = [a for a in range(data.ndim) if a not in spatial]
     if any(data.shape[a] != 1 for a in others):
         raise ValueError(
             f"{path}: expected a {ndim}D image but the file holds shape {data.shape} with "
-            f"non-spatial axes {others} (kinds {header.get('kinds')})"
+            f"non-spatial axes {others} (no spacing or direction: NaN; kinds {header.get('kinds')})"
         )
     array = data.transpose(spatial + others).reshape([data.shape[a] for a in spatial])
     return _finish(array, affine, ndim=ndim, path=path)
@@ -257,14 +330,19 @@ def _nrrd_geometry(header: dict, rank: int, path: str) -> tuple[list[int], np.nd
     A 2D image becomes a one-slice volume whose third column is the unit slice normal, so that
     all formats reach `_finish` as 3D.
     """
+    # NaN (pynrrd's "none") marks a non-spatial axis; any other non-finite value is an error.
     directions = header.get("space directions")
     if directions is not None:
         directions = np.asarray(directions, np.float64)
-        spatial = [a for a in range(rank) if np.all(np.isfinite(directions[a]))]
+        spatial = [a for a in range(rank) if not np.all(np.isnan(directions[a]))]
         matrix = directions[spatial].T  # Column a: world step of spatial axis a.
+        if not np.all(np.isfinite(matrix)):
+            raise ValueError(f"{path}: bad 'space directions' {directions.tolist()} (non-finite)")
     elif header.get("spacings") is not None:
         spacings = np.asarray(header["spacings"], np.float64)
-        spatial = [a for a in range(rank) if np.isfinite(spacings[a])]
+        spatial = [a for a in range(rank) if not np.isnan(spacings[a])]
+        # A spacing is a size: negative or infinite is an error, not a flip (directions flip).
+        geometry.check_spacing(spacings[spatial], path)
         matrix = np.diag(spacings[spatial])
     else:
         raise ValueError(
@@ -338,11 +416,54 @@ def _read_dicom_file(path: str, stop_before_pixels: bool = False):
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(path, force=False, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(path, force=False, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError:
         raise
     except (OSError, EOFError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: cannot read DICOM: {type(e).__name__}: {e}") from e
+        raise ValueError(
+            f"{path}: cannot read DICOM (truncated or corrupt file?): {type(e).__name__}: {e}"
+        ) from e
+    if not stop_before_pixels:
+        _check_complete(ds, path)
+    return ds
+
+
+def _check_complete(ds, path: str) -> None:
+    """ValueError for a file cut short. pydicom reads such a file without complaint: a value cut
+    off comes back short, and a cut inside (or right before) an element's header simply ends the
+    data set, so without this check a truncated slice reports a missing attribute instead."""
+    from pydicom.dataelem import RawDataElement
+
+    size, end = os.path.getsize(path), None
+    for elem in ds.elements():  # Raw elements: not yet converted, they keep their file position.
+        if not isinstance(elem, RawDataElement) or elem.length == 0xFFFFFFFF:
+            end = None  # Position unknown (converted or undefined-length element).
+            continue
+        if elem.value is not None and len(elem.value) < elem.length:
+            raise ValueError(
+                f"{path}: truncated DICOM file ({size} bytes): element {elem.tag} declares "
+                f"{elem.length} bytes, the file holds {len(elem.value)}"
+            )
+        end = elem.value_tell + elem.length
+    meta = getattr(ds, "file_meta", None)
+    deflated = meta is not None and getattr(meta.get("TransferSyntaxUID"), "is_deflated", False)
+    if end is not None and end < size and not deflated:  # Deflated: positions are not file offsets.
+        raise ValueError(
+            f"{path}: truncated DICOM file ({size} bytes): {size - end} stray bytes after the last "
+            f"complete element (byte {end})"
+        )
+    if _is_image_storage(ds) and "PixelData" not in ds:
+        kind = ds.file_meta.MediaStorageSOPClassUID.name
+        raise ValueError(
+            f"{path}: truncated or incomplete DICOM file ({size} bytes): a {kind} file without pixel data"
+        )
+
+
+def _is_image_storage(ds) -> bool:
+    """Whether the file meta says the file is an image (e.g. "CT Image Storage")."""
+    meta = getattr(ds, "file_meta", None)
+    uid = None if meta is None else meta.get("MediaStorageSOPClassUID")
+    return uid is not None and "Image Storage" in getattr(uid, "name", "")
 
 
 def _read_series_folder(folder: str, series_uid: str | None) -> list:
@@ -360,6 +481,8 @@ def _read_series_folder(folder: str, series_uid: str | None) -> list:
             not_dicom.append(os.path.basename(f))
             continue
         if "Rows" not in ds:
+            if _is_image_storage(ds):  # An image file without image attributes: cut short?
+                _read_dicom_file(f)  # Raises if truncated (a full read of a small file).
             no_pixels.append(os.path.basename(f))
             continue
         series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(f)
