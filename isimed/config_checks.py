@@ -5,7 +5,7 @@
   the one given to resume it, split into changes that are allowed on resume (`RESUMABLE`) and
   changes that are not (`resume_error` turns those into one `ConfigError`).
 
-Messages are listed in docs/errors.md; tests/test_checkpoints.py checks that table against them.
+Messages are listed in docs/errors.md; tests/test_errors.py checks that table against them.
 """
 
 from __future__ import annotations
