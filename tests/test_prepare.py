@@ -395,6 +395,26 @@ def test_disk_full_stops_even_with_skip_bad(raw_with_bad_files, tmp_path, monkey
     assert sorted(s["case_id"] for s in manifest["skipped"]) == ["empty", "truncated"]
 
 
+def test_rerun_after_a_kill_while_starting(raw_with_bad_files, tmp_path):
+    """The moments the random kills rarely hit: the first manifest half written, and the manifest
+    written before any split folder; the rerun accepts both and ends as one run does."""
+    kwargs = dict(splits={"train": ["good0", "good1"], "test": ["good2"]}, progress=False)
+    once = prepare.prepare("brats", str(raw_with_bad_files), str(tmp_path / "once"), **kwargs)
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / (prepared.MANIFEST + ".tmp")).write_text('{"format": "isimed-prep')
+    no_splits = tmp_path / "no_splits"
+    no_splits.mkdir()
+    (no_splits / prepared.MANIFEST).write_text(
+        json.dumps(
+            {k: once[k] for k in ("format", "format_version", "settings", "plan")} | {"status": "incomplete"}
+        )
+    )
+    for out in (half, no_splits):
+        manifest = prepare.prepare("brats", str(raw_with_bad_files), str(out), **kwargs)
+        assert manifest["splits"] == once["splits"] and manifest["report"]["done"] == 3
+
+
 def _prepare_command(root, out) -> list[str]:
     return [
         sys.executable,

@@ -346,18 +346,14 @@ def _start(out: str, settings: dict, plan: dict, split_names: Sequence[str]) -> 
                 f"{out}: the cases found under the raw root (or their split assignment) changed "
                 "since this directory was started; use a new --out"
             )
-    elif os.path.isdir(out) and os.listdir(out):
+    elif os.path.isdir(out) and set(os.listdir(out)) - {prepared.MANIFEST + ".tmp"}:
+        # (A lone prepared.json.tmp: a first run killed while writing its manifest.)
         raise PrepareError(f"{out} is not empty and has no {prepared.MANIFEST}; use a new --out")
     try:
         os.makedirs(out, exist_ok=True)
-        for split in split_names:
-            split_dir = os.path.join(out, split)
-            os.makedirs(split_dir, exist_ok=True)
-            for name in os.listdir(split_dir):  # Leftovers of an interrupted write.
-                if name.endswith(".tmp"):
-                    os.remove(os.path.join(split_dir, name))
     except OSError as e:
         raise _output_error(out, e) from e
+    # The manifest before anything else, so a folder killed at any moment is one a rerun accepts.
     _write_json(
         path,
         {
@@ -368,6 +364,15 @@ def _start(out: str, settings: dict, plan: dict, split_names: Sequence[str]) -> 
             "plan": plan,
         },
     )
+    try:
+        for split in split_names:
+            split_dir = os.path.join(out, split)
+            os.makedirs(split_dir, exist_ok=True)
+            for name in os.listdir(split_dir):  # Leftovers of an interrupted write.
+                if name.endswith(".tmp"):
+                    os.remove(os.path.join(split_dir, name))
+    except OSError as e:
+        raise _output_error(out, e) from e
 
 
 def _progress(total: int, label: str, enabled: bool, unit: str) -> tqdm.tqdm:
