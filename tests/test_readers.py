@@ -556,7 +556,7 @@ def test_truncated_dicom_says_truncated(tmp_path, cut):
         readers.read_image(str(tmp_path / "series"))
 
 
-def test_pydicom_truncated_files_are_refused_and_whole_ones_are_not():
+def test_pydicom_truncated_files_are_refused_and_whole_ones_are_not(tmp_path):
     for name in ("MR_truncated.dcm", "rtplan_truncated.dcm"):
         with pytest.raises(ValueError, match=re.escape(name) + r": truncated DICOM file"):
             readers._read_dicom_file(pydicom.data.get_testdata_file(name))
@@ -568,6 +568,9 @@ def test_pydicom_truncated_files_are_refused_and_whole_ones_are_not():
         "rtplan.dcm",
     ):
         readers._read_dicom_file(pydicom.data.get_testdata_file(name))
+    padded = tmp_path / "padded.dcm"  # Zero bytes after the data set: padding, not a cut element.
+    padded.write_bytes(pathlib.Path(CT_SMALL).read_bytes() + bytes(3))
+    readers._read_dicom_file(str(padded))
 
 
 def test_declared_size_is_checked_before_reading(tmp_path):

@@ -447,7 +447,8 @@ def _check_complete(ds, path: str) -> None:
         end = elem.value_tell + elem.length
     meta = getattr(ds, "file_meta", None)
     deflated = meta is not None and getattr(meta.get("TransferSyntaxUID"), "is_deflated", False)
-    if end is not None and end < size and not deflated:  # Deflated: positions are not file offsets.
+    if end is not None and end < size and not deflated and _nonzero_tail(path, end):
+        # (Deflated: positions are not file offsets. Zero bytes: padding, not a cut element.)
         raise ValueError(
             f"{path}: truncated DICOM file ({size} bytes): {size - end} stray bytes after the last "
             f"complete element (byte {end})"
@@ -457,6 +458,12 @@ def _check_complete(ds, path: str) -> None:
         raise ValueError(
             f"{path}: truncated or incomplete DICOM file ({size} bytes): a {kind} file without pixel data"
         )
+
+
+def _nonzero_tail(path: str, start: int) -> bool:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return any(f.read(1 << 16))
 
 
 def _is_image_storage(ds) -> bool:
