@@ -184,8 +184,9 @@ def _in_plane_affine(affine: np.ndarray, path: str) -> np.ndarray:
 
 
 def check_axes(affine: np.ndarray, where: str) -> None:
-    """ValueError unless the affine's axes span a proper grid (see MIN_AXES_VOLUME); a nearly
-    singular affine would turn sub-voxel steps into huge world distances and back."""
+    """ValueError unless the affine's axes span a proper grid (see MIN_AXES_VOLUME): on a nearly
+    flat grid voxels far apart in the array lie almost on top of each other in the world, so the
+    physical distances the training targets are made of would be nonsense."""
     ndim = np.asarray(affine).shape[0] - 1
     geometry.check_affine(affine, ndim, where)
     axes = np.asarray(affine, np.float64)[:ndim, :ndim]
