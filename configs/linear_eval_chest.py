@@ -40,6 +40,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.knn_k = 20
     c.raw_pool = 2  # Raw-intensity reference features: crops average-pooled by this factor.
 
+    # Context tasks, where the records carry structure labels (the phantom): nodule crops against
+    # hard negatives (crops centred on vessels, pleura, lung), the structure at the crop centre,
+    # image-level nodule presence from lung crops. Crop tasks on crop_splits, the image task on
+    # image_splits (it needs many subjects); crops per subject below.
+    c.context = ml_collections.ConfigDict()
+    c.context.enabled = True
+    c.context.crop_splits = ("validation", "test")
+    c.context.image_splits = ("train", "validation", "test")
+    c.context.max_images = 1000  # per split
+    c.context.positives = 16  # crops centred on nodule voxels
+    c.context.negatives = 8  # per kind: vessel, pleura, lung centres (crops free of nodule)
+    c.context.anatomy = 3  # per structure present
+    c.context.image = 32  # lung-centred crops per subject for the image-level task
+
     if preset == "demo":
         c.reference_images = 32
     elif preset == "test":
@@ -48,4 +62,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.folds = 3
         c.probe.epochs = 20
         c.probe.weight_decays = (0.0, 1e-2)
+        c.context.positives, c.context.negatives, c.context.anatomy, c.context.image = 6, 3, 2, 8
     return c

@@ -28,6 +28,7 @@ def test_records_equal_the_generator(phantom_dir):
     np.testing.assert_array_equal(record["image"], subject["image"])
     np.testing.assert_array_equal(record["mask"], subject["mask"])
     np.testing.assert_array_equal(record["affine"], subject["affine"])
+    np.testing.assert_array_equal(record["structures"], subject["labels"])
     assert bool(record["has_nodule"]) == bool(subject["mask"].any())
 
 

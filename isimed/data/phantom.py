@@ -18,7 +18,9 @@ Conventions
   physical and independent of the voxel spacing; the affine stays the scanner's.
 * Every random draw comes from `np.random.default_rng([seed, index])`.
 
-Run `python -m isimed.data.phantom --preview --out preview.png` for a picture.
+Run `python -m isimed.data.phantom --preview --out preview.png` for a picture,
+`--montage docs/phantom_montage.png` for one subject's slices with labels, and `--hu_table
+--num_subjects 16` for the HU of every structure (the README's table).
 """
 
 from __future__ import annotations
@@ -1060,6 +1062,93 @@ def save_preview(spec: PhantomSpec, seed: int, num_subjects: int, out_path: str)
     plt.close(fig)
 
 
+def structure_hu(spec: PhantomSpec, seed: int, num_subjects: int) -> dict[str, tuple[float, float, int]]:
+    """{structure or nodule type: (mean HU, std HU, voxels)} over `num_subjects` generated volumes
+    (blur and noise included; nodule voxels split by their nodule's type)."""
+    values: dict[str, list[np.ndarray]] = {}
+    for index in range(num_subjects):
+        s = generate_subject(spec, seed, index)
+        for name, label in STRUCTURES.items():
+            if name != "nodule":
+                values.setdefault(name, []).append(s["image"][s["labels"] == label])
+        components, _ = ndimage.label(s["mask"], structure=np.ones((3, 3, 3)))
+        for centre, kind in zip(s["nodule_centres_mm"], s["nodule_types"]):
+            voxel = np.rint(np.linalg.solve(s["affine"], np.append(centre, 1.0))[:3]).astype(int)
+            name = f"nodule ({NODULE_TYPES[kind].replace('_', '-')})"
+            values.setdefault(name, []).append(s["image"][components == components[tuple(voxel)]])
+    out = {}
+    for name, parts in values.items():
+        v = np.concatenate(parts).astype(np.float64)
+        if v.size:
+            out[name] = (float(v.mean()), float(v.std()), int(v.size))
+    return out
+
+
+def save_montage(spec: PhantomSpec, seed: int, index: int, out_path: str, slices: int = 5) -> None:
+    """PNG of one subject: axial slices from base to apex, HU on top, structure labels below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import colors
+
+    s = generate_subject(spec, seed, index)
+    lung = np.isin(s["labels"], (STRUCTURES["lung_left"], STRUCTURES["lung_right"]))
+    ks = np.flatnonzero(lung.any(axis=(1, 2)))
+    if s["mask"].any():  # one slice through a nodule
+        nodule_k = int(np.argmax(s["mask"].sum(axis=(1, 2))))  # the slice with most nodule
+        ks = np.unique(np.append(np.linspace(ks[0], ks[-1], slices - 1).round(), nodule_k))
+    else:
+        ks = np.linspace(ks[0], ks[-1], slices).round()
+    names = list(STRUCTURES)
+    palette = {
+        "background": "black",
+        "body": "#c8a07a",
+        "fat": "#f2dc8c",
+        "lung_left": "#9ecae1",
+        "lung_right": "#6baed6",
+        "heart": "#b2182b",
+        "aorta": "#ef6548",
+        "trachea": "#4d4d4d",
+        "spine": "white",
+        "ribs": "#d9d9d9",
+        "liver": "#8c510a",
+        "nodule": "#00ff00",
+        "vessel": "#e7298a",
+    }
+    cmap = colors.ListedColormap([palette.get(name, "grey") for name in names])
+    sz, sy, sx = spec.spacing
+    fig, axes = plt.subplots(2, len(ks), figsize=(3.2 * len(ks), 6.8), squeeze=False)
+    for col, k in enumerate(ks.astype(int)):
+        axes[0, col].imshow(s["image"][k], cmap="gray", vmin=-1000, vmax=400, aspect=sy / sx)
+        axes[0, col].set_title(f"slice {k} (z index), HU [-1000, 400]", fontsize=8)
+        axes[1, col].imshow(
+            s["labels"][k],
+            cmap=cmap,
+            vmin=-0.5,
+            vmax=len(names) - 0.5,
+            aspect=sy / sx,
+            interpolation="nearest",
+        )
+        for ax in axes[:, col]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    handles = [matplotlib.patches.Patch(color=cmap(i), label=name) for i, name in enumerate(names)]
+    fig.legend(handles=handles, loc="lower center", ncol=7, fontsize=8)
+    kinds = [
+        f"{NODULE_TYPES[t]} {NODULE_PLACEMENTS[p]} {d:.0f} mm"
+        for t, p, d in zip(s["nodule_types"], s["nodule_placements"], s["nodule_diameters_mm"])
+    ]
+    fig.suptitle(
+        f"Synthetic phantom (procedural, not patient data), seed {seed}, subject {index}, "
+        f"shape {spec.shape}, spacing {spec.spacing} mm; nodules: {', '.join(kinds) or 'none'}",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+
+
 def _main(argv: list[str]) -> None:
     from absl import flags
 
@@ -1078,6 +1167,13 @@ def _main(argv: list[str]) -> None:
     if cfg.preview:
         save_preview(spec, cfg.seed, cfg.num_subjects, cfg.out)
         print(f"wrote {cfg.out}")
+    if cfg.montage:
+        save_montage(spec, cfg.seed, cfg.montage_index, cfg.montage)
+        print(f"wrote {cfg.montage}")
+    if cfg.hu_table:
+        print("| structure | mean HU | std HU | voxels |\n|---|---|---|---|")
+        for name, (mean, std, n) in structure_hu(spec, cfg.seed, cfg.num_subjects).items():
+            print(f"| {name} | {mean:.0f} | {std:.0f} | {n} |")
 
 
 if __name__ == "__main__":
@@ -1088,4 +1184,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("out", "phantom_preview.png", "Path of the preview PNG.")
     flags.DEFINE_integer("num_subjects", 3, "Number of subjects to generate.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_string("montage", None, "Path of a PNG of one subject's axial slices and labels.")
+    flags.DEFINE_integer("montage_index", 0, "Subject shown by --montage.")
+    flags.DEFINE_bool("hu_table", False, "Print mean and std HU per structure over the subjects.")
     app.run(_main)

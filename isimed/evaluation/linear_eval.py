@@ -16,6 +16,7 @@ import numpy as np
 
 from isimed import paths
 from isimed import train_state
+from isimed.evaluation import context_tasks
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
 from isimed.evaluation import metrics_log
@@ -121,8 +122,39 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         results["feature_sets"][name] = _feature_set_row(
             config, evaluation[name], reference[name], uniform[name], has_lesions, has_labels
         )
+    _add_context_tasks(config, pre_config, embed_fns, results)
     _write_outputs(workdir, results, evaluation["pretrained"])
     return results
+
+
+def _add_context_tasks(config, pre_config, embed_fns, results: dict[str, Any]) -> None:
+    """Adds the context tasks (hard-negative nodule crops, anatomy, image-level nodule presence;
+    `context_tasks`) to every feature set's row where the records carry structure labels, and
+    every task's headroom over the baselines."""
+    context = None
+    if config.get("context") is not None and config.context.enabled:
+        context = context_tasks.collect(
+            config, pre_config, embed_fns, functools.partial(_pool, factor=config.raw_pool)
+        )
+    results["tasks"]["context"] = context is not None
+    if context is not None:
+        cv = _cross_validator(config)
+        for name, row in results["feature_sets"].items():
+            row.update(context_tasks.probe_rows(cv, context[name]))
+    results["headroom"] = context_tasks.headroom(results["feature_sets"])
+
+
+def _cross_validator(config: ml_collections.ConfigDict):
+    return functools.partial(
+        probes.cross_validate,
+        folds=config.folds,
+        val_fraction=config.val_fraction,
+        epochs=config.probe.epochs,
+        learning_rate=config.probe.learning_rate,
+        weight_decays=tuple(config.probe.weight_decays),
+        batch_size=config.probe.batch_size,
+        seed=config.seed,
+    )
 
 
 def _load_pretrained(config: ml_collections.ConfigDict):
@@ -237,4 +269,4 @@ def format_results(results: dict[str, Any]) -> str:
             f"| {row['rankme']:.1f} | {row['position_probe']['mae_mm']:.1f} "
             f"| {row['spearman_within']:.3f} | {row['spearman_cross']:.3f} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + context_tasks.format_tables(results))

@@ -4,7 +4,8 @@ Nothing here fits a model: the probes that produce predictions live in `probes`.
 
 * representation metrics: `rankme`, and latent vs physical distances (`pair_distances`,
   `distance_spearman`);
-* task metrics of predictions: `binary_metrics`, `multilabel_metrics`, `regression_metrics`, and
+* task metrics of predictions: `binary_metrics`, `multilabel_metrics`, `multiclass_metrics`,
+  `regression_metrics`, and
   `auc_from_ranks` (many AUCs at once, for model selection).
 """
 
@@ -145,6 +146,25 @@ def multilabel_metrics(y_true: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
         per_label.append(float(sklearn.metrics.roc_auc_score(col, prob[:, j])) if both else float("nan"))
     defined = [a for a in per_label if not np.isnan(a)]
     return {"auc_per_label": per_label, "mean_auc": float(np.mean(defined)) if defined else float("nan")}
+
+
+def multiclass_metrics(y_onehot: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
+    """Accuracy of the most probable class and the one-vs-rest AUC of every class.
+
+    Returns {"accuracy": float, "macro_auc": mean of the defined per-class AUCs (nan if none),
+    "auc_per_class": [C floats], nan for a class absent from or alone in `y_onehot`}.
+    """
+    y = binary_labels(y_onehot)
+    prob = np.asarray(prob, dtype=np.float64)
+    if y.ndim != 2 or y.shape != prob.shape:
+        raise ValueError(f"expected matching (N, C) arrays, got {y.shape} and {prob.shape}")
+    per_class = multilabel_metrics(y, prob)
+    accuracy = float(np.mean(prob.argmax(axis=1) == y.argmax(axis=1))) if len(y) else float("nan")
+    return {
+        "accuracy": accuracy,
+        "macro_auc": per_class["mean_auc"],
+        "auc_per_class": per_class["auc_per_label"],
+    }
 
 
 def regression_metrics(y_true: np.ndarray, pred: np.ndarray) -> dict[str, float]:

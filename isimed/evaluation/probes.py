@@ -31,10 +31,11 @@ import sklearn.neighbors
 
 from isimed.evaluation import metrics
 
-TASKS = ("binary", "multilabel", "regression")
+TASKS = ("binary", "multilabel", "multiclass", "regression")
 _TASK_METRICS = {
     "binary": metrics.binary_metrics,
     "multilabel": metrics.multilabel_metrics,
+    "multiclass": metrics.multiclass_metrics,
     "regression": metrics.regression_metrics,
 }
 
@@ -96,7 +97,7 @@ class LinearProbe:
     """A trained linear read-out plus the training statistics it standardises inputs with.
 
     Attributes:
-      task: "binary", "multilabel" or "regression".
+      task: "binary", "multilabel", "multiclass" (one-hot targets, softmax) or "regression".
       weights: `(D, L)` in standardised-feature space; bias: `(L,)`.
       feature_mean, feature_std: training-set statistics (std already includes the 1e-6).
       target_mean, target_std: regression targets' training statistics (0 / 1 otherwise).
@@ -124,6 +125,8 @@ class LinearProbe:
         out = self.logits(x)
         if self.task == "regression":
             out = out * self.target_std + self.target_mean
+        elif self.task == "multiclass":
+            out = scipy.special.softmax(out, axis=-1)
         else:
             # float64 sigmoid: float32 would saturate confident logits to exactly 1.0 and
             # create artificial ties in the AUC.
@@ -135,6 +138,8 @@ def _loss(params: dict, x: jax.Array, y: jax.Array, mask: jax.Array, task: str) 
     out = x @ params["w"] + params["b"]
     if task == "regression":
         per_row = jnp.mean((out - y) ** 2, axis=-1)
+    elif task == "multiclass":  # one-hot targets, softmax cross-entropy
+        per_row = optax.softmax_cross_entropy(out, y)
     else:
         per_row = jnp.mean(optax.sigmoid_binary_cross_entropy(out, y), axis=-1)
     # Padding rows carry mask 0; the max() keeps an all-padding batch from dividing by zero.
@@ -232,7 +237,7 @@ def fit_linear_probe(
       train_x, val_x: `(N, D)` features.
       train_y, val_y: `(N,)` 0/1 (binary), `(N, L)` 0/1 (multilabel), `(N,)` or `(N, T)`
         (regression).
-      task: "binary", "multilabel" or "regression".
+      task: "binary", "multilabel", "multiclass" (one-hot targets, softmax) or "regression".
 
     Returns:
       A LinearProbe with the selected weights and `selected` =
@@ -355,8 +360,10 @@ def _targets(y: np.ndarray, task: str, n: int) -> tuple[np.ndarray, bool]:
         raise ValueError(f"{len(y)} targets for {n} feature rows")
     if task == "binary" and y.ndim != 1:
         raise ValueError(f"binary targets must be 1-D, got shape {y.shape}")
-    if task == "multilabel" and y.ndim != 2:
-        raise ValueError(f"multilabel targets must be (N, L), got shape {y.shape}")
+    if task in ("multilabel", "multiclass") and y.ndim != 2:
+        raise ValueError(f"{task} targets must be (N, L), got shape {y.shape}")
+    if task == "multiclass" and not np.all(y.sum(axis=1) == 1):
+        raise ValueError("multiclass targets must be one-hot rows (exactly one 1 per row)")
     if y.ndim > 2:
         raise ValueError(f"targets must be 1-D or 2-D, got shape {y.shape}")
     return (y[:, None], True) if y.ndim == 1 else (y, False)
@@ -417,7 +424,7 @@ def cross_validate(
 
     Args:
       features: `(N, D)`; labels: as in `fit_linear_probe`; groups: `(N,)` subject ids.
-      task: "binary", "multilabel" or "regression".
+      task: "binary", "multilabel", "multiclass" (one-hot targets, softmax) or "regression".
       probe_kwargs: forwarded to `fit_linear_probe` (epochs, learning_rate, weight_decays, ...).
 
     Returns:
