@@ -349,7 +349,7 @@ def test_chestmnist_config_trains_and_linear_eval_uses_labels(tmp_path):
     eval_config.probe.epochs = 5
     results = linear_eval.evaluate(eval_config, str(tmp_path / "eval"))
     row = results["feature_sets"]["pretrained"]
-    assert results["tasks"] == {"lesion": False, "labels": True}
+    assert results["tasks"] == {"lesion": False, "labels": True, "context": False}
     assert "labels_image" in row and "lesion_crop" not in row and "knn_accuracy" not in row
     assert len(row["labels_image"]["folds"][0]["auc_per_label"]) == 14
     table = linear_eval.format_results(results)
