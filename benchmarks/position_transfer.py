@@ -260,6 +260,7 @@ def pretrain(data_dir: str, workdir: str, steps: int) -> dict[str, Any]:
         "s_per_step": round(seconds / config.total_steps, 3),
         "train_s_per_step": _train_s_per_step(run_dir, config),
         "load_after": _load(),
+        "commit": _commit(),
     }
     with open(timing_path, "w") as f:
         json.dump(timing, f)
@@ -277,6 +278,19 @@ def _train_s_per_step(run_dir: str, config) -> float:
     return round(float(np.median(crops_per_step / rates)), 3)
 
 
+def _commit() -> str:
+    """HEAD's short hash, "+modified" when the code it trained with differs from it."""
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=False).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--", "isimed", "configs")
+        return git("rev-parse", "--short", "HEAD") + ("+modified" if dirty else "")
+    except OSError:
+        return "n/a"
+
+
 def _load() -> str:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
@@ -284,20 +298,31 @@ def _load() -> str:
         return "n/a"
 
 
-def evaluate(workdir: str, subjects: list[dict], affine: np.ndarray) -> dict[str, Any]:
+def evaluate(
+    pretrain_dir: str,
+    subjects: list[dict],
+    affine: np.ndarray,
+    *,
+    probe_crops: int,
+    test_crops: int,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
     """Position-probe MAE (per axis, mean; subjects also against the anatomical ground truth) and
-    distance Spearman of every feature set on the template and on the subjects."""
+    distance Spearman of every feature set on the template and on the subjects. `data_dir`: a
+    prepared folder of other `subjects` (default: the one the run was pretrained on)."""
     from isimed.evaluation import features
     from isimed.evaluation import metrics
     from isimed.evaluation import probes
 
-    config, embeds, state = features.load_embed_fns(os.path.join(workdir, "pretrain"))
+    config, embeds, state = features.load_embed_fns(pretrain_dir)
+    if data_dir is not None:
+        config.data.dir = os.path.abspath(data_dir)
     fit = features.collect(
         config,
         "train",
         embeds,
         max_images=1,
-        crops_per_image=FLAGS.probe_crops,
+        crops_per_image=probe_crops,
         with_crops=True,
         seed=PROBE_SEED,
     )
@@ -307,7 +332,7 @@ def evaluate(workdir: str, subjects: list[dict], affine: np.ndarray) -> dict[str
             "validation",
             embeds,
             max_images=1,
-            crops_per_image=FLAGS.test_crops,
+            crops_per_image=test_crops,
             with_crops=True,
             seed=TEST_SEED,
         ),
@@ -316,7 +341,7 @@ def evaluate(workdir: str, subjects: list[dict], affine: np.ndarray) -> dict[str
             "test",
             embeds,
             max_images=len(subjects),
-            crops_per_image=FLAGS.test_crops,
+            crops_per_image=test_crops,
             with_crops=True,
             seed=TEST_SEED,
         ),
@@ -421,7 +446,17 @@ def main(argv) -> None:
     print(f"{len(subjects)} subjects made and prepared in {time.time() - t0:.0f} s", flush=True)
     timing = pretrain(data_dir, workdir, FLAGS.steps)
     t0 = time.time()
-    result = {"settings": settings, "timing": timing, **evaluate(workdir, subjects, affine)}
+    result = {
+        "settings": settings,
+        "timing": timing,
+        **evaluate(
+            os.path.join(workdir, "pretrain"),
+            subjects,
+            affine,
+            probe_crops=FLAGS.probe_crops,
+            test_crops=FLAGS.test_crops,
+        ),
+    }
     result["eval_s"] = round(time.time() - t0, 1)
     table = format_table(result)
     with open(os.path.join(workdir, "position_transfer.json"), "w") as f:
