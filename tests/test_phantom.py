@@ -356,3 +356,15 @@ def test_preview_writes_png(tmp_path):
     out = tmp_path / "preview.png"
     phantom.save_preview(TINY, seed=0, num_subjects=1, out_path=str(out))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_montage_and_hu_table(tmp_path):
+    out = tmp_path / "montage.png"
+    phantom.save_montage(TINY, seed=0, index=1, out_path=str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = phantom.structure_hu(TINY, seed=0, num_subjects=2)
+    s = [subject(TINY, 0, i) for i in range(2)]
+    lungs = np.concatenate([x["image"][x["labels"] == S["lung_left"]] for x in s]).astype(np.float64)
+    mean, std, n = table["lung_left"]
+    assert n == lungs.size and mean == pytest.approx(lungs.mean()) and std == pytest.approx(lungs.std())
+    assert "nodule" not in table and all(name in table for name in S if name != "nodule")
