@@ -176,6 +176,11 @@ def collect(config, pre_config, embeds: dict, pool) -> dict[str, dict] | None:
     """Per feature set (every encoder in `embeds`, and "raw_intensity" via `pool`), the context
     tasks' per-crop rows with their "embeddings"; None when the data has no structure labels."""
     data = pre_config.data
+    # Only data whose records carry structure labels poses these tasks; look at one record of the
+    # evaluation split before opening any other split (real data sets may lack a validation one).
+    source = pipeline.open_source(data, config.eval_split)
+    if len(source) == 0 or not has_structures(source[0]):
+        return None
     sampling = Sampling(
         crop_shape=tuple(data.crop_size),
         window=None if data.get("window") is None else tuple(data.window),
