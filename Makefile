@@ -40,6 +40,7 @@ benchmark: install
 
 # The authors' PyTorch + MONAI DenseNet-121 step against this project's, same shapes, same CPU
 # (own venv: torch and monai are not project dependencies). CROPS=128 crops of 32^3 per step.
+# Then the input pipeline on a real 1 mm brain MRI against the authors' MONAI transforms.
 REF_VENV := .venv-reference
 REF_PY := $(REF_VENV)/bin/python
 CROPS ?= 128
@@ -53,6 +54,7 @@ $(REF_VENV)/.installed: setup.cfg pyproject.toml
 
 benchmark-reference: $(REF_VENV)/.installed
 	$(REF_PY) -m benchmarks.reference --crops=$(CROPS)
+	$(REF_PY) -m benchmarks.pipeline --rows=real
 
 # ISImed vs SimCLR, VICReg, Barlow Twins on the phantom (demo preset; SEEDS=3 for seed spread).
 SEEDS ?= 1

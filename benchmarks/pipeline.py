@@ -168,6 +168,12 @@ def _alternate(variants: dict, seconds: float, rounds: int) -> dict[str, tuple[f
 
 def real_rows(seconds: float, rounds: int) -> list[tuple[str, str]]:
     try:
+        import nilearn  # noqa: F401
+    except ImportError:
+        return [
+            ("MNI152 real-volume rows", "skipped: nilearn not installed (the [test] or [reference] extra)")
+        ]
+    try:
         import monai  # noqa: F401
     except ImportError:
         monai = None
