@@ -240,3 +240,19 @@ def test_headroom_is_one_minus_the_best_baseline():
     h = context_tasks.headroom(rows)["nodule_hard"]
     assert h["best_baseline"] == "raw_intensity" and h["headroom"] == pytest.approx(0.2)
     assert h["best_pretrained"] == "pretrained" and h["gain"] == pytest.approx(0.1)
+
+
+def test_multiclass_probe_separates_clusters_and_returns_distributions():
+    from isimed.evaluation import probes
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]])
+    classes = rng.integers(0, 3, size=300)
+    x = centres[classes] + rng.normal(size=(300, 2))
+    y = np.eye(3)[classes]
+    probe = probes.fit_linear_probe(
+        x[:200], y[:200], x[200:250], y[200:250], task="multiclass", epochs=20, batch_size=16
+    )
+    prob = probe.predict(x[250:])
+    np.testing.assert_allclose(prob.sum(axis=1), 1.0, rtol=1e-9)
+    assert metrics.multiclass_metrics(y[250:], prob)["accuracy"] > 0.9
