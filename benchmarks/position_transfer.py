@@ -46,17 +46,6 @@ from scipy import ndimage
 
 from isimed import geometry
 
-flags.DEFINE_string("workdir", "workdirs/position_transfer", "Data, pretraining run and the table.")
-flags.DEFINE_integer("subjects", 8, "Deformed test subjects.")
-flags.DEFINE_list("max_displacement_mm", ["2", "4"], "Range of each subject's largest displacement.")
-flags.DEFINE_float("deformation_spacing_mm", 16.0, "Control-point spacing of the deformation.")
-flags.DEFINE_float("bias", 0.2, "Bias field: log-amplitude (0.2: x0.82 .. x1.22).")
-flags.DEFINE_float("bias_spacing_mm", 48.0, "Control-point spacing of the bias field.")
-flags.DEFINE_float("noise", 0.02, "Rician noise sigma, as a share of the 95th intensity percentile.")
-flags.DEFINE_integer("seed", 0, "Seed of the subjects (pretraining uses the preset's seed).")
-flags.DEFINE_integer("steps", 0, "Pretraining steps (0: the demo preset's).")
-flags.DEFINE_integer("probe_crops", 1024, "Template crops the position probe is fitted on.")
-flags.DEFINE_integer("test_crops", 256, "Crops per test image.")
 FLAGS = flags.FLAGS
 
 TEMPLATE_CASES = {"train": "template_fit", "validation": "template_eval"}
@@ -466,5 +455,22 @@ def main(argv) -> None:
     print(table)
 
 
+def _define_flags() -> None:
+    """Flags exist only when run as a program: other modules (benchmarks.compare_methods) define
+    the same names, and the tests import both."""
+    flags.DEFINE_string("workdir", "workdirs/position_transfer", "Data, pretraining run and the table.")
+    flags.DEFINE_integer("subjects", 8, "Deformed test subjects.")
+    flags.DEFINE_list("max_displacement_mm", ["2", "4"], "Range of each subject's largest displacement.")
+    flags.DEFINE_float("deformation_spacing_mm", 16.0, "Control-point spacing of the deformation.")
+    flags.DEFINE_float("bias", 0.2, "Bias field: log-amplitude (0.2: x0.82 .. x1.22).")
+    flags.DEFINE_float("bias_spacing_mm", 48.0, "Control-point spacing of the bias field.")
+    flags.DEFINE_float("noise", 0.02, "Rician noise sigma, as a share of the 95th intensity percentile.")
+    flags.DEFINE_integer("seed", 0, "Seed of the subjects (pretraining uses the preset's seed).")
+    flags.DEFINE_integer("steps", 0, "Pretraining steps (0: the demo preset's).")
+    flags.DEFINE_integer("probe_crops", 1024, "Template crops the position probe is fitted on.")
+    flags.DEFINE_integer("test_crops", 256, "Crops per test image.")
+
+
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
