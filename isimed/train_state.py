@@ -80,11 +80,13 @@ class Networks:
             self.head_graph, head_params = nnx.split(head, nnx.Param)
             self.head_params = head_params.to_pure_dict()
 
-    def apply(self, params, batch_stats, x: jnp.ndarray, *, train: bool):
-        """Embeds `x` (N, *spatial, C); returns (N, D) float32 and the updated batch statistics."""
+    def apply(self, params, batch_stats, x: jnp.ndarray, *, train: bool, with_pooled: bool = False):
+        """Embeds `x` (N, *spatial, C); returns (N, D) float32 and the updated batch statistics.
+        With `with_pooled`, the first is `(pooled, embeddings)`: the pooled backbone features
+        (N, channels) float32 too (see `isimed.models.encoder`)."""
         encoder = nnx.merge(self.train_graph if train else self.eval_graph, params, batch_stats)
-        z = encoder(x)
-        return z.astype(jnp.float32), nnx.split(encoder, nnx.Param, ...)[2].to_pure_dict()
+        out = encoder(x, with_pooled=with_pooled)
+        return out, nnx.split(encoder, nnx.Param, ...)[2].to_pure_dict()
 
     def apply_head(self, head_params, z: jnp.ndarray) -> jnp.ndarray:
         return nnx.merge(self.head_graph, head_params)(z)

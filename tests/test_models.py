@@ -228,6 +228,26 @@ def test_batchnorm_eval_mode_is_per_sample_and_frozen(runs):
     assert not np.allclose(runs["eval"][2:], runs["eval_mixed"][2:], rtol=1e-3, atol=1e-3)
 
 
+@fast_jit
+def pooled_forward(model, x):
+    pooled, z = model(x, with_pooled=True)
+    return pooled, z, model.head(pooled), model.features(x)
+
+
+def test_embedding_is_the_head_of_the_pooled_backbone(runs):
+    """Linear evaluation's backbone features and the embedding come from one forward pass: the
+    pooled last feature map, and the final Linear of exactly that."""
+    pooled, z, head_of_pooled, feature_map = pooled_forward(runs["model"], runs["x"])
+    assert pooled.dtype == z.dtype == jnp.float32
+    assert pooled.shape == (4, runs["model"].head.in_features)
+    spatial = tuple(range(1, feature_map.ndim - 1))
+    np.testing.assert_allclose(
+        pooled, np.mean(np.asarray(feature_map, np.float64), axis=spatial), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(z, head_of_pooled, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(z, runs["eval"], rtol=1e-5, atol=1e-6)  # = model(x)
+
+
 def test_bfloat16_compute(runs):
     name, spatial_dims, kwargs, _ = SMALL_CONFIGS[runs["key"]]
     model = nnx.eval_shape(

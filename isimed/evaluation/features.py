@@ -19,8 +19,9 @@ from isimed.data import pipeline
 EmbedFn = Callable[[np.ndarray], np.ndarray]
 
 
-def make_embed_fn(model, mesh: jax.sharding.Mesh, chunk: int = 256):
-    """Returns `bind(params, batch_stats) -> embed(crops (N, ...)) -> (N, D) numpy`.
+def make_embed_fn(model, mesh: jax.sharding.Mesh, chunk: int = 256, *, backbone: bool = False):
+    """Returns `bind(params, batch_stats) -> embed(crops (N, ...)) -> (N, D) numpy`: the encoder's
+    embeddings or, with `backbone`, its pooled backbone features (the final Linear's input).
 
     The encoder runs in eval mode: BatchNorm uses (and never updates) its running statistics.
     Crops go through in fixed-size chunks, padded to a multiple of the device count, so one
@@ -34,7 +35,8 @@ def make_embed_fn(model, mesh: jax.sharding.Mesh, chunk: int = 256):
 
     @functools.partial(jax.jit, out_shardings=replicated)
     def forward(params, batch_stats, x):
-        return model.apply(params, batch_stats, x, train=False)[0]
+        out = model.apply(params, batch_stats, x, train=False, with_pooled=backbone)[0]
+        return out[0] if backbone else out
 
     def bind(params, batch_stats) -> EmbedFn:
         params, batch_stats = jax.device_put((params, batch_stats), replicated)
@@ -54,16 +56,22 @@ def make_embed_fn(model, mesh: jax.sharding.Mesh, chunk: int = 256):
     return bind
 
 
-def load_embed_fns(workdir: str, step: int | None = None):
+def load_embed_fns(workdir: str, step: int | None = None, *, backbone: bool = False):
     """`(config, embeds, state)` of a pretraining checkpoint (latest step by default): its stored
     config, `{"pretrained": ..., "random_init": ...}` frozen encoders (random_init: the same
-    architecture and seed pretraining started from) and the restored train state."""
+    architecture and seed pretraining started from) and the restored train state. With
+    `backbone`, also `"pretrained_backbone"` and `"random_init_backbone"`: the same encoders'
+    pooled backbone features (before the final Linear; a method's MLP head is never included)."""
     config, networks, state = checkpoints.load_encoder(workdir, step)
-    bind = make_embed_fn(networks, train_state.make_mesh())
-    embeds = {
-        "pretrained": bind(state["params"]["encoder"], state["batch_stats"]),
-        "random_init": bind(networks.params, networks.batch_stats),
+    mesh = train_state.make_mesh()
+    weights = {
+        "pretrained": (state["params"]["encoder"], state["batch_stats"]),
+        "random_init": (networks.params, networks.batch_stats),
     }
+    embeds = {}
+    for layer, suffix in ((False, ""), (True, "_backbone"))[: 1 + backbone]:
+        bind = make_embed_fn(networks, mesh, backbone=layer)
+        embeds.update({name + suffix: bind(*w) for name, w in weights.items()})
     return config, embeds, state
 
 

@@ -1,8 +1,11 @@
 """Linear evaluation of a pretraining checkpoint: `evaluate(config, workdir)`.
 
 Feature sets compared in every report: the pretrained encoder, the same architecture randomly
-initialised, and raw crop intensities, so the table shows what pretraining adds. All three see the
-same crops. Encoders run frozen in eval mode (BatchNorm running statistics, never updated).
+initialised, and raw crop intensities, so the table shows what pretraining adds. Each encoder is
+probed at two layers: its embedding (the final Linear's output, what ISImed's distance loss
+constrains unless it has a projection head) and its pooled backbone features (`*_backbone`, the
+final Linear's input, where standard SSL practice probes). All see the same crops. Encoders run
+frozen in eval mode (BatchNorm running statistics, never updated).
 """
 
 import functools
@@ -23,7 +26,7 @@ from isimed.evaluation import metrics_log
 from isimed.evaluation import plots
 from isimed.evaluation import probes
 
-FEATURE_SETS = ("pretrained", "random_init", "raw_intensity")
+FEATURE_SETS = ("pretrained", "pretrained_backbone", "random_init", "random_init_backbone", "raw_intensity")
 
 
 def _select_step(pretrain_workdir: str, checkpoint: str) -> int | None:
@@ -77,7 +80,7 @@ def _collect_all(config, pre_config, embed_fns, split, k, lesion_share, max_imag
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Runs every task and metric for the three feature sets; writes results.json and results.md."""
+    """Runs every task and metric for every feature set; writes results.json and results.md."""
     train_state.initialize(config)
     pretrain_workdir, pre_config, embed_fns, state = _load_pretrained(config)
     evaluation = _collect_all(
@@ -163,7 +166,7 @@ def _load_pretrained(config: ml_collections.ConfigDict):
         raise ValueError("set --config.pretrain_workdir to a pretraining --workdir")
     pretrain_workdir = os.fspath(paths.resolve(config.pretrain_workdir))
     step = _select_step(pretrain_workdir, str(config.checkpoint))
-    pre_config, embeds, state = features_lib.load_embed_fns(pretrain_workdir, step)
+    pre_config, embeds, state = features_lib.load_embed_fns(pretrain_workdir, step, backbone=True)
     if config.data_dir:
         pre_config.data["dir" if pre_config.data.name == "prepared" else "tfds_dir"] = config.data_dir
     return pretrain_workdir, pre_config, embeds, state

@@ -1,4 +1,5 @@
-"""Encoders mapping 2D/3D channels-last crops to (N, embed_dim) embeddings."""
+"""Encoders mapping 2D/3D channels-last crops to (N, embed_dim) embeddings (and, on request, their
+pooled backbone features: `isimed.models.encoder.Encoder`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from isimed.models.densenet import DenseNet
+from isimed.models.encoder import Encoder
 from isimed.models.resnet import BasicBlock
 from isimed.models.resnet import Bottleneck
 from isimed.models.resnet import ResNet
@@ -21,6 +23,7 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "DenseNet",
+    "Encoder",
     "ResNet",
     "SmallCNN",
     "count_params",

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from isimed.models.encoder import Encoder
 from isimed.models.layers import avg_pool
 from isimed.models.layers import batch_norm
 from isimed.models.layers import check_spatial_dims
 from isimed.models.layers import conv
 from isimed.models.layers import cpu_backend
-from isimed.models.layers import global_avg_pool
 from isimed.models.layers import linear
 from isimed.models.layers import max_pool
 from isimed.models.layers import resolve_dtype
@@ -80,7 +80,7 @@ class Transition(nnx.Module):
         return avg_pool(self.conv(x), 2, 2)
 
 
-class DenseNet(nnx.Module):
+class DenseNet(Encoder):
     """DenseNet encoder producing an (N, embed_dim) float32 embedding.
 
     Defaults are DenseNet-121 as configured by MONAI (``DenseNet121``).
@@ -147,7 +147,3 @@ class DenseNet(nnx.Module):
         for stage in self.stages:
             x = stage(x)
         return nnx.relu(self.final_bn(x))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Map (N, *spatial, C) inputs to (N, embed_dim) float32 embeddings."""
-        return self.head(global_avg_pool(self.features(x))).astype(jnp.float32)

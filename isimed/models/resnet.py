@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from isimed.models.encoder import Encoder
 from isimed.models.layers import batch_norm
 from isimed.models.layers import check_spatial_dims
 from isimed.models.layers import conv
-from isimed.models.layers import global_avg_pool
 from isimed.models.layers import linear
 from isimed.models.layers import max_pool
 from isimed.models.layers import resolve_dtype
@@ -110,7 +110,7 @@ class Bottleneck(nnx.Module):
         return nnx.relu(y + residual)
 
 
-class ResNet(nnx.Module):
+class ResNet(Encoder):
     """ResNet encoder producing an (N, embed_dim) float32 embedding.
 
     Args:
@@ -168,7 +168,3 @@ class ResNet(nnx.Module):
         for blk in self.blocks:
             x = blk(x)
         return x
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Map (N, *spatial, C) inputs to (N, embed_dim) float32 embeddings."""
-        return self.head(global_avg_pool(self.features(x))).astype(jnp.float32)

@@ -8,17 +8,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from isimed.models.encoder import Encoder
 from isimed.models.layers import batch_norm
 from isimed.models.layers import check_spatial_dims
 from isimed.models.layers import conv
-from isimed.models.layers import global_avg_pool
 from isimed.models.layers import linear
 from isimed.models.layers import resolve_dtype
 
 NORMS = ("batch", "group", "none")
 
 
-class SmallCNN(nnx.Module):
+class SmallCNN(Encoder):
     """Stages of stride-2 conv3 -> norm -> ReLU, then global average pool and Linear.
 
     Every stage, the first included, halves the resolution: a first stage at
@@ -99,7 +99,3 @@ class SmallCNN(nnx.Module):
                 x = norm_layer(x)
             x = nnx.relu(x)
         return x
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Map (N, *spatial, C) inputs to (N, embed_dim) float32 embeddings."""
-        return self.head(global_avg_pool(self.features(x))).astype(jnp.float32)
