@@ -800,7 +800,8 @@ def _nodule_candidate(
     spacing: np.ndarray,
     radius: float,
 ) -> np.ndarray | None:
-    """A continuous centre (array index) for a nodule of `placement`, or None (empty pool).
+    """A continuous centre (array index) for a nodule of `placement`; None when its pool of
+    voxels is empty.
 
     isolated: a random lung voxel; juxta_vascular: `radius * [0.4, 0.9]` from a random vessel
     voxel (so the sphere swallows part of the vessel); juxta_pleural: `radius * [0.2, 0.6]`
@@ -821,8 +822,8 @@ def _nodule_candidate(
     near = np.argwhere(np.isin(labels[tuple(slice(a, b) for a, b in zip(lo, hi))], _LUNGS)) + lo
     inward_mm = (near.mean(axis=0) - voxel) * spacing
     norm = float(np.linalg.norm(inward_mm))
-    if norm < 1e-6:
-        return None
+    if norm < 1e-6:  # no lung side to move to: the fit test below rejects the voxel itself
+        return voxel
     return voxel + inward_mm / norm * radius * rng.uniform(0.2, 0.6) / spacing
 
 
