@@ -72,6 +72,34 @@ def test_pair_distances_match_brute_force(pairs):
     np.testing.assert_allclose(physical, expected_p, rtol=1e-12)
 
 
+@pytest.mark.parametrize("pairs", ["within", "cross", "all"])
+def test_pair_distances_memory_is_pairs_not_pairs_times_dim(pairs):
+    """Wide features (raw crops) over many crops: the old (n, n, D) difference array would take
+    256 x 256 x 4096 x 8 B = 2 GiB here; the pairs themselves take under 1 MiB. Values against
+    numpy brute force on a few pairs, duplicates (distance 0) included."""
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(2, 128, 4096))
+    z[1, 5] = z[0, 3]  # A cross pair at distance 0.
+    centres = rng.uniform(-100, 100, size=(2, 128, 3))
+    tracemalloc.start()
+    latent, physical = metrics.pair_distances(z, centres, pairs)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 * 2**20
+    flat_z, flat_c = z.reshape(256, -1), centres.reshape(256, 3)
+    i, j = np.triu_indices(256, k=1)
+    keep = {"within": i // 128 == j // 128, "cross": i // 128 != j // 128, "all": i >= 0}[pairs]
+    i, j = i[keep], j[keep]
+    assert len(latent) == len(physical) == len(i)
+    for n in (0, 1, len(i) // 2, len(i) - 1):
+        assert latent[n] == pytest.approx(np.linalg.norm(flat_z[i[n]] - flat_z[j[n]]), rel=1e-12)
+        assert physical[n] == pytest.approx(np.linalg.norm(flat_c[i[n]] - flat_c[j[n]]), rel=1e-12)
+    if pairs != "within":
+        assert latent[np.flatnonzero((i == 3) & (j == 128 + 5))[0]] == 0.0
+
+
 def test_pair_distances_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="same B and K"):
         metrics.pair_distances(np.zeros((3, 4, 5)), np.zeros((3, 5, 3)))
