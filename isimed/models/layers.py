@@ -295,15 +295,19 @@ def _same_conv(x: jax.Array, w: jax.Array, precision=None, preferred_element_typ
 
 
 def _shifted_sum(y: jax.Array, offsets: Sequence[Sequence[int]]) -> jax.Array:
-    """(N, *spatial, T, C) -> (N, *spatial, C): sum over taps t of y[p + o_t, t] (zero outside)."""
-    radius = [max(abs(o) for o in offs) for offs in offsets]
+    """(N, *spatial, T, C) -> (N, *spatial, C): sum over taps t of y[p + o_t, t] (zero outside).
+
+    Each tap's term is its in-range block of y padded back to full size: single-use pads that XLA
+    fuses with the sum into one pass over y (one pad of the whole of y, sliced 27 times, was
+    materialised: a second copy of the (N, *spatial, 27 * C) matmul output each conv).
+    """
     spatial = y.shape[1:-2]
-    yp = jnp.pad(y, ((0, 0), *((r, r) for r in radius), (0, 0), (0, 0)))
     total = None
     for t, tap in enumerate(itertools.product(*offsets)):
-        start = (0, *(r + o for r, o in zip(radius, tap)), t, 0)
-        limit = (y.shape[0], *(s + n for s, n in zip(start[1:-2], spatial)), t + 1, y.shape[-1])
-        part = jax.lax.slice(yp, start, limit)[..., 0, :]
+        start = (0, *(max(o, 0) for o in tap), t, 0)
+        limit = (y.shape[0], *(n + min(o, 0) for n, o in zip(spatial, tap)), t + 1, y.shape[-1])
+        part = jax.lax.slice(y, start, limit)[..., 0, :]
+        part = jnp.pad(part, ((0, 0), *((max(-o, 0), max(o, 0)) for o in tap), (0, 0)))
         total = part if total is None else total + part
     return total
 
