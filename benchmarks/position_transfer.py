@@ -39,7 +39,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import scipy.spatial
 from absl import app
 from absl import flags
 from scipy import ndimage
@@ -376,20 +375,8 @@ def _row(name: str, fit: dict, test: dict, flat, probes, metrics) -> dict[str, A
     if name != "mean":
         z = _features(name, test)
         for pairs in ("within", "all"):
-            row[f"spearman_{pairs}"] = distance_spearman(z, test["centres"], pairs, metrics)
+            row[f"spearman_{pairs}"] = metrics.distance_spearman(z, test["centres"], pairs)
     return row
-
-
-def distance_spearman(z: np.ndarray, centres: np.ndarray, pairs: str, metrics) -> float:
-    """`metrics.distance_spearman` for "within" and "all" pairs, with condensed distance vectors
-    (scipy's pdist, the same row-major upper-triangle pair order): `metrics.pair_distances` builds
-    the `(n, n, D)` difference array, 128 GiB for 2,048 raw crops of 16^3."""
-    z, centres = np.asarray(z, np.float64), np.asarray(centres, np.float64)
-    if pairs == "all":
-        z, centres = z.reshape(1, -1, z.shape[-1]), centres.reshape(1, -1, centres.shape[-1])
-    latent = np.concatenate([scipy.spatial.distance.pdist(a) for a in z])
-    physical = np.concatenate([scipy.spatial.distance.pdist(c) for c in centres])
-    return metrics.spearman(latent, physical)
 
 
 def format_table(result: dict[str, Any]) -> str:

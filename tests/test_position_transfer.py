@@ -135,15 +135,3 @@ def test_prepared_subject_keeps_the_template_world_frame(tmp_path):
     # Other settings in the same workdir are refused (the prepared folder would be stale).
     with pytest.raises(ValueError, match="other settings"):
         pt.prepare_folder(str(tmp_path), {**settings, "seed": 1}, template, affine, subjects)
-
-
-@pytest.mark.parametrize("pairs", ["within", "all"])
-def test_distance_spearman_matches_the_project_metric(pairs):
-    from isimed.evaluation import metrics
-
-    rng = np.random.default_rng(9)
-    z = rng.normal(size=(3, 20, 5))
-    centres = rng.normal(size=(3, 20, 3)) + z[..., :3]  # Correlated, so the value is not ~0.
-    got = pt.distance_spearman(z, centres, pairs, metrics)
-    assert got == pytest.approx(metrics.distance_spearman(z, centres, pairs), abs=1e-12)
-    assert got > 0.1
