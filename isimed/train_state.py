@@ -145,12 +145,15 @@ def make_loss_fn(config: ml_collections.ConfigDict, networks: Networks):
     head = methods.uses_head(config)
 
     def loss_fn(params, batch_stats, batch, key, loss_ref):
-        crops = batch["crops"]
+        # Training crops of prepared data arrive as float16 (half the host work and transfer);
+        # widening them here gives the numbers the host's float32 crops gave.
+        crops = jnp.asarray(batch["crops"], jnp.float32)
         b, k = crops.shape[:2]
         spatial = crops.shape[2:]
         if method.views == 2:
             # Stacked after the image axis, so the batch stays sharded by image.
-            x = jnp.stack([crops, batch["views"]], axis=2).reshape(b * k * 2, *spatial)
+            views = jnp.asarray(batch["views"], jnp.float32)
+            x = jnp.stack([crops, views], axis=2).reshape(b * k * 2, *spatial)
             x = augment.augment(key, x, config.augment)
         else:
             x = crops.reshape(b * k, *spatial)
@@ -228,7 +231,7 @@ def make_monitor_fn(networks: Networks):
     every step (a 1024 x 1024 SVD per step at paper scale)."""
 
     def monitors(state: State, batch: Batch) -> dict[str, jnp.ndarray]:
-        crops = batch["crops"]
+        crops = jnp.asarray(batch["crops"], jnp.float32)  # float16 from prepared data.
         x = crops.reshape(crops.shape[0] * crops.shape[1], *crops.shape[2:])
         z, _ = networks.apply(state["params"]["encoder"], state["batch_stats"], x, train=True)
         return {"embedding_std": losses.embedding_std(z), "rankme": losses.rankme(z)}

@@ -381,3 +381,47 @@ def test_cached_records_compute_their_foreground_map_once(monkeypatch):
     for a, b in zip(batches, plain):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_training_crops_of_float16_data_stay_float16_and_widen_to_the_same_values():
+    record = _head_record()
+    kwargs = dict(window=None, min_foreground=0.5, foreground_threshold=-0.9, views=2, labels=False)
+    half = pipeline.SampleCrops((8, 10, 6), 6, widen=False, **kwargs)
+    full = pipeline.SampleCrops((8, 10, 6), 6, **kwargs)
+    a = half.random_map(record, np.random.default_rng(3))
+    b = full.random_map(record, np.random.default_rng(3))
+    for key in ("crops", "views"):
+        assert a[key].dtype == np.float16 and b[key].dtype == np.float32
+        np.testing.assert_array_equal(a[key].astype(np.float32), b[key])
+    # make_dataset: float16 for training, float32 for evaluation; windowed data always float32.
+    records = [dict(_head_record(), id=np.int32(i)) for i in range(3)]
+    cfg = data_config(crop_size=(8, 10, 6), window=None, min_foreground=0.5, foreground_threshold=-0.9)
+    for train, dtype in ((True, np.float16), (False, np.float32)):
+        batch = next(iter(pipeline.make_dataset(cfg, "train", seed=0, train=train, source=records)))
+        assert batch["crops"].dtype == dtype
+    batch = next(
+        iter(pipeline.make_dataset(data_config(), "train", seed=0, train=True, source=coded_source()))
+    )
+    assert batch["crops"].dtype == np.float32
+
+
+def test_float16_training_crops_give_the_same_step_and_monitors():
+    import jax
+
+    from isimed import train_state
+
+    config = isimed_chest.get_config("test")
+    setup = train_state.create_train_step(config, train_state.make_mesh())
+    rng = np.random.default_rng(0)
+    b, k, crop = config.data.images_per_batch, config.data.crops_per_image, config.data.crop_size
+    half = {
+        "crops": rng.uniform(-1, 1, (b, k, *crop, 1)).astype(np.float16),
+        "centres": rng.uniform(-100, 100, (b, k, 3)).astype(np.float32),
+    }
+    full = {key: value.astype(np.float32) for key, value in half.items()}
+    results = []
+    for batch in (half, full):
+        state, metrics = setup.step(jax.tree.map(np.array, setup.state), batch)
+        results.append((state, metrics.compute(), setup.monitors(setup.state, batch)))
+    for x, y in zip(*(jax.tree.leaves(r) for r in results)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

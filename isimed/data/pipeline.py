@@ -3,12 +3,13 @@
 A record is a dict with `id` (int), `image` (spatial array, HU for CT), `affine` ((ndim+1)^2, array
 index -> world mm) and optionally `mask` (lesion voxels). One pipeline element is one image:
 
-  crops            (K, *crop, 1) float32, intensity-normalised
+  crops            (K, *crop, 1) float32, intensity-normalised (float16 in training batches of
+                   float16 images without a window, i.e. prepared data: the step widens them)
   centres          (K, ndim)     float32, crop centres in world millimetres
   lesion_fraction  (K,)          float32, share of lesion voxels in each crop
   has_lesion       (K,)          int32, crop contains any lesion voxel
   image_id         ()            int32
-  views            (K, *crop, 1) float32, only with `views=2`: a second crop of each position,
+  views            (K, *crop, 1) like crops, only with `views=2`: a second crop of each position,
                    shifted by up to `view_offset` of the crop size per axis (for two-view methods)
   labels           (L,)          float32, only if the record has image-level `labels`
 
@@ -21,6 +22,8 @@ image are cut by one gather, float16 volumes are widened by a table look-up inst
 float16 cast, and a record kept by `RecordCache` carries its foreground map (one bit per crop
 position, computed on its first use) so crop positions are tested by a look-up, not by cutting and
 thresholding candidate crops. Every shortcut gives the same crops as the plain computation.
+Training batches of float16 data are sent as float16: widening to float32 was ~75% of the host's
+work per crop, and the step's cast on the device gives the same numbers.
 """
 
 from __future__ import annotations
@@ -107,6 +110,14 @@ def normalise_window(x: np.ndarray, window: Sequence[float] | None) -> np.ndarra
     return np.clip(x, -1.0, 1.0)
 
 
+def crop_values(crops: np.ndarray, window: Sequence[float] | None, widen: bool = True) -> np.ndarray:
+    """Crops as the encoder takes them: `normalise_window`, except that with `widen=False` float16
+    crops of data normalised at preparation (`window=None`) stay float16 (exact; cast on device)."""
+    if not widen and window is None and crops.dtype == np.float16:
+        return crops
+    return normalise_window(crops, window)
+
+
 def foreground_map(
     image: np.ndarray, crop_shape: Sequence[int], threshold: float, min_foreground: float
 ) -> np.ndarray:
@@ -160,14 +171,16 @@ def crops_at(
     crop_shape: Sequence[int],
     window: Sequence[float] | None,
     labels: bool = True,
+    widen: bool = True,
 ) -> dict[str, np.ndarray]:
     """The crops of `record` at `starts` `(n, ndim)` with their world-mm centres and lesion labels:
     crops `(n, *crop, 1)`, centres `(n, ndim)`, image_id and, with `labels`, lesion_fraction `(n,)`
-    and has_lesion `(n,)` (training needs no labels and skips cutting the mask)."""
+    and has_lesion `(n,)` (training needs no labels and skips cutting the mask). `widen`: see
+    `crop_values`."""
     crop_shape = tuple(crop_shape)
     crops = cut_crops(record["image"], starts, crop_shape)
     out = {
-        "crops": normalise_window(crops, window)[..., None],
+        "crops": crop_values(crops, window, widen)[..., None],
         "centres": geometry.crop_centres_mm(starts, crop_shape, record["affine"]).astype(np.float32),
         "image_id": np.int32(record["id"]),
     }
@@ -207,6 +220,7 @@ class SampleCrops(grain.transforms.RandomMap):
     views: int = 1
     view_offset: float = 0.25
     labels: bool = True  # lesion_fraction / has_lesion per crop (evaluation; training needs none).
+    widen: bool = True  # False: float16 crops of prepared data stay float16 (`crop_values`).
     # Ids of the records already checked by this copy of the transform (each worker has its own).
     _checked: set = dataclasses.field(default_factory=set, compare=False, repr=False)
 
@@ -230,11 +244,12 @@ class SampleCrops(grain.transforms.RandomMap):
             ]
         ).astype(np.int64)
 
-        out = crops_at(record, starts, self.crop_shape, self.window, self.labels)
+        out = crops_at(record, starts, self.crop_shape, self.window, self.labels, self.widen)
         if self.views == 2:
-            out["views"] = normalise_window(
+            out["views"] = crop_values(
                 cut_crops(image, self._shifted(rng, starts, image.shape), self.crop_shape),
                 self.window,
+                self.widen,
             )[..., None]
         elif self.views != 1:
             raise ValueError(f"views must be 1 or 2, got {self.views}")
@@ -398,7 +413,8 @@ def make_dataset(
     train=True: shuffled, reshuffled each epoch, repeated forever, batches of `images_per_batch`
     (divided across processes). train=False: every image of this process's shard once, in a fixed
     order with fixed crops for a given seed, final partial batch kept. `views=2` adds a second,
-    shifted crop of every position (two-view methods such as SimCLR).
+    shifted crop of every position (two-view methods such as SimCLR). Training crops of float16
+    data stay float16 (the train step widens them); evaluation crops are always float32.
     """
     check_data_config(data)
     source = open_source(data, split) if source is None else source
@@ -419,6 +435,7 @@ def make_dataset(
         views=views,
         view_offset=data.view_offset,
         labels=not train,
+        widen=not train,  # Training batches go to the step, which widens them on the device.
     )
     ds = ds.random_map(sampler, seed=seed + 1)
     if batch_size is None:
