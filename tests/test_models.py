@@ -23,6 +23,7 @@ from isimed.models import DenseNet
 from isimed.models import ResNet
 from isimed.models import SmallCNN
 from isimed.models import count_params
+from isimed.models import cpu
 from isimed.models import create_encoder
 from isimed.models.layers import avg_pool
 from isimed.models.layers import conv
@@ -445,3 +446,19 @@ def test_invalid_spatial_dims(cls, spatial_dims):
         cls(spatial_dims=spatial_dims, embed_dim=8, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="spatial_dims"):
         create_encoder("small_cnn", spatial_dims=spatial_dims, embed_dim=8, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "platforms, expected", [("cpu", True), ("cpu,cuda", True), ("cuda,cpu", False), ("tpu", False)]
+)
+def test_tune_malloc_only_where_jax_computes_on_the_cpu(platforms, expected):
+    """Training tunes glibc malloc for XLA:CPU only when JAX's first platform is the CPU (read from
+    the config before any backend starts); on accelerator hosts it leaves malloc alone."""
+    previous = jax.config.jax_platforms
+    jax.config.update("jax_platforms", platforms)  # Read at backend start-up only: started already.
+    try:
+        assert cpu.cpu_only() is expected
+        if not expected:
+            assert cpu.tune_malloc_for_cpu() is False
+    finally:
+        jax.config.update("jax_platforms", previous)
