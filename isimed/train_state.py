@@ -139,7 +139,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, networks: Networks):
 
     All crops of the step (B*K, times two for two-view methods) go through the encoder in one pass
     (train mode, so batch-norm statistics cover both views), then the head and the method's loss.
-    Two-view methods augment both views on device with `key`.
+    Two-view methods augment both views on device with `key`; a one-view method (ISImed) its crops
+    when the config has an `augment` section (the folder `demo` preset: intensity and noise).
     """
     method = methods.get(config.method)
     head = methods.uses_head(config)
@@ -157,6 +158,8 @@ def make_loss_fn(config: ml_collections.ConfigDict, networks: Networks):
             x = augment.augment(key, x, config.augment)
         else:
             x = crops.reshape(b * k, *spatial)
+            if "augment" in config:  # A one-view method augments only when its config asks.
+                x = augment.augment(key, x, config.augment)
         z, batch_stats = networks.apply(params["encoder"], batch_stats, x, train=True)
         z = z.reshape(b, k, method.views, -1)
         outputs = {"z": z[:, :, 0]}
