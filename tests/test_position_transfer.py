@@ -135,3 +135,48 @@ def test_prepared_subject_keeps_the_template_world_frame(tmp_path):
     # Other settings in the same workdir are refused (the prepared folder would be stale).
     with pytest.raises(ValueError, match="other settings"):
         pt.prepare_folder(str(tmp_path), {**settings, "seed": 1}, template, affine, subjects)
+
+
+def test_folder_demo_recipe_augments_isimed_crops_exactly_once(monkeypatch):
+    """The folder demo recipe turns augmentation on for ISImed (one view): the train loss passes
+    all crops of the step once through `augment` with the recipe's settings (traced only, no
+    compute), no flips (they would mirror left and right); other presets and the two-view methods'
+    own augmentation are left as they were."""
+    import jax
+
+    from configs import isimed_folder
+    from isimed import augment
+    from isimed import train_state
+
+    assert "augment" not in isimed_folder.get_config("test")
+    assert isimed_folder.get_config("demo", "simclr").augment.flip_prob > 0
+    demo = isimed_folder.get_config("demo")
+    assert demo.augment.flip_prob == 0.0 and demo.augment.noise_prob > 0
+    calls = []
+
+    def recording(key, x, config):
+        calls.append((x.shape, dict(config)))
+        return x + 1.0  # So that the traced loss depends on it.
+
+    monkeypatch.setattr(augment, "augment", recording)
+
+    class Networks:  # Stands in for the encoder: only the augmentation path is under test.
+        params, batch_stats = {}, {}
+
+        @staticmethod
+        def apply(params, batch_stats, x, train):
+            return x.reshape(x.shape[0], -1)[:, :4], batch_stats
+
+    b = 2
+    for config in (
+        isimed_folder.get_config("test"),
+        isimed_folder.demo_recipe(isimed_folder.get_config("test")),
+    ):
+        k, crop = config.data.crops_per_image, tuple(config.data.crop_size)
+        batch = {
+            "crops": jax.ShapeDtypeStruct((b, k, *crop, 1), np.float32),
+            "centres": jax.ShapeDtypeStruct((b, k, 3), np.float32),
+        }
+        loss_fn = train_state.make_loss_fn(config, Networks)
+        jax.eval_shape(loss_fn, {"encoder": {}}, {}, batch, jax.random.key(0), {})
+    assert calls == [((b * k, *crop, 1), dict(config.augment))]
