@@ -56,10 +56,12 @@ benchmark-reference: $(REF_VENV)/.installed
 	$(REF_PY) -m benchmarks.reference --crops=$(CROPS)
 	$(REF_PY) -m benchmarks.pipeline --rows=real
 
-# ISImed vs SimCLR, VICReg, Barlow Twins on the phantom (demo preset; SEEDS=3 for seed spread).
+# ISImed (with and without a head), the hybrid, SimCLR, VICReg, Barlow Twins on the phantom (demo
+# preset; SEEDS=3 for seed spread); HYBRID_WEIGHTS: extra hybrid runs for the trade-off table.
 SEEDS ?= 1
+HYBRID_WEIGHTS ?= 0.1,0.3
 compare: install
-	$(PY) -m benchmarks.compare_methods --seeds=$(SEEDS)
+	$(PY) -m benchmarks.compare_methods --seeds=$(SEEDS) --hybrid_weights=$(HYBRID_WEIGHTS)
 
 # Position transfer on real MRI: the folder demo preset pretrained on nilearn's MNI152 template,
 # crop position probed on smoothly deformed, bias-shaded, noisy copies of it (README: Benchmarks).
