@@ -59,7 +59,7 @@ benchmark-reference: $(REF_VENV)/.installed
 # ISImed (with and without a head), the hybrid, SimCLR, VICReg, Barlow Twins on the phantom (demo
 # preset; SEEDS=3 for seed spread); HYBRID_WEIGHTS: extra hybrid runs for the trade-off table.
 SEEDS ?= 1
-HYBRID_WEIGHTS ?= 0.1,0.3
+HYBRID_WEIGHTS ?= 0.1,3
 compare: install
 	$(PY) -m benchmarks.compare_methods --seeds=$(SEEDS) --hybrid_weights=$(HYBRID_WEIGHTS)
 
