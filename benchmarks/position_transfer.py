@@ -26,7 +26,8 @@ x + u(x) (the template position of the anatomy at the crop centre), so the part 
 is the deformation itself (at most `--max_displacement_mm`) can be read off.
 
 Writes `position_transfer.json` and `position_transfer.md` into the workdir and prints the table.
-A finished pretraining in the workdir is reused (with its recorded timing).
+A finished pretraining of the same config in the workdir is reused (with its recorded timing); one
+of another config is refused (use another `--workdir`).
 """
 
 from __future__ import annotations
@@ -233,12 +234,16 @@ def pretrain(data_dir: str, workdir: str, steps: int) -> dict[str, Any]:
     config.data.dir = os.path.abspath(data_dir)
     if steps:
         config.total_steps = steps
+    recipe = config.to_json_best_effort(sort_keys=True)
     if os.path.exists(timing_path):
         with open(timing_path) as f:
             timing = json.load(f)
-        if timing["steps"] == config.total_steps:
+        # Only a run of this very config: a recipe change with the same step count retrains.
+        if timing.get("config") == recipe:
             print(f"reusing the pretraining in {run_dir}", flush=True)
             return timing
+        if os.path.exists(os.path.join(run_dir, "checkpoints")):
+            raise ValueError(f"{run_dir}: holds a pretraining of another config; use another --workdir")
     start = time.time()
     train.train_and_evaluate(config, run_dir)
     seconds = time.time() - start
@@ -249,6 +254,7 @@ def pretrain(data_dir: str, workdir: str, steps: int) -> dict[str, Any]:
         "train_s_per_step": _train_s_per_step(run_dir, config),
         "load_after": _load(),
         "commit": _commit(),
+        "config": recipe,
     }
     with open(timing_path, "w") as f:
         json.dump(timing, f)

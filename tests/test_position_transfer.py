@@ -180,3 +180,14 @@ def test_folder_demo_recipe_augments_isimed_crops_exactly_once(monkeypatch):
         loss_fn = train_state.make_loss_fn(config, Networks)
         jax.eval_shape(loss_fn, {"encoder": {}}, {}, batch, jax.random.key(0), {})
     assert calls == [((b * k, *crop, 1), dict(config.augment))]
+
+
+def test_pretraining_of_another_config_is_not_reused(tmp_path):
+    """A finished run is reused only for the very config (a recipe change with the same step
+    count would otherwise be scored as the new recipe); one of another config is refused."""
+    run_dir = tmp_path / "pretrain"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    timing = {"steps": 1500, "pretrain_s": 1.0, "config": "{}"}
+    (run_dir / "timing.json").write_text(json.dumps(timing))
+    with pytest.raises(ValueError, match="another config"):
+        pt.pretrain(str(tmp_path / "data"), str(tmp_path), steps=0)
