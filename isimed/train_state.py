@@ -208,7 +208,7 @@ def make_train_step(config: ml_collections.ConfigDict, networks: Networks, tx, s
             "batch_stats": batch_stats,
             "opt_state": opt_state,
         }
-        if "loss_ref" in state:  # Set by the first step, then carried unchanged.
+        if "loss_ref" in state:  # The method's loss references, updated by every step.
             candidate["loss_ref"] = aux["loss_ref"]
         # NaN guard: a non-finite step leaves the state untouched (the host stops the run), so a
         # later checkpoint can never contain NaNs.
