@@ -182,16 +182,7 @@ def _feature_set_row(
 ) -> dict[str, Any]:
     """Every task and metric of one feature set: `ev` the evaluated crops, `ref` the reference
     (training-split) crops, `uni` uniformly placed evaluation crops."""
-    cv = functools.partial(
-        probes.cross_validate,
-        folds=config.folds,
-        val_fraction=config.val_fraction,
-        epochs=config.probe.epochs,
-        learning_rate=config.probe.learning_rate,
-        weight_decays=tuple(config.probe.weight_decays),
-        batch_size=config.probe.batch_size,
-        seed=config.seed,
-    )
+    cv = _cross_validator(config)
     flat = features_lib.flatten
     x = flat(ev["embeddings"])
     groups = np.repeat(ev["image_id"], ev["embeddings"].shape[1])
