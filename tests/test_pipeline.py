@@ -124,6 +124,28 @@ def test_seeded_reproducible_and_shuffled():
     assert len(set(orders)) > 1
 
 
+def test_epoch_shuffle_orders_every_epoch_anew():
+    """Each run of n reads is one epoch holding every element once; epochs, and seeds, differ;
+    the order is a function of (seed, index) alone; every element reaches every position about
+    equally often."""
+    n = 7
+    parent = pipeline.grain.MapDataset.range(n)
+    ds = pipeline.EpochShuffle(parent, seed=5)
+    epochs = [[ds[e * n + i] for i in range(n)] for e in range(400)]
+    assert all(sorted(e) == list(range(n)) for e in epochs)
+    assert len({tuple(e) for e in epochs[:20]}) > 15
+    again, other = pipeline.EpochShuffle(parent, seed=5), pipeline.EpochShuffle(parent, seed=6)
+    assert epochs[3] == [again[3 * n + i] for i in range(n)]
+    assert epochs[:3] != [[other[e * n + i] for i in range(n)] for e in range(3)]
+    counts = np.zeros((n, n))
+    for e in epochs:
+        counts[np.arange(n), e] += 1  # counts[position, element]
+    # Expected 400 / 7 = 57 per cell; 4.5 sigma is about 32.
+    assert np.abs(counts - 400 / n).max() < 32, counts
+    with pytest.raises(ValueError, match="empty"):
+        pipeline.EpochShuffle(pipeline.grain.MapDataset.range(0), seed=0)
+
+
 def test_iterator_state_restores_exact_stream():
     source = coded_source()
     cfg = data_config()

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -385,6 +387,39 @@ class RecordCache:
         self.__init__(state["source"], state["max_bytes"] / 2**20)
 
 
+class EpochShuffle(grain.MapDataset):
+    """The parent's elements in a new random order each epoch, repeated forever (grain's
+    ``shuffle().repeat()``, with the order drawn as one permutation per epoch).
+
+    grain 0.2.18's ``shuffle`` places every element with ``index_shuffle``, whose cost grows as the
+    data set shrinks (about 18 ms / n per read: 190 us at the demo's 96 volumes, 2.2 ms at 8, 2 us
+    from ~10,000). Medical data sets are often that small, and at 96 volumes it was 45% of the demo
+    pipeline's time. One ``numpy`` permutation of n per epoch, seeded by (seed, epoch), costs
+    microseconds and stays a pure function of the index, so checkpointed iterator positions resume
+    exactly.
+    """
+
+    def __init__(self, parent: grain.MapDataset, seed: int) -> None:
+        super().__init__(parent)
+        if not len(parent):
+            raise ValueError("no images to train on: the split (or this process's shard of it) is empty")
+        self._seed = seed
+        self._length = len(parent)
+
+    def __len__(self) -> int:
+        return sys.maxsize  # Repeated "forever", as grain's repeat().
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (a few permutations of one live dataset)
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self._seed, epoch)).permutation(self._length)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, position = divmod(index, self._length)
+        return self._parent[int(self._order(epoch)[position])]
+
+
 def check_data_config(data: ml_collections.ConfigDict) -> None:
     if data.crops_per_image < 2:
         raise ValueError(
@@ -424,7 +459,7 @@ def make_dataset(
     # Per-process shard first, so each host reads disjoint images.
     ds = ds[process_index::process_count]
     if train:
-        ds = ds.seed(seed).shuffle().repeat()
+        ds = EpochShuffle(ds, seed)
     sampler = SampleCrops(
         crop_shape=tuple(data.crop_size),
         num_crops=crops_per_image or data.crops_per_image,
