@@ -144,16 +144,15 @@ def make_loss_fn(config: ml_collections.ConfigDict, networks: Networks):
     """
     method = methods.get(config.method)
     head = methods.uses_head(config)
+    window = config.data.get("window")
 
     def loss_fn(params, batch_stats, batch, key, loss_ref):
-        # Training crops of prepared data arrive as float16 (half the host work and transfer);
-        # widening them here gives the numbers the host's float32 crops gave.
-        crops = jnp.asarray(batch["crops"], jnp.float32)
+        crops = unit_crops(batch["crops"], window)
         b, k = crops.shape[:2]
         spatial = crops.shape[2:]
         if method.views == 2:
             # Stacked after the image axis, so the batch stays sharded by image.
-            views = jnp.asarray(batch["views"], jnp.float32)
+            views = unit_crops(batch["views"], window)
             x = jnp.stack([crops, views], axis=2).reshape(b * k * 2, *spatial)
             x = augment.augment(key, x, config.augment)
         else:
@@ -227,14 +226,29 @@ def make_train_step(config: ml_collections.ConfigDict, networks: Networks, tx, s
     return train_step
 
 
-def make_monitor_fn(networks: Networks):
+def unit_crops(crops: jax.Array, window: tuple[float, float] | None) -> jax.Array:
+    """Training crops as the encoder takes them (float32), finished on the device: the host sends
+    float16 crops of prepared data as float16, and crops of integer images (CT in HU) as raw
+    integers, which are windowed here exactly as `isimed.data.pipeline.normalise_window` does on the
+    host. Float crops are already normalised: only widened."""
+    crops = jnp.asarray(crops)
+    if not jnp.issubdtype(crops.dtype, jnp.integer) or window is None:
+        return crops.astype(jnp.float32)
+    lo, hi = float(window[0]), float(window[1])
+    # Clipping to [0, 2] before subtracting 1 is the host's clip to [-1, 1] after it, value for
+    # value, and keeps XLA from fusing the multiply and the subtraction into one FMA (whose single
+    # rounding differs from numpy's two in the last bit).
+    return jnp.clip((crops.astype(jnp.float32) - lo) * (2.0 / (hi - lo)), 0.0, 2.0) - 1.0
+
+
+def make_monitor_fn(networks: Networks, window: tuple[float, float] | None):
     """Collapse monitors `(state, batch) -> {"embedding_std", "rankme"}` on the encoder embeddings
     of the batch's first view, as the step sees them (train-mode BatchNorm; the statistics are not
     kept). Run on logging steps only: RankMe's SVD of the (N, D) embeddings is far too costly for
     every step (a 1024 x 1024 SVD per step at paper scale)."""
 
     def monitors(state: State, batch: Batch) -> dict[str, jnp.ndarray]:
-        crops = jnp.asarray(batch["crops"], jnp.float32)  # float16 from prepared data.
+        crops = unit_crops(batch["crops"], window)
         x = crops.reshape(crops.shape[0] * crops.shape[1], *crops.shape[2:])
         z, _ = networks.apply(state["params"]["encoder"], state["batch_stats"], x, train=True)
         return {"embedding_std": losses.embedding_std(z), "rankme": losses.rankme(z)}
@@ -285,6 +299,8 @@ def create_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
         out_shardings=replicated,
     )
     monitors = jax.jit(
-        make_monitor_fn(networks), in_shardings=(replicated, data_sharding), out_shardings=replicated
+        make_monitor_fn(networks, config.data.get("window")),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=replicated,
     )
     return TrainSetup(networks, tx, schedule, state, step, grad_fn, monitors, replicated, data_sharding)

@@ -424,12 +424,37 @@ def test_training_crops_of_float16_data_stay_float16_and_widen_to_the_same_value
     batch = next(
         iter(pipeline.make_dataset(data_config(), "train", seed=0, train=True, source=coded_source()))
     )
-    assert batch["crops"].dtype == np.float32
+    assert batch["crops"].dtype == np.float32  # Windowed float data: normalised on the host.
 
 
-def test_float16_training_crops_give_the_same_step_and_monitors():
+def _ct_record():
+    """Integer HU from air to bone, the window's edges and beyond included."""
+    rng = np.random.default_rng(2)
+    image = rng.integers(-1100, 1400, (20, 22, 18)).astype(np.int16)
+    image[0, 0, :6] = [-1000, 1000, -1001, 1001, 0, 1]
+    return {"id": np.int32(3), "image": image, "affine": np.eye(4)}
+
+
+def test_training_crops_of_integer_data_stay_raw_and_window_on_the_device_to_the_same_values():
     import jax
 
+    from isimed import train_state
+
+    kwargs = dict(
+        window=(-1000.0, 1000.0), min_foreground=0.0, foreground_threshold=-900.0, views=2, labels=False
+    )
+    raw = pipeline.SampleCrops((8, 10, 6), 6, widen=False, **kwargs).random_map(
+        _ct_record(), np.random.default_rng(4)
+    )
+    host = pipeline.SampleCrops((8, 10, 6), 6, **kwargs).random_map(_ct_record(), np.random.default_rng(4))
+    for key in ("crops", "views"):
+        assert raw[key].dtype == np.int16 and host[key].dtype == np.float32
+        device = jax.jit(train_state.unit_crops, static_argnums=1)(raw[key], (-1000.0, 1000.0))
+        np.testing.assert_array_equal(np.asarray(device).view(np.uint32), host[key].view(np.uint32))
+        assert host[key].min() == -1.0 and host[key].max() == 1.0
+
+
+def test_float16_and_integer_training_crops_give_the_same_step_and_monitors():
     from isimed import train_state
 
     config = isimed_chest.get_config("test")
@@ -441,8 +466,19 @@ def test_float16_training_crops_give_the_same_step_and_monitors():
         "centres": rng.uniform(-100, 100, (b, k, 3)).astype(np.float32),
     }
     full = {key: value.astype(np.float32) for key, value in half.items()}
+    # Integer HU crops, windowed by the step, against the host's windowing of the same crops.
+    lo, hi = (int(v) for v in config.data.window)
+    hu = {**half, "crops": rng.integers(lo - 200, hi + 200, half["crops"].shape).astype(np.int16)}
+    windowed = {**half, "crops": pipeline.normalise_window(hu["crops"], config.data.window)}
+    for a, b in ((half, full), (hu, windowed)):
+        _assert_same_step_and_monitors(setup, a, b)
+
+
+def _assert_same_step_and_monitors(setup, *batches):
+    import jax
+
     results = []
-    for batch in (half, full):
+    for batch in batches:
         state, metrics = setup.step(jax.tree.map(np.array, setup.state), batch)
         results.append((state, metrics.compute(), setup.monitors(setup.state, batch)))
     for x, y in zip(*(jax.tree.leaves(r) for r in results)):

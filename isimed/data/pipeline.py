@@ -3,8 +3,9 @@
 A record is a dict with `id` (int), `image` (spatial array, HU for CT), `affine` ((ndim+1)^2, array
 index -> world mm) and optionally `mask` (lesion voxels). One pipeline element is one image:
 
-  crops            (K, *crop, 1) float32, intensity-normalised (float16 in training batches of
-                   float16 images without a window, i.e. prepared data: the step widens them)
+  crops            (K, *crop, 1) float32, intensity-normalised; in training batches (the step
+                   finishes them on the device) float16 crops of float16 images without a window
+                   (prepared data) stay float16, and crops of integer images stay raw integers
   centres          (K, ndim)     float32, crop centres in world millimetres
   lesion_fraction  (K,)          float32, share of lesion voxels in each crop
   has_lesion       (K,)          int32, crop contains any lesion voxel
@@ -23,7 +24,8 @@ float16 cast, and a record kept by `RecordCache` carries its foreground map (one
 position, computed on its first use) so crop positions are tested by a look-up, not by cutting and
 thresholding candidate crops. Every shortcut gives the same crops as the plain computation.
 Training batches of float16 data are sent as float16: widening to float32 was ~75% of the host's
-work per crop, and the step's cast on the device gives the same numbers.
+work per crop, and the step's cast on the device gives the same numbers. Training crops of integer
+images (CT in HU) are sent as stored, at 2 bytes a voxel instead of 4, and windowed by the step.
 """
 
 from __future__ import annotations
@@ -113,9 +115,13 @@ def normalise_window(x: np.ndarray, window: Sequence[float] | None) -> np.ndarra
 
 
 def crop_values(crops: np.ndarray, window: Sequence[float] | None, widen: bool = True) -> np.ndarray:
-    """Crops as the encoder takes them: `normalise_window`, except that with `widen=False` float16
-    crops of data normalised at preparation (`window=None`) stay float16 (exact; cast on device)."""
-    if not widen and window is None and crops.dtype == np.float16:
+    """Crops as the encoder takes them: `normalise_window`, except with `widen=False` (training
+    batches, which the step finishes on the device with `isimed.train_state.unit_crops`, to the
+    same float32 numbers): float16 crops of data normalised at preparation (`window=None`) stay
+    float16, and integer crops (CT in HU) stay raw integers, windowed on the device."""
+    if not widen and (
+        np.issubdtype(crops.dtype, np.integer) or (window is None and crops.dtype == np.float16)
+    ):
         return crops
     return normalise_window(crops, window)
 
@@ -222,7 +228,7 @@ class SampleCrops(grain.transforms.RandomMap):
     views: int = 1
     view_offset: float = 0.25
     labels: bool = True  # lesion_fraction / has_lesion per crop (evaluation; training needs none).
-    widen: bool = True  # False: float16 crops of prepared data stay float16 (`crop_values`).
+    widen: bool = True  # False: float16 and integer crops stay as stored (`crop_values`).
     # Ids of the records already checked by this copy of the transform (each worker has its own).
     _checked: set = dataclasses.field(default_factory=set, compare=False, repr=False)
 
