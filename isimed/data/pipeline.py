@@ -398,9 +398,9 @@ class EpochShuffle(grain.MapDataset):
     ``shuffle().repeat()``, with the order drawn as one permutation per epoch).
 
     grain 0.2.18's ``shuffle`` places every element with ``index_shuffle``, whose cost grows as the
-    data set shrinks (about 18 ms / n per read: 190 us at the demo's 96 volumes, 2.2 ms at 8, 2 us
-    from ~10,000). Medical data sets are often that small, and at 96 volumes it was 45% of the demo
-    pipeline's time. One ``numpy`` permutation of n per epoch, seeded by (seed, epoch), costs
+    data set shrinks (about 18 ms / n per read: 190 us at 96 images, 2.2 ms at 8, 2 us from
+    ~10,000). Medical data sets are often that small; for the demo's 64 training volumes it was 45%
+    of the pipeline's time. One ``numpy`` permutation of n per epoch, seeded by (seed, epoch), costs
     microseconds and stays a pure function of the index, so checkpointed iterator positions resume
     exactly.
     """
