@@ -10,13 +10,16 @@ matrix / 100 over all pairs. The project's step is `isimed.train_state.create_tr
 paper preset of configs/isimed_chest.py (DenseNet-121, ISImed loss, AdamW, clipping 2.0)
 overridden to the same crops (8 images x crops/8, 32^3), in float32 and bfloat16.
 
-Both run in this one process, alternating variant by variant for --rounds rounds after a warm-up
-(compile) step each, with torch.set_num_threads(--threads) (default: all cores). Each round times
---steps steps per variant. The table gives the best and the median round (crops/s); the last line
-compares the best rounds: the project's faster dtype over the reference. --lax_variants adds the
-project's step with XLA's convolutions (the DenseNet before its CPU matmul path).
+Each variant runs in a worker process of its own, as a user runs one framework, all started
+first; the parent then has them step in turn, variant by variant, for --rounds rounds after a
+warm-up (compile) step each, with torch.set_num_threads(--threads) (default: all cores). Each round
+times --steps steps per variant, while the other workers wait idle. The table gives the best and
+the median round (crops/s); the last line compares the best rounds: the project's faster dtype
+over the reference. --lax_variants adds the project's step with XLA's convolutions (the DenseNet
+before its CPU matmul path). Sharing one process slowed both frameworks, the JAX step most (its
+best round 23.4 against 32.3 crops/s alone; PyTorch's 48.7 against 58.5), so workers it is.
 
-Process settings, printed in the first line, apply to both frameworks: glibc malloc keeps freed
+Process settings, printed in the first line, apply to every worker: glibc malloc keeps freed
 memory mapped (isimed.models.cpu.tune_malloc; both step faster: neither page-faults its large
 buffers in every step) and OMP_WAIT_POLICY=PASSIVE (torch's OpenMP threads sleep at barriers
 instead of spinning, which collapses when other processes share the cores).
@@ -57,7 +60,7 @@ flags.DEFINE_string(
 flags.DEFINE_bool(
     "tune_malloc",
     True,
-    "Call isimed.models.cpu.tune_malloc() first (it applies to both frameworks: they share this process).",
+    "Call isimed.models.cpu.tune_malloc() first in every worker process.",
 )
 FLAGS = flags.FLAGS
 
@@ -142,49 +145,68 @@ def project_step(crops: int, size: int, dtype: str, lax_convs: bool = False):
     return step, desc
 
 
-def main(argv):
-    del argv
-    tuned = False
-    if FLAGS.tune_malloc:
+def _worker(conn, kind: str, args: tuple, tune: bool) -> None:
+    """One variant in its own process: build it, then run (and time) steps when the parent asks."""
+    if tune:
         from isimed.models import cpu
 
-        tuned = cpu.tune_malloc()  # Before torch or JAX start threads.
+        cpu.tune_malloc()  # Before torch or JAX start threads.
+    step, desc = reference_step(*args) if kind == "reference" else project_step(*args)
+    t0 = time.perf_counter()
+    loss = step()  # Warm-up: compiles (JAX) and allocates.
+    conn.send((desc, time.perf_counter() - t0, loss))
+    while (steps := conn.recv()) is not None:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        conn.send(time.perf_counter() - t0)
+
+
+def main(argv):
+    del argv
+    import multiprocessing
+
     if FLAGS.omp_wait_policy:
-        os.environ["OMP_WAIT_POLICY"] = FLAGS.omp_wait_policy
+        os.environ["OMP_WAIT_POLICY"] = FLAGS.omp_wait_policy  # Inherited by the workers.
     threads = FLAGS.threads or os.cpu_count()
     crops, size = FLAGS.crops, FLAGS.crop_size
     print(
         f"DenseNet-121 3D train step, {crops} crops of {size}^3 per step; {platform.machine()}, "
         f"{os.cpu_count()} CPU cores, load average at start {os.getloadavg()[0]:.1f}, "
-        f"glibc malloc tuned: {tuned}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}",
+        f"glibc malloc tuned: {FLAGS.tune_malloc}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}; one process per variant",
         flush=True,
     )
 
-    variants = {}  # name -> (step, description)
+    specs = {}  # name -> (kind, arguments)
     if not FLAGS.skip_reference:
-        variants["reference (PyTorch + MONAI) float32"] = reference_step(crops, size, threads)
+        specs["reference (PyTorch + MONAI) float32"] = ("reference", (crops, size, threads))
     for dtype in FLAGS.dtypes:
-        variants[f"project (JAX) {dtype}"] = project_step(crops, size, dtype)
+        specs[f"project (JAX) {dtype}"] = ("project", (crops, size, dtype))
         if FLAGS.lax_variants:
-            variants[f"project (JAX) {dtype}, lax convs"] = project_step(crops, size, dtype, lax_convs=True)
+            specs[f"project (JAX) {dtype}, lax convs"] = ("project", (crops, size, dtype, True))
 
+    context = multiprocessing.get_context("spawn")  # Fresh interpreters: no inherited threads.
+    workers = {}
     compile_s = {}
-    for name, (step, desc) in variants.items():
-        print(f"{name}: {desc}", flush=True)
-        t0 = time.perf_counter()
-        loss = step()  # Warm-up: compiles (JAX) and allocates.
-        compile_s[name] = time.perf_counter() - t0
-        print(f"  warm-up step {compile_s[name]:.1f} s, loss {loss:.4f}", flush=True)
+    for name, (kind, args) in specs.items():  # Warm-ups one at a time, each alone on the cores.
+        parent, child = context.Pipe()
+        process = context.Process(target=_worker, args=(child, kind, args, FLAGS.tune_malloc), daemon=True)
+        process.start()
+        desc, compile_s[name], loss = parent.recv()
+        workers[name] = (process, parent)
+        print(f"{name}: {desc}\n  warm-up step {compile_s[name]:.1f} s, loss {loss:.4f}", flush=True)
 
-    rates = {name: [] for name in variants}
+    rates = {name: [] for name in specs}
     for r in range(FLAGS.rounds):
-        for name, (step, _) in variants.items():
-            time.sleep(0.5)  # Lets the other framework's worker threads go idle.
-            t0 = time.perf_counter()
-            for _ in range(FLAGS.steps):
-                step()
-            rates[name].append(crops * FLAGS.steps / (time.perf_counter() - t0))
+        for name, (_, conn) in workers.items():
+            time.sleep(0.5)  # Lets the previous worker's threads go idle.
+            conn.send(FLAGS.steps)
+            rates[name].append(crops * FLAGS.steps / conn.recv())
             print(f"  round {r + 1}/{FLAGS.rounds} {name}: {rates[name][-1]:.1f} crops/s", flush=True)
+    for process, conn in workers.values():
+        conn.send(None)
+        process.join()
 
     print(
         f"\n{crops} crops of {size}^3 per step, {FLAGS.rounds} rounds x {FLAGS.steps} steps, "
