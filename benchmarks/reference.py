@@ -2,6 +2,7 @@
 
 make benchmark-reference            # builds .venv-reference (torch 2.13.0+cpu, monai 1.6.1), runs this
 python -m benchmarks.reference [--crops=128] [--rounds=3] [--steps=2] [--dtypes=float32,bfloat16]
+                                [--stages]
 
 The reference is the authors' step: MONAI `DenseNet121(spatial_dims=3, in_channels=1,
 out_channels=1024)` on NCDHW float32 crops, AdamW (lr 1e-3, weight decay 1e-2), gradient clipping
@@ -16,8 +17,10 @@ warm-up (compile) step each, with torch.set_num_threads(--threads) (default: all
 times --steps steps per variant, while the other workers wait idle. The table gives the best and
 the median round (crops/s); the last line compares the best rounds: the project's faster dtype
 over the reference. --lax_variants adds the project's step with XLA's convolutions (the DenseNet
-before its CPU matmul path). Sharing one process slowed both frameworks, the JAX step most (its
-best round 23.4 against 32.3 crops/s alone; PyTorch's 48.7 against 58.5), so workers it is.
+before its CPU matmul path). --stages adds each DenseNet stage alone, forward and backward, in
+both frameworks, and a per-stage ratio table. Sharing one process slowed both frameworks, the JAX
+step most (its best round 23.4 against 32.3 crops/s alone; PyTorch's 48.7 against 58.5), so
+workers it is.
 
 Process settings, printed in the first line, apply to every worker: glibc malloc keeps freed
 memory mapped (isimed.models.cpu.tune_malloc; both step faster: neither page-faults its large
@@ -44,6 +47,12 @@ flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "The project's compute dtyp
 flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: os.cpu_count()).")
 flags.DEFINE_integer("crop_size", 32, "Crop edge (voxels).")
 flags.DEFINE_bool("skip_reference", False, "Time only the project's step (no torch needed).")
+flags.DEFINE_bool(
+    "stages",
+    False,
+    "Also time each DenseNet stage alone, forward and backward, in both frameworks (float32): "
+    "the stem, then each dense block with its transition (the last with the final BatchNorm).",
+)
 flags.DEFINE_bool(
     "lax_variants",
     False,
@@ -145,13 +154,103 @@ def project_step(crops: int, size: int, dtype: str, lax_convs: bool = False):
     return step, desc
 
 
+STAGES = ("stem", "block1", "block2", "block3", "block4")
+
+
+def _stage_input_shape(stage: str, crops: int, size: int) -> tuple[int, ...]:
+    """Channels-last input of a DenseNet-121 stage for crops of size^3: the stem halves the edge
+    and its pool halves it again; each transition halves it and the channels."""
+    if stage == "stem":
+        return (crops, size, size, size, 1)
+    i = STAGES.index(stage) - 1
+    edge, channels = size // 4 // 2**i, 64 * 2**i
+    return (crops, edge, edge, edge, channels)
+
+
+def reference_stage(stage: str, crops: int, size: int, threads: int):
+    """One stage of MONAI's DenseNet121, forward and backward of the sum of squares of its output
+    (the input's gradient too, except for the stem's crops); returns (run it once, description)."""
+    import monai
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    f = monai.networks.nets.DenseNet121(spatial_dims=3, in_channels=1, out_channels=1024).features.train()
+    module = {
+        "stem": torch.nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0),
+        "block1": torch.nn.Sequential(f.denseblock1, f.transition1),
+        "block2": torch.nn.Sequential(f.denseblock2, f.transition2),
+        "block3": torch.nn.Sequential(f.denseblock3, f.transition3),
+        "block4": torch.nn.Sequential(f.denseblock4, f.norm5),
+    }[stage]
+    shape = _stage_input_shape(stage, crops, size)
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    x = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).requires_grad_(stage != "stem")
+
+    def run():
+        for param in module.parameters():
+            param.grad = None
+        x.grad = None
+        y = module(x)
+        loss = (y * y).sum()
+        loss.backward()
+        return loss.item()
+
+    return run, f"torch {torch.__version__} + monai {monai.__version__}, {stage}, input {tuple(x.shape)}"
+
+
+def project_stage(stage: str, crops: int, size: int):
+    """The same stage of this project's DenseNet-121 (float32, the CPU path where JAX runs on the
+    CPU), jitted; returns (run it once, description)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from isimed import models
+
+    encoder = models.create_encoder("densenet121", spatial_dims=3, embed_dim=1024, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(encoder)
+    shape = _stage_input_shape(stage, crops, size)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+
+    def loss(state, x):
+        model = nnx.merge(graphdef, state)
+        if stage == "stem":
+            y = nnx.relu(model.stem_bn(model.stem(x)))
+            y = models.layers.max_pool(y, 3, 2, 1, reshape=model.im2col)
+        else:
+            y = model.stages[STAGES.index(stage) - 1](x)
+            if stage == "block4":
+                y = model.final_bn(y)
+        return jnp.sum(y * y)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=0 if stage == "stem" else (0, 1)))
+
+    def run():
+        value, grads = grad(state, x)
+        jax.block_until_ready(grads)
+        return float(value)
+
+    return run, f"jax {jax.__version__} ({jax.default_backend()}), {stage}, input {shape}"
+
+
+_BUILDERS = {
+    "reference": reference_step,
+    "project": project_step,
+    "reference_stage": reference_stage,
+    "project_stage": project_stage,
+}
+
+
 def _worker(conn, kind: str, args: tuple, tune: bool) -> None:
     """One variant in its own process: build it, then run (and time) steps when the parent asks."""
     if tune:
         from isimed.models import cpu
 
         cpu.tune_malloc()  # Before torch or JAX start threads.
-    step, desc = reference_step(*args) if kind == "reference" else project_step(*args)
+    step, desc = _BUILDERS[kind](*args)
     t0 = time.perf_counter()
     loss = step()  # Warm-up: compiles (JAX) and allocates.
     conn.send((desc, time.perf_counter() - t0, loss))
@@ -185,6 +284,11 @@ def main(argv):
         specs[f"project (JAX) {dtype}"] = ("project", (crops, size, dtype))
         if FLAGS.lax_variants:
             specs[f"project (JAX) {dtype}, lax convs"] = ("project", (crops, size, dtype, True))
+    if FLAGS.stages:
+        for stage in STAGES:
+            if not FLAGS.skip_reference:
+                specs[f"{stage}: reference float32"] = ("reference_stage", (stage, crops, size, threads))
+            specs[f"{stage}: project float32"] = ("project_stage", (stage, crops, size))
 
     context = multiprocessing.get_context("spawn")  # Fresh interpreters: no inherited threads.
     workers = {}
@@ -215,6 +319,14 @@ def main(argv):
     print(f"{'variant':<48} {'warm-up s':>10} {'best crops/s':>13} {'median crops/s':>15}")
     for name, rs in rates.items():
         print(f"{name:<48} {compile_s[name]:>10.1f} {max(rs):>13.1f} {statistics.median(rs):>15.1f}")
+    if FLAGS.stages and not FLAGS.skip_reference:
+        print("\nper stage, forward + backward (best rounds): ms per step, project / reference crops/s")
+        for stage in STAGES:
+            ref, proj = max(rates[f"{stage}: reference float32"]), max(rates[f"{stage}: project float32"])
+            print(
+                f"  {stage:<7} reference {crops / ref * 1e3:7.0f} ms  project {crops / proj * 1e3:7.0f} ms  "
+                f"ratio {proj / ref:.2f}"
+            )
     project = [max(rs) for name, rs in rates.items() if name.startswith("project") and "lax" not in name]
     reference = [max(rs) for name, rs in rates.items() if name.startswith("reference")]
     if project and reference:
