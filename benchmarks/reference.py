@@ -218,8 +218,7 @@ def project_stage(stage: str, crops: int, size: int):
     def loss(state, x):
         model = nnx.merge(graphdef, state)
         if stage == "stem":
-            y = nnx.relu(model.stem_bn(model.stem(x)))
-            y = models.layers.max_pool(y, 3, 2, 1, reshape=model.im2col)
+            y = model.stem_features(x)
         else:
             y = model.stages[STAGES.index(stage) - 1](x)
             if stage == "block4":

@@ -140,10 +140,13 @@ class DenseNet(Encoder):
         self.final_bn = batch_norm(channels, dtype=self.dtype, rngs=rngs)
         self.head = linear(channels, embed_dim, dtype=self.dtype, rngs=rngs)
 
+    def stem_features(self, x: jax.Array) -> jax.Array:
+        """(N, *spatial, C) inputs -> the stem's output: conv, BN-ReLU, 3-wide stride-2 max-pool."""
+        return max_pool(nnx.relu(self.stem_bn(self.stem(x))), 3, 2, 1, reshape=self.im2col)
+
     def features(self, x: jax.Array) -> jax.Array:
         """(N, *spatial, C) inputs -> final feature map, after the last BN-ReLU."""
-        x = nnx.relu(self.stem_bn(self.stem(x)))
-        x = max_pool(x, 3, 2, 1, reshape=self.im2col)
+        x = self.stem_features(x)
         for stage in self.stages:
             x = stage(x)
         return nnx.relu(self.final_bn(x))
