@@ -5,18 +5,20 @@ python -m benchmarks.pipeline [--data_dir=~/tensorflow_datasets] [--seconds=10] 
 phantom: generation volumes/s and crops/s with 0 and 2 worker processes.
 
 real: nilearn's MNI152 T1 template at 1 mm (197 x 233 x 189; nilearn ships the file, no download)
-prepared with `isimed.data.prepare` (MRI normalisation, native grid) into a temporary folder, then
-the real grain pipeline (`make_dataset`, the folder configs' data settings: crops held at least half
-inside the head) cutting 16 crops of 32^3 per image read, 8 images per batch, one process, no worker
-processes, one read thread; with the decoded volume read from the file each time (`cache_mb=0`) and
-kept in memory (`cache_mb=1024`). With `monai` importable (`make benchmark-reference`'s venv, which
-has torch, monai, nilearn and this project) MONAI reference rows follow, the authors' training
-transforms without augmentation: LoadImaged, CropForegroundd (> 0), SpatialPadd,
-ScaleIntensityRangePercentilesd (5..95 -> [-1, 1]) and RandSpatialCropSamplesd (16 crops of 32^3,
-no foreground test) through a MONAI DataLoader (batch 8, no workers, one torch thread), reading
-the NIfTI each time (Dataset) and with the volume cached (CacheDataset). Variants run
-in alternating rounds in one process. "per CPU s" divides by the CPU time this process used (all its
-threads): the rate per core, which a machine loaded by other jobs distorts less than the wall clock.
+prepared with `isimed.data.prepare` (MRI normalisation, native grid) into a temporary folder in
+both storages, then the real grain pipeline (`make_dataset`, the folder configs' data settings:
+crops held at least half inside the head) cutting 16 crops of 32^3 per image read, 8 images per
+batch, one process, no worker processes, one read thread; with the volume read from its file each
+time (`cache_mb=0`: a memory-mapped `.isimed` file, or a zstd array_record entry decompressed
+whole) and kept in memory (`cache_mb=1024`, which also keeps the volume's foreground map).
+With `monai` importable (`make benchmark-reference`'s venv, which has torch, monai, nilearn and
+this project) MONAI reference rows follow, the authors' training transforms without augmentation:
+LoadImaged, CropForegroundd (> 0), SpatialPadd, ScaleIntensityRangePercentilesd (5..95 -> [-1, 1])
+and RandSpatialCropSamplesd (16 crops of 32^3, no foreground test) through a MONAI DataLoader
+(batch 8, no workers, one torch thread), reading the NIfTI each time (Dataset) and with the volume
+cached (CacheDataset). Variants run in alternating rounds in one process. "per CPU s" divides by
+the CPU time this process used (all its threads): the rate per core, which a machine loaded by
+other jobs distorts less than the wall clock.
 """
 
 import os
@@ -87,11 +89,11 @@ def write_template(folder: str) -> str:
     return path
 
 
-def prepare_template(folder: str) -> str:
-    """The template prepared by `isimed.data.prepare` (MRI, native grid) into `folder/prepared`."""
+def prepare_template(folder: str, storage: str) -> str:
+    """The template prepared by `isimed.data.prepare` (MRI, native grid) into `folder/<storage>`."""
     from isimed.data import prepare
 
-    out = os.path.join(folder, "prepared")
+    out = os.path.join(folder, storage)
     prepare.prepare(
         "glob",
         os.path.join(folder, "raw"),
@@ -99,6 +101,7 @@ def prepare_template(folder: str) -> str:
         options={"image_pattern": "*.nii.gz"},
         intensity="mri",
         splits={"train": ["mni152"]},
+        storage=storage,
         progress=False,
     )
     return out
@@ -179,10 +182,11 @@ def real_rows(seconds: float, rounds: int) -> list[tuple[str, str]]:
         monai = None
     with tempfile.TemporaryDirectory() as folder:
         nifti = write_template(folder)
-        prepared_dir = prepare_template(folder)
+        mapped, compressed = prepare_template(folder, "mapped"), prepare_template(folder, "array_record")
         variants = {
-            "project, volume read each time": project_batches(prepared_dir, 0),
-            "project, volume cached": project_batches(prepared_dir, 1024),
+            "project, mapped file read each time": project_batches(mapped, 0),
+            "project, array_record read each time": project_batches(compressed, 0),
+            "project, volume cached": project_batches(mapped, 1024),
         }
         if monai is not None:
             variants["MONAI, NIfTI read each time"] = monai_batches(nifti, cached=False)
@@ -196,7 +200,7 @@ def real_rows(seconds: float, rounds: int) -> list[tuple[str, str]]:
     if monai is not None:
         ref = rates["MONAI, NIfTI read each time"][1]
         ref_cached = rates["MONAI, volume cached (CacheDataset)"][1]
-        for name in ("project, volume read each time", "project, volume cached"):
+        for name in [n for n in rates if n.startswith("project")]:
             cpu = rates[name][1]
             rows.append(
                 (

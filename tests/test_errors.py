@@ -220,13 +220,14 @@ def _prepare(root, out, **kwargs):
 
 
 def _disk_full(t: "Trigger"):
-    """The real array_record writer writing to /dev/full: ENOSPC, as on a full disk."""
-    from array_record.python import array_record_module
+    """The case files written to /dev/full: ENOSPC, as on a full disk."""
 
-    real = array_record_module.ArrayRecordWriter
-    t.monkeypatch.setattr(
-        array_record_module, "ArrayRecordWriter", lambda path, options: real("/dev/full", options)
-    )
+    def full_disk(path, mode="r", *args, **kwargs):
+        if str(path).endswith(prepared.MAPPED_SUFFIX + ".tmp"):
+            path = "/dev/full"
+        return open(path, mode, *args, **kwargs)
+
+    t.monkeypatch.setattr(prepare, "open", full_disk, raising=False)
     root = _raw(t, {"c0": _good(0), "c1": _good(1)})
     return _prepare(root, t.tmp_path / "out", skip_bad=True)
 
@@ -255,10 +256,10 @@ def _prepare_unwritable(t: "Trigger"):
     return _prepare(_raw(t, {"c0": _good()}), t.tmp_path / "a_file" / "out")
 
 
-def _prepared(t: "Trigger") -> Path:
+def _prepared(t: "Trigger", storage: str = "mapped") -> Path:
     """A prepared folder of three tiny cases (c0, c1, c2) in split train."""
     out = t.tmp_path / "prepared"
-    _prepare(_raw(t, {f"c{i}": _good(i) for i in range(3)}), out)()
+    _prepare(_raw(t, {f"c{i}": _good(i) for i in range(3)}), out, storage=storage)()
     return out
 
 
@@ -278,12 +279,12 @@ def _record_truncated(t: "Trigger"):
     out = _prepared(t)
     source = prepared.data_source(str(out), "train")
     good = prepared.serialize(source[1])
-    prepare._write_records(str(out / "train" / "c1.array_record"), [good[:-5]])
+    prepare._write_records(str(out / "train" / "c1.isimed"), [good[:-5]])
     return lambda: prepared.data_source(str(out), "train")[1]
 
 
 def _file_truncated(t: "Trigger"):
-    out = _prepared(t)
+    out = _prepared(t, storage="array_record")
     _cut(str(out / "train" / "c1.array_record"), 10)
     return lambda: prepared.data_source(str(out), "train")[1]
 

@@ -110,3 +110,8 @@ def test_prepared_reader_gets_the_uri(bucket, monkeypatch):
     monkeypatch.setattr(array_record_data_source, "ArrayRecordDataSource", Recorder)
     source._open()
     assert opened == [f"{BUCKET}/prep/train/c0.array_record[0:1]"]
+    # Memory-mapped records cannot be read from an object store: said when the source is made.
+    manifest["splits"]["train"]["files"] = [{"file": "c0.isimed", "records": 1}]
+    (bucket / "prep" / prepared.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"gs://bucket/prep: memory-mapped records .* on a local disk"):
+        prepared.data_source(f"{BUCKET}/prep", "train")

@@ -262,14 +262,17 @@ def test_rerun_resumes_and_refuses_other_settings(raw_with_bad_files, tmp_path):
     out = tmp_path / "out"
     kwargs = dict(splits={"train": ["good0", "good1"], "test": ["good2"]}, skip_bad=True, progress=False)
     prepare.prepare("brats", str(raw_with_bad_files), str(out), **kwargs)
-    os.remove(out / "train" / "good1.array_record")  # As if interrupted before this volume...
-    (out / "train" / ".good1.array_record.tmp").write_bytes(b"half")  # ...while writing it.
+    os.remove(out / "train" / "good1.isimed")  # As if interrupted before this volume...
+    (out / "train" / ".good1.isimed.tmp").write_bytes(b"half")  # ...while writing it.
     manifest = prepare.prepare("brats", str(raw_with_bad_files), str(out), **kwargs)
     assert (manifest["report"]["done"], manifest["report"]["resumed"]) == (1, 2)
-    assert not (out / "train" / ".good1.array_record.tmp").exists()
+    assert not (out / "train" / ".good1.isimed.tmp").exists()
     assert prepared.data_source(str(out), "train")[1]["case_id"] == "good1"
     with pytest.raises(prepare.PrepareError, match="other settings.*spacing"):
         prepare.prepare("brats", str(raw_with_bad_files), str(out), spacing=2.0, **kwargs)
+    storage_diff = r"other settings.*'storage': \('mapped', 'array_record'\)"
+    with pytest.raises(prepare.PrepareError, match=storage_diff):
+        prepare.prepare("brats", str(raw_with_bad_files), str(out), storage="array_record", **kwargs)
     with pytest.raises(prepare.PrepareError, match="changed"):
         prepare.prepare(
             "brats",
@@ -362,7 +365,8 @@ def test_chestmnist_config_trains_and_linear_eval_uses_labels(tmp_path):
 # A failed write is not a bad input; kill -9 mid-run, rerun: the same folder as one run.
 
 
-def test_disk_full_stops_even_with_skip_bad(raw_with_bad_files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("storage", prepared.STORAGES)
+def test_disk_full_stops_even_with_skip_bad(raw_with_bad_files, tmp_path, monkeypatch, storage):
     from array_record.python import array_record_module
 
     real = array_record_module.ArrayRecordWriter
@@ -381,17 +385,34 @@ def test_disk_full_stops_even_with_skip_bad(raw_with_bad_files, tmp_path, monkey
         def close(self):
             self.writer.close()
 
+    def full_disk(path, mode="r", *args, **kwargs):  # The mapped files' writes, the same way.
+        if str(path).endswith(".isimed.tmp"):
+            calls.append(path)
+            if len(calls) == 2:
+                with open(path, "wb") as f:
+                    f.write(b"partial")  # Some bytes reached the file before the disk filled.
+                path = "/dev/full"
+        return open(path, mode, *args, **kwargs)
+
     monkeypatch.setattr(array_record_module, "ArrayRecordWriter", FullDisk)
+    monkeypatch.setattr(prepare, "open", full_disk, raising=False)
     out = tmp_path / "out"
-    kwargs = dict(splits={"train": ["empty", "good0", "good1", "truncated"]}, skip_bad=True, progress=False)
-    with pytest.raises(prepare.OutputError, match=r"cannot write .*/good1\.array_record: No space left"):
+    kwargs = dict(
+        splits={"train": ["empty", "good0", "good1", "truncated"]},
+        skip_bad=True,
+        storage=storage,
+        progress=False,
+    )
+    suffix = {"mapped": "isimed", "array_record": "array_record"}[storage]
+    with pytest.raises(prepare.OutputError, match=rf"cannot write .*/good1\.{suffix}: No space left"):
         prepare.prepare("brats", str(raw_with_bad_files), str(out), **kwargs)
     manifest = json.loads((out / prepared.MANIFEST).read_text())
     assert manifest["status"] == "incomplete" and "skipped" not in manifest
-    assert sorted(os.listdir(out / "train")) == ["good0.array_record"]  # No partial file left.
+    assert sorted(os.listdir(out / "train")) == [f"good0.{suffix}"]  # No partial file left.
     with pytest.raises(ValueError, match="did not finish"):
         prepared.data_source(str(out), "train")
     monkeypatch.setattr(array_record_module, "ArrayRecordWriter", real)  # Space freed: resume.
+    monkeypatch.setattr(prepare, "open", open, raising=False)
     manifest = prepare.prepare("brats", str(raw_with_bad_files), str(out), **kwargs)
     assert (manifest["report"]["done"], manifest["report"]["resumed"]) == (1, 1)
     assert sorted(s["case_id"] for s in manifest["skipped"]) == ["empty", "truncated"]
@@ -453,7 +474,7 @@ def test_prepare_killed_at_random_moments_then_rerun_equals_one_run(tmp_path):
     root.mkdir()
     rng = np.random.default_rng(0)
     for i in range(12):
-        image = rng.integers(0, 900, (14 + i % 3, 12, 10)).astype(np.int16)
+        image = rng.integers(0, 900, (40 + i % 3, 36, 30)).astype(np.int16)  # ~10 ms a case.
         nib.save(nib.Nifti1Image(image, np.diag([1.0, 1.2, 1.5, 1.0])), str(root / f"c{i:02d}.nii.gz"))
         mask = (rng.random(image.shape) > 0.9).astype(np.uint8)
         nib.save(nib.Nifti1Image(mask, np.diag([1.0, 1.2, 1.5, 1.0])), str(root / f"c{i:02d}.seg.nii.gz"))
@@ -465,7 +486,7 @@ def test_prepare_killed_at_random_moments_then_rerun_equals_one_run(tmp_path):
     killed_at = []  # Files written when each kill came.
 
     def written() -> int:
-        return len(list(out.glob("*/*.array_record")))
+        return len(list(out.glob("*/*.isimed")))
 
     for _ in range(3):
         target = written() + random_.randint(1, 3)  # A few more files than the last round left.

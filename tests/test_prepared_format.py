@@ -12,6 +12,7 @@ import builtins
 import gc
 import io
 import json
+import mmap
 import os
 import re
 import shutil
@@ -34,10 +35,11 @@ def _no_ast(*args, **kwargs):
     raise AssertionError("ast used while reading a prepared record")
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """(prepared directory, {case_id: expected record}) of four small 3D cases with masks; the
-    expected fields come from `prepare.process_volume` on the raw files, not from any reader."""
+@pytest.fixture(scope="module", params=prepared.STORAGES)
+def folder(tmp_path_factory, request):
+    """(prepared directory, {case_id: expected record}) of four small 3D cases with masks, in each
+    storage; the expected fields come from `prepare.process_volume` on the raw files, not from
+    any reader."""
     root = tmp_path_factory.mktemp("raw")
     rng = np.random.default_rng(0)
     for i, (name, shape) in enumerate(CASES.items()):
@@ -52,8 +54,11 @@ def folder(tmp_path_factory):
             str(root / name / f"{name}_seg.nii.gz"),
         )
     out = str(tmp_path_factory.mktemp("prepared") / "out")
-    manifest = prepare.prepare("brats", str(root), out, splits={"train": list(CASES)}, progress=False)
+    manifest = prepare.prepare(
+        "brats", str(root), out, splits={"train": list(CASES)}, storage=request.param, progress=False
+    )
     assert manifest["format_version"] == prepared.FORMAT_VERSION == 2
+    assert manifest["settings"]["storage"] == request.param
     expected = {}
     for index, name in enumerate(CASES):
         volume = readers.read_volume(
@@ -62,6 +67,12 @@ def folder(tmp_path_factory):
         fields = prepare.process_volume(volume.image, volume.affine, volume.mask, intensity="mri")
         expected[name] = {"id": index, "case_id": name, **fields}
     return out, expected
+
+
+def _file(out, case: str) -> str:
+    """The file prepare wrote for `case` (its suffix says the storage)."""
+    (name,) = [n for n in os.listdir(os.path.join(out, "train")) if n.split(".")[0] == case]
+    return os.path.join(out, "train", name)
 
 
 def _check(record, expected):
@@ -75,7 +86,7 @@ def _check(record, expected):
 def test_reading_never_uses_ast(folder, monkeypatch):
     out, expected = folder
     source = prepared.data_source(out, "train", dtype=np.float16)
-    source[0]  # Opens the array_record files (imports) before `compile` is taken away.
+    source[0]  # Opens the files (imports) before `compile` is taken away.
     npy = io.BytesIO()
     np.save(npy, np.zeros(3))
     with monkeypatch.context() as m:
@@ -90,13 +101,22 @@ def test_reading_never_uses_ast(folder, monkeypatch):
     np.testing.assert_array_equal(as_float32["image"], expected["c1"]["image"].astype(np.float32))
 
 
+def _raw(path: str) -> bytes:
+    """The one record's bytes in a prepared file of either storage."""
+    if path.endswith(prepared.MAPPED_SUFFIX):
+        with open(path, "rb") as f:
+            return f.read()
+    from array_record.python import array_record_data_source
+
+    (data,) = array_record_data_source.ArrayRecordDataSource([path])
+    return data
+
+
 def test_decoding_survives_gc_that_parses(folder):
     """The crash's mechanism without threads: a garbage collection during AST construction runs a
     gc callback that parses too. Deterministic on CPython 3.11.7, where it breaks npz headers."""
     out, expected = folder
-    source = prepared.data_source(out, "train", dtype=np.float16)
-    raw = source._open()  # The array_record source: bytes of each record.
-    data = [raw[i] for i in range(len(source))]
+    data = [_raw(_file(out, case)) for case in CASES]
     npz = io.BytesIO()
     np.savez(npz, image=np.zeros((2, 3), np.float16), affine=np.eye(3))
 
@@ -299,10 +319,11 @@ def test_corrupt_file_is_named(folder, tmp_path):
     out, _ = folder
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    prepare._write_records(str(copy / "train" / "c2.array_record"), [GOOD[:-5]])
+    path = _file(str(copy), "c2")
+    prepare._write_records(path, [GOOD[:-5]])
     source = prepared.data_source(str(copy), "train")
     source[1]
-    where = re.escape(f"{copy}/train/c2.array_record")
+    where = re.escape(path)
     with pytest.raises(prepared.RecordError, match=rf"^{where}: not a prepared example: truncated"):
         source[2]
 
@@ -320,7 +341,7 @@ def test_errors_not_about_the_bytes_are_not_blamed_on_the_file(folder, monkeypat
     with pytest.raises(error) as e:
         source[3]
     assert str(e.value) == "something else went wrong" and not isinstance(e.value, ValueError)
-    assert e.value.__notes__ == [f"while reading example 3 from {os.path.abspath(out)}/train/c3.array_record"]
+    assert e.value.__notes__ == [f"while reading example 3 from {_file(os.path.abspath(out), 'c3')}"]
 
 
 def test_serialize_refuses_what_the_format_cannot_hold():
@@ -349,8 +370,10 @@ def test_manifest_entries_never_reach_outside_the_folder(folder, tmp_path, monke
     from array_record.python import array_record_data_source
 
     monkeypatch.setattr(array_record_data_source, "ArrayRecordDataSource", lambda paths: opened.append(paths))
+    monkeypatch.setattr(prepared, "map_file", opened.append)
     original = (copy / prepared.MANIFEST).read_text()
-    for bad in ("../../x.array_record", "/etc/passwd", "sub/c0.array_record", "..", "c0.npz", 7, None):
+    bad_names = ("../../x.array_record", "../../x.isimed", "/etc/passwd", "sub/c0.array_record", "..")
+    for bad in (*bad_names, "c0.npz", 7, None):
         manifest = json.loads(original)
         manifest["splits"]["train"]["files"][1]["file"] = bad
         (copy / prepared.MANIFEST).write_text(json.dumps(manifest))
@@ -361,23 +384,56 @@ def test_manifest_entries_never_reach_outside_the_folder(folder, tmp_path, monke
     manifest = json.loads(original)
     manifest["splits"]["train"]["files"][1]["records"] = -1
     (copy / prepared.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"entry 1 \(c1\.array_record\): bad record count -1"):
+    with pytest.raises(ValueError, match=r"entry 1 \(c1\.(array_record|isimed)\): bad record count -1"):
         prepared.data_source(str(copy), "train")
     assert opened == []
 
 
-def test_truncated_array_record_file_is_named(folder, tmp_path):
+def test_mapped_entries_hold_one_record_and_a_split_one_storage(folder, tmp_path):
     out, _ = folder
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    path = copy / "train" / "c2.array_record"
-    data = path.read_bytes()
+    original = json.loads((copy / prepared.MANIFEST).read_text())
+    files = original["splits"]["train"]["files"]
+    if files[0]["file"].endswith(prepared.MAPPED_SUFFIX):
+        files[1]["records"] = 2
+        match = r"entry 1 \(c1\.isimed\): a \.isimed file holds one record, the entry says 2"
+    else:
+        files[1]["file"] = "c1.isimed"
+        match = r"split 'train' mixes \.isimed and array_record files"
+    (copy / prepared.MANIFEST).write_text(json.dumps(original))
+    with pytest.raises(ValueError, match=match):
+        prepared.data_source(str(copy), "train")
+
+
+def test_mapped_records_are_read_only_views_of_the_file(folder):
+    out, expected = folder
+    record = prepared.data_source(out, "train", dtype=np.float16)[2]
+    assert not record["image"].flags.writeable
+    base = record["image"]
+    while isinstance(base, np.ndarray | memoryview):
+        base = base.obj if isinstance(base, memoryview) else base.base
+    # Mapped: no copy, the array is a view of the mapping (array_record: of the record's bytes).
+    assert isinstance(base, mmap.mmap if _file(out, "c2").endswith(prepared.MAPPED_SUFFIX) else bytes)
+    _check(record, expected["c2"])
+
+
+def test_truncated_file_is_named(folder, tmp_path):
+    out, _ = folder
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    path = _file(str(copy), "c2")
+    with open(path, "rb") as f:
+        data = f.read()
     for size in (0, 10, len(data) - 3):
-        path.write_bytes(data[:size])
+        with open(path, "wb") as f:
+            f.write(data[:size])
         source = prepared.data_source(str(copy), "train")
         source[1]
-        with pytest.raises(
-            prepared.RecordError,
-            match=rf"^{re.escape(str(path))}: not a readable array_record file \(truncated or corrupt\?\): ",
-        ):
+        if path.endswith(prepared.MAPPED_SUFFIX):
+            problem = "empty file" if size == 0 else "truncated"
+            match = rf"^{re.escape(path)}: not a prepared example: {problem}"
+        else:
+            match = rf"^{re.escape(path)}: not a readable array_record file \(truncated or corrupt\?\): "
+        with pytest.raises(prepared.RecordError, match=match):
             source[2]
