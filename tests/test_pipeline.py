@@ -194,6 +194,16 @@ def test_eval_dataset_is_fixed_and_lesion_share_gives_positives():
             assert has.sum() == 0
 
 
+def test_all_crops_on_lesions_with_a_foreground_minimum():
+    """lesion_share=1 leaves no uniform crops to draw (the rejection sampler gets n=0)."""
+    source = coded_source(4)
+    cfg = data_config(crops_per_image=6, min_foreground=0.5)
+    kwargs = dict(seed=1, train=False, batch_size=4, lesion_share=1.0, source=source)
+    batch = next(iter(pipeline.make_dataset(cfg, "eval", **kwargs)))
+    with_lesion = (batch["image_id"] - 100) % 2 == 0
+    assert np.all(batch["has_lesion"][with_lesion] == 1) and batch["crops"].shape[1] == 6
+
+
 def test_min_foreground_respected():
     source = coded_source(2)
     for r in source:
@@ -367,14 +377,19 @@ def test_foreground_map_is_the_per_crop_test_at_every_position(shape, crop, dtyp
         np.testing.assert_array_equal(pipeline.map_lookup(packed, starts, positions), expected)
 
 
-def test_float16_table_lookups_equal_numpy_for_every_bit_pattern():
+def test_float16_shortcuts_equal_numpy_for_every_bit_pattern():
     every = np.arange(2**16, dtype=np.uint16).view(np.float16).reshape(256, 256)
     widened = pipeline.as_float32(every)
     assert widened.dtype == np.float32
     np.testing.assert_array_equal(widened.view(np.uint32), every.astype(np.float32).view(np.uint32))
-    for threshold in (-0.9, 0.0, -0.0, 1e-8, 70000.0, -np.inf):
+    # A Python float is compared in float16, a numpy float64 in float64: 0.09997 lies between two
+    # float16 values, so the two give different answers, and both must match numpy.
+    thresholds = (-0.9, 0.0, -0.0, 1e-8, 70000.0, -np.inf, np.inf, np.nan, 0.09997, np.float64(0.09997))
+    for threshold in (*thresholds, np.float32(-0.3), np.float16(-65504.0)):
         with np.errstate(invalid="ignore", over="ignore"):  # numpy warns for 70000 -> float16.
-            np.testing.assert_array_equal(pipeline.above(every, threshold), every > threshold)
+            expected = every > threshold
+            np.testing.assert_array_equal(pipeline.above(every, threshold), expected, err_msg=repr(threshold))
+    assert np.sum(every > 0.09997) != np.sum(every > np.float64(0.09997))
     ints = np.arange(-5, 5, dtype=np.int16)
     np.testing.assert_array_equal(pipeline.as_float32(ints), ints.astype(np.float32))
     np.testing.assert_array_equal(pipeline.above(ints, 0.5), ints > 0.5)

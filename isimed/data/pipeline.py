@@ -85,12 +85,37 @@ def as_float32(x: np.ndarray) -> np.ndarray:
 
 
 def above(x: np.ndarray, threshold: float) -> np.ndarray:
-    """`x > threshold` exactly as numpy compares them (for float16: in float16), faster for float16
-    (numpy compares float16 element by element in software: ~4 ns per value)."""
+    """`x > threshold` exactly as numpy compares them, faster for float16: numpy compares float16
+    one value at a time in software (~4 ns per value); here two integer range tests on the bit
+    patterns (~0.15 ns per value) decide, since float16 values grow with their pattern from +0 to
+    +inf and shrink with it from -0 to -inf."""
     x = np.asarray(x)
-    if x.dtype == np.float16:
-        return np.take(_FLOAT16_VALUES > threshold, x.view(np.uint16))
-    return x > threshold
+    if x.dtype != np.float16:
+        return x > threshold
+    first, negatives = _float16_passing(threshold)
+    bits = x.view(np.uint16)
+    # uint16 arithmetic wraps: (bits - a) <= b - a tests a <= bits <= b in one comparison.
+    out = (bits - np.uint16(_NEGATIVE_ZERO)) < np.uint16(negatives)
+    if first <= _POSITIVE_INF:
+        out |= (bits - np.uint16(first)) <= np.uint16(_POSITIVE_INF - first)
+    return out
+
+
+_POSITIVE_INF, _NEGATIVE_ZERO, _NEGATIVE_INF = 0x7C00, 0x8000, 0xFC00  # float16 bit patterns.
+
+
+@functools.lru_cache(maxsize=32, typed=True)  # typed: a numpy float64 compares unlike a float.
+def _float16_passing(threshold) -> tuple[int, int]:
+    """The float16 bit patterns whose values are `> threshold` as numpy decides it: (the first
+    passing pattern of +0..+inf, past +inf if none; how many of -0..-inf pass, from -0 on)."""
+    passes = _FLOAT16_VALUES > threshold
+    positive = passes[: _POSITIVE_INF + 1]  # Values increase: the passing ones are a suffix.
+    negative = passes[_NEGATIVE_ZERO : _NEGATIVE_INF + 1]  # Values decrease: a prefix passes.
+    first = _POSITIVE_INF + 1 - int(positive.sum())
+    count = int(negative.sum())
+    if not (positive[first:].all() and negative[:count].all()):  # Holds for any threshold.
+        raise AssertionError(f"float16 order broken for threshold {threshold!r}")
+    return first, count
 
 
 def cut_crops(image: np.ndarray, starts: np.ndarray, crop_shape: Sequence[int]) -> np.ndarray:
@@ -144,12 +169,16 @@ def foreground_map(
         # Voxels [i, i + c) along this axis: running sum up to i + c - 1, minus that up to i - 1.
         counts = total[_along(axis, c - 1, n)].copy()
         counts[_along(axis, 1, n - c + 1)] -= total[_along(axis, 0, n - c)]
-    # count / size >= min_foreground is monotonic in the count: the smallest count that passes,
-    # found with the same float64 division as the mean of a crop's boolean voxels, decides exactly.
-    size = int(np.prod(crop_shape))
+    return np.packbits(counts >= least_count(int(np.prod(crop_shape)), min_foreground))
+
+
+@functools.lru_cache(maxsize=16)
+def least_count(size: int, min_foreground: float) -> int:
+    """The fewest foreground voxels of `size` that pass `mean(crop > threshold) >= min_foreground`
+    (size + 1 if none do). The mean is monotonic in the count, so this count, found with the same
+    float64 division as the mean of a crop's boolean voxels, decides the test exactly."""
     passes = np.true_divide(np.arange(size + 1), float(size)) >= min_foreground
-    least = int(np.argmax(passes)) if passes.any() else size + 1
-    return np.packbits(counts >= least)
+    return int(np.argmax(passes)) if passes.any() else size + 1
 
 
 def _running_sum(x: np.ndarray, axis: int) -> np.ndarray:
@@ -277,15 +306,20 @@ class SampleCrops(grain.transforms.RandomMap):
         image = record["image"]
         if self.min_foreground <= 0:
             return geometry.sample_crop_starts(rng, image.shape, self.crop_shape, n, where=where)
+        if n == 0:  # Every crop centred on a lesion.
+            return np.zeros((0, image.ndim), np.int64)
         eligible = self._foreground_test(record)
         # Rejection sampling is uniform over the accepted positions and avoids whole-volume work.
+        # The first n eligible of each draw of 4n candidates are kept; testing them n at a time
+        # and stopping once n pass keeps the same crops and skips testing the rest.
         accepted = []
         for _ in range(20):
             cand = geometry.sample_crop_starts(rng, image.shape, self.crop_shape, 4 * n, where=where)
-            ok = cand[eligible(cand)]
-            accepted.extend(ok[: n - len(accepted)])
-            if len(accepted) == n:
-                return np.asarray(accepted)
+            for i in range(0, len(cand), n):
+                part = cand[i : i + n]
+                accepted.extend(part[eligible(part)][: n - len(accepted)])
+                if len(accepted) == n:
+                    return np.asarray(accepted)
         return geometry.sample_crop_starts(
             rng,
             image.shape,
@@ -302,10 +336,12 @@ class SampleCrops(grain.transforms.RandomMap):
         memo = getattr(record, "memo", None)
         if memo is None:  # Read once: cutting the candidates is cheaper than a whole-volume map.
             size = int(np.prod(crop))
+            least = least_count(size, self.min_foreground)
 
             def by_cutting(starts):
                 fg = above(cut_crops(image, starts, crop), self.foreground_threshold)
-                return fg.reshape(len(starts), size).mean(axis=1) >= self.min_foreground
+                # Summing the booleans' bytes counts them ~3x faster than np.count_nonzero.
+                return fg.reshape(len(starts), size).view(np.uint8).sum(axis=1, dtype=np.int32) >= least
 
             return by_cutting
         key = ("foreground_map", crop, self.foreground_threshold, self.min_foreground)
