@@ -7,16 +7,17 @@ split, the examples, each ONE record in a fixed binary layout (format version 2)
   <case>.isimed        (storage "mapped", volumes) one record per file, uncompressed, read by
                        memory-mapping it: a read decodes the ~1 KB header and returns views into
                        the page cache, and cutting crops touches only their pages. A 1 mm brain
-                       (197 x 233 x 189) reads in ~10 us instead of ~23 ms for a zstd array_record
+                       (197 x 233 x 189) reads in ~30 us instead of ~23 ms for a zstd array_record
                        entry (decompressing all 17 MB to cut 1 MB of crops), and all worker
                        processes share one copy in the page cache. Needs a local disk.
   <name>.array_record  (storage "array_record"; MedMNIST shards always) zstd-compressed entries,
                        ~7x smaller for mostly-background volumes, readable from object stores
                        (gs://); each read decompresses and copies the whole record.
- (Format 1 stored np.savez payloads; numpy parses their headers with
-`ast.literal_eval`, which CPython 3.11 before 3.11.8 cannot run in several threads at once when
-garbage collection runs Python code, as the gc callback installed by `import jax` (and so
-`import grain`) does: CPython gh-106905, issue 14.) Fields:
+
+(Format 1 stored np.savez payloads; numpy parses their headers with `ast.literal_eval`, which
+CPython 3.11 before 3.11.8 cannot run in several threads at once when garbage collection runs
+Python code, as the gc callback installed by `import jax` (and so `import grain`) does: CPython
+gh-106905, issue 14.) Fields:
 
   id        int32    stable index of the case within its split (`image_id` in the pipeline)
   case_id   str      the raw data set's case name (UTF-8)
