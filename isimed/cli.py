@@ -168,7 +168,7 @@ def run_prepare() -> None:
     """`isimed-prepare`: the same flags and main as `python -m isimed.data.prepare`."""
     from isimed.data import prepare
 
-    prepare._define_flags()
+    prepare.define_flags()
     app.run(prepare.main)
 
 

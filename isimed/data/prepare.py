@@ -792,7 +792,8 @@ def main(argv: Sequence[str]) -> None:
     print(format_report(manifest))
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
+    """The command line's flags (absl), for `python -m isimed.data.prepare` and `isimed-prepare`."""
     from absl import flags
 
     flags.DEFINE_enum("layout", None, list(LAYOUTS), "How the raw data is organised.")
@@ -845,5 +846,5 @@ def _define_flags() -> None:
 if __name__ == "__main__":
     from absl import app
 
-    _define_flags()
+    define_flags()
     app.run(main)
