@@ -292,8 +292,6 @@ def safe_name(case_id: str) -> str:
 def _write_records(path: str, records: Sequence[bytes]) -> None:
     """Writes to a temporary name and renames, so an interrupted run never leaves a partial file.
     A `.isimed` path gets the one record's bytes as they are; any other an array_record file."""
-    from array_record.python import array_record_module
-
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
     try:
         if path.endswith(prepared.MAPPED_SUFFIX):
@@ -301,6 +299,8 @@ def _write_records(path: str, records: Sequence[bytes]) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
         else:
+            from array_record.python import array_record_module
+
             writer = array_record_module.ArrayRecordWriter(tmp, prepared.WRITER_OPTIONS)
             try:
                 for data in records:
@@ -575,10 +575,10 @@ def _prepare_volumes(root, out, settings, split_lists, ndim, skip_bad, progress)
     bar = _progress(sum(len(c) for c in assigned.values()), "prepare", progress, "case")
     splits_out, skipped, counts = {}, [], {"done": 0, "resumed": 0, "skipped": 0}
     has_mask = False
+    suffix = prepared.MAPPED_SUFFIX if settings["storage"] == "mapped" else ".array_record"
     for split, split_cases in assigned.items():
         entries = []
         for index, case in enumerate(split_cases):
-            suffix = prepared.MAPPED_SUFFIX if settings["storage"] == "mapped" else ".array_record"
             name = safe_name(case.case_id) + suffix
             path = os.path.join(out, split, name)
             has_mask |= case.mask is not None
