@@ -275,7 +275,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from isimed.models import cpu
+    from isimed import runtime
 
-    cpu.tune_malloc_for_cpu()  # As main.py does: before JAX starts (every run pretrains here).
+    runtime.tune_malloc_for_cpu()  # As main.py does: before JAX starts (every run pretrains here).
     app.run(main)

@@ -465,8 +465,8 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from isimed.models import cpu
+    from isimed import runtime
 
-    cpu.tune_malloc_for_cpu()  # As main.py does: before JAX starts (it pretrains here).
+    runtime.tune_malloc_for_cpu()  # As main.py does: before JAX starts (it pretrains here).
     _define_flags()
     app.run(main)

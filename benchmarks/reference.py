@@ -23,7 +23,7 @@ step most (its best round 23.4 against 32.3 crops/s alone; PyTorch's 48.7 agains
 workers it is.
 
 Process settings, printed in the first line, apply to every worker: glibc malloc keeps freed
-memory mapped (isimed.models.cpu.tune_malloc; both step faster: neither page-faults its large
+memory mapped (isimed.runtime.tune_malloc; both step faster: neither page-faults its large
 buffers in every step) and OMP_WAIT_POLICY=PASSIVE (torch's OpenMP threads sleep at barriers
 instead of spinning, which collapses when other processes share the cores).
 """
@@ -69,7 +69,7 @@ flags.DEFINE_string(
 flags.DEFINE_bool(
     "tune_malloc",
     True,
-    "Call isimed.models.cpu.tune_malloc() first in every worker process.",
+    "Call isimed.runtime.tune_malloc() first in every worker process.",
 )
 FLAGS = flags.FLAGS
 
@@ -121,6 +121,7 @@ def project_step(crops: int, size: int, dtype: str, lax_convs: bool = False):
     import numpy as np
 
     from configs import isimed_chest
+    from isimed import runtime
     from isimed import train_state
     from isimed.models import densenet
     from isimed.models.layers import cpu_backend
@@ -132,7 +133,7 @@ def project_step(crops: int, size: int, dtype: str, lax_convs: bool = False):
     config.model.dtype = dtype
     config.total_steps = 1000
     with mock.patch.object(densenet, "cpu_backend", lambda: False) if lax_convs else contextlib.nullcontext():
-        setup = train_state.create_train_step(config, train_state.make_mesh())
+        setup = train_state.create_train_step(config, runtime.make_mesh())
     rng = np.random.default_rng(0)
     batch = {
         "crops": rng.uniform(-1, 1, (images, crops // images, size, size, size, 1)).astype(np.float32),
@@ -246,9 +247,9 @@ _BUILDERS = {
 def _worker(conn, kind: str, args: tuple, tune: bool) -> None:
     """One variant in its own process: build it, then run (and time) steps when the parent asks."""
     if tune:
-        from isimed.models import cpu
+        from isimed import runtime
 
-        cpu.tune_malloc()  # Before torch or JAX start threads.
+        runtime.tune_malloc()  # Before torch or JAX start threads.
     step, desc = _BUILDERS[kind](*args)
     t0 = time.perf_counter()
     loss = step()  # Warm-up: compiles (JAX) and allocates.

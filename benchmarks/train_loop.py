@@ -22,6 +22,7 @@ from absl import flags
 
 from configs import isimed_chest
 from isimed import methods
+from isimed import runtime
 from isimed import train_state
 from isimed.data import pipeline
 
@@ -45,7 +46,7 @@ def _timed(fn, steps: int) -> float:
 def measure(preset: str, method: str, steps: int, tfds_dir: str, warmup: int = 0, rounds: int = 1) -> dict:
     config = isimed_chest.get_config(preset, method=method)
     config.data.tfds_dir = tfds_dir
-    setup = train_state.create_train_step(config, train_state.make_mesh())
+    setup = train_state.create_train_step(config, runtime.make_mesh())
     views = methods.get(method).views
     keys = ("crops", "centres", "views") if views == 2 else ("crops", "centres")
     data_iter = iter(pipeline.make_dataset(config.data, "train", seed=0, train=True, views=views))
@@ -124,7 +125,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from isimed.models import cpu
+    from isimed import runtime
 
-    cpu.tune_malloc_for_cpu()  # As training does, before JAX starts.
+    runtime.tune_malloc_for_cpu()  # As training does, before JAX starts.
     app.run(main)

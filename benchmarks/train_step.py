@@ -11,7 +11,7 @@ per-device program times the devices);
 "model GFLOP" is 3x the analytic forward count of benchmarks/flops.py (1 MAC = 2 FLOPs, 1.343
 GFLOP per 32^3 crop for DenseNet-121 3D); MFU is model FLOP/s over the devices' dense peak where
 known (benchmarks.flops.PEAK_FLOPS, e.g. H200 bf16 989 TFLOP/s; n/a on CPUs, or set --peak_tflops).
-With --tune_malloc (default) each worker first calls isimed.models.cpu.tune_malloc().
+With --tune_malloc (default) each worker first calls isimed.runtime.tune_malloc().
 """
 
 import json
@@ -38,7 +38,7 @@ flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for the MFU colu
 flags.DEFINE_bool(
     "tune_malloc",
     True,
-    "Workers call isimed.models.cpu.tune_malloc() first (glibc keeps freed memory mapped; see that module).",
+    "Workers call isimed.runtime.tune_malloc() first (glibc keeps freed memory mapped; see that module).",
 )
 flags.DEFINE_integer("worker_devices", 0, "Internal: run the variants in this process and print JSON.")
 FLAGS = flags.FLAGS
@@ -59,6 +59,7 @@ def _time_step(name, model_name, crop, bk, embed_dim, dtype, steps, method="isim
     import numpy as np
 
     from isimed import methods
+    from isimed import runtime
     from isimed import train_state
 
     config = importlib.import_module(f"configs.{method}_chest").get_config("demo")
@@ -67,7 +68,7 @@ def _time_step(name, model_name, crop, bk, embed_dim, dtype, steps, method="isim
     config.data.images_per_batch, config.data.crops_per_image = bk[0], bk[1] // views
     config.model.name, config.model.embed_dim, config.model.dtype = model_name, embed_dim, dtype
     config.total_steps = 1000
-    setup = train_state.create_train_step(config, train_state.make_mesh())
+    setup = train_state.create_train_step(config, runtime.make_mesh())
     state, step = setup.state, setup.step
     rng = np.random.default_rng(0)
     positions = (bk[0], bk[1] // views)
@@ -144,9 +145,9 @@ def _time_loss_share(steps):
 
 def _worker(devices):
     if FLAGS.tune_malloc:
-        from isimed.models import cpu
+        from isimed import runtime
 
-        cpu.tune_malloc()  # Before JAX starts its threads.
+        runtime.tune_malloc()  # Before JAX starts its threads.
     # One line per measurement as soon as it exists, so a slow variant loses nothing before it.
     if devices == 1:
         for row in _time_loss_share(FLAGS.steps):

@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from isimed import config_checks
 from isimed import paths
+from isimed import runtime
 from isimed import train_state
 
 # Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete; a run killed
@@ -398,7 +399,7 @@ def _load_encoder_step(mngr, directory: epath.Path, step: int, tried: dict[int, 
     networks = train_state.Networks(config)
     # Replicated on this process's mesh, whatever topology wrote the checkpoint. The optimiser
     # state is left out (identity: no optimiser is built from the stored config).
-    replicated = NamedSharding(train_state.make_mesh(), P())
+    replicated = NamedSharding(runtime.make_mesh(), P())
     full = jax.eval_shape(lambda: train_state.init_state(config, networks, optax.identity()))
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),

@@ -26,9 +26,9 @@ from absl import logging
 from ml_collections import config_flags
 
 from isimed import export
+from isimed import runtime
 from isimed import train
 from isimed.evaluation import linear_eval
-from isimed.models import cpu
 
 FLAGS = flags.FLAGS
 
@@ -88,7 +88,7 @@ def run_barlow() -> None:
 
 
 def _pretrain(method: str | None, command: str) -> None:
-    cpu.tune_malloc_for_cpu()  # Before JAX starts: glibc keeps XLA:CPU's step buffers mapped.
+    runtime.tune_malloc_for_cpu()  # Before JAX starts: glibc keeps XLA:CPU's step buffers mapped.
     default = default_config(method) if method else None
     _make_configs_importable(sys.argv, default)
     help_default = f" (default: configs/{method}_chest.py, paper scale)" if method else ""

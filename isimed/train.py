@@ -25,6 +25,7 @@ from isimed import checkpoints
 from isimed import config_checks
 from isimed import methods
 from isimed import paths
+from isimed import runtime
 from isimed import train_state
 from isimed.data import pipeline
 from isimed.evaluation import features as features_lib
@@ -81,7 +82,7 @@ class _Run:
         # after it are dropped first.
         self.writer: MetricWriter | None = None
         self.method = methods.get(config.method)
-        self.mesh = mesh = train_state.make_mesh()
+        self.mesh = mesh = runtime.make_mesh()
         self.setup = train_state.create_train_step(config, mesh)
         logging.info(
             "Encoder parameters:\n%s",
@@ -294,7 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     used (`checkpoints.restore`). metrics.jsonl rows of steps after the restored one are dropped.
     """
     config_checks.validate(config)
-    train_state.initialize(config)
+    runtime.initialize(config)
     workdir = paths.resolve(workdir)
     _check_writable(workdir)
     config = ml_collections.ConfigDict(config)

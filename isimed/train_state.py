@@ -10,7 +10,6 @@ encoder with `nnx.split`, so it can be donated, sharded and checkpointed as it i
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,32 +26,10 @@ from isimed import augment
 from isimed import losses
 from isimed import methods
 from isimed import models
-from isimed import paths
 from isimed.models.heads import MLPHead
 
 State = dict[str, Any]
 Batch = dict[str, jnp.ndarray]
-
-
-def initialize(config: ml_collections.ConfigDict) -> None:
-    """Process-wide JAX setup, before anything is compiled: `jax.distributed.initialize` for
-    `config.distributed` (unset fields auto-detected) and the persistent compilation cache in
-    `config.compilation_cache_dir` (a rerun or resume then loads compiled programs instead of
-    compiling them again; None: off)."""
-    if config.get("distributed") and not jax.distributed.is_initialized():
-        jax.distributed.initialize(
-            coordinator_address=config.get("coordinator_address"),
-            num_processes=config.get("num_processes"),
-            process_id=config.get("process_id"),
-        )
-    if config.get("compilation_cache_dir"):
-        jax.config.update("jax_compilation_cache_dir", os.fspath(paths.resolve(config.compilation_cache_dir)))
-
-
-def make_mesh() -> jax.sharding.Mesh:
-    """A 1-D mesh over every device. Auto axes: XLA propagates shardings (the batch is split on
-    `data`, parameters are replicated, pairwise-distance matrices are gathered as needed)."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 class Networks:

@@ -21,6 +21,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from isimed import methods  # noqa: E402
+from isimed import runtime  # noqa: E402
 from isimed import train_state  # noqa: E402
 
 
@@ -66,7 +67,7 @@ def main(out: str, config_name: str = "isimed_chest", *overrides: str) -> None:
         except json.JSONDecodeError:
             pass
         config[key] = value
-    train_state.initialize(config)
+    runtime.initialize(config)
     config.data.images_per_batch = 8
     config.optim.warmup_steps = 0  # The first step moves the parameters.
     if "pairs" in config.loss:
@@ -79,7 +80,7 @@ def main(out: str, config_name: str = "isimed_chest", *overrides: str) -> None:
     }
     if methods.get(config.method).views == 2:
         batch["views"] = rng.uniform(-1, 1, size=(b, k, *c, 1)).astype(np.float32)
-    setup = train_state.create_train_step(config, train_state.make_mesh())
+    setup = train_state.create_train_step(config, runtime.make_mesh())
     batch = {name: _global(x, setup.data_sharding) for name, x in batch.items()}
     state = setup.state
     key = jax.random.key(3)

@@ -17,7 +17,7 @@ LAYERS = (
     ("isimed.train_state",),
     ("isimed.methods", "isimed.config_checks", "isimed.data", "isimed.writers"),
     ("isimed.augment", "isimed.models", "isimed.losses"),
-    ("isimed.geometry", "isimed.paths"),
+    ("isimed.geometry", "isimed.paths", "isimed.runtime", "isimed.workdir"),
 )
 RANK = {unit: i for i, row in enumerate(LAYERS) for unit in row}
 

@@ -9,6 +9,7 @@ import pytest
 
 from isimed import losses
 from isimed import methods
+from isimed import runtime
 from isimed import train_state
 from isimed.data import pipeline
 
@@ -42,7 +43,7 @@ def test_each_method_lowers_its_loss_and_logs_its_terms(name):
         for key in config.augment:
             if key.endswith("_prob"):
                 config.augment[key] = 0.0
-    setup = train_state.create_train_step(config, train_state.make_mesh())
+    setup = train_state.create_train_step(config, runtime.make_mesh())
     assert (setup.networks.head_params is not None) == ("head_dims" in config.model)
     state, step = setup.state, setup.step
     initial = jax.tree.map(np.asarray, state["params"])
@@ -66,7 +67,7 @@ def test_collapse_monitors_see_collapse():
     """The logging-step monitors: identical crops give identical embeddings (RankMe at most 1:
     0 for all-zero embeddings, std 0); random crops give many effective dimensions."""
     config = _config("isimed_chest")
-    setup = train_state.create_train_step(config, train_state.make_mesh())
+    setup = train_state.create_train_step(config, runtime.make_mesh())
     batch = _random_batch(config, np.random.default_rng(0))
     spread = jax.device_get(setup.monitors(setup.state, batch))
     batch["crops"] = np.broadcast_to(batch["crops"][:1, :1], batch["crops"].shape).copy()
@@ -131,12 +132,9 @@ def test_hybrid_references_start_at_the_first_steps_terms_and_live_in_the_state(
     for key in config.augment:
         if key.endswith("_prob"):
             config.augment[key] = 0.0
-    setup = train_state.create_train_step(config, train_state.make_mesh())
+    setup = train_state.create_train_step(config, runtime.make_mesh())
     assert set(setup.state["loss_ref"]) == {"isimed", "vicreg"}
-    assert (
-        "loss_ref"
-        not in train_state.create_train_step(_config("vicreg_chest"), train_state.make_mesh()).state
-    )
+    assert "loss_ref" not in train_state.create_train_step(_config("vicreg_chest"), runtime.make_mesh()).state
     batch = _random_batch(config, np.random.default_rng(0))
     state, metrics = setup.step(setup.state, batch)
     first = metrics.compute()
@@ -171,7 +169,7 @@ def test_isimed_head_carries_the_distance_loss():
 def test_augmentation_is_a_function_of_seed_and_step():
     """Resuming replays the same augmented views: the step's key depends only on (seed, step)."""
     config = _config("simclr_chest")
-    mesh = train_state.make_mesh()
+    mesh = runtime.make_mesh()
     setup = train_state.create_train_step(config, mesh)
     batch = _random_batch(config, np.random.default_rng(2))
     fresh = lambda: jax.tree.map(jnp.copy, setup.state)  # The step donates its state.

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from isimed import runtime
 from isimed.models import MODELS
 from isimed.models import DenseNet
 from isimed.models import ResNet
 from isimed.models import SmallCNN
 from isimed.models import count_params
-from isimed.models import cpu
 from isimed.models import create_encoder
 from isimed.models.layers import avg_pool
 from isimed.models.layers import conv
@@ -457,8 +457,8 @@ def test_tune_malloc_only_where_jax_computes_on_the_cpu(platforms, expected):
     previous = jax.config.jax_platforms
     jax.config.update("jax_platforms", platforms)  # Read at backend start-up only: started already.
     try:
-        assert cpu.cpu_only() is expected
+        assert runtime.cpu_only() is expected
         if not expected:
-            assert cpu.tune_malloc_for_cpu() is False
+            assert runtime.tune_malloc_for_cpu() is False
     finally:
         jax.config.update("jax_platforms", previous)

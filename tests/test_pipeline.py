@@ -7,6 +7,7 @@ import pytest
 
 from configs import isimed_chest
 from isimed import geometry
+from isimed import runtime
 from isimed.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -473,7 +474,7 @@ def test_float16_and_integer_training_crops_give_the_same_step_and_monitors():
     from isimed import train_state
 
     config = isimed_chest.get_config("test")
-    setup = train_state.create_train_step(config, train_state.make_mesh())
+    setup = train_state.create_train_step(config, runtime.make_mesh())
     rng = np.random.default_rng(0)
     b, k, crop = config.data.images_per_batch, config.data.crops_per_image, config.data.crop_size
     half = {

@@ -11,6 +11,7 @@ import pytest
 from sharding_check import assert_same_step
 
 from isimed import checkpoints
+from isimed import runtime
 from isimed import train
 from isimed import train_state
 
@@ -116,7 +117,7 @@ def test_learnable_scale_moves_toward_the_embedding_distances(test_config, scale
     test_config.loss.learnable_scale = True
     test_config.loss.scale = scale_mm
     test_config.optim.learning_rate = 0.05
-    setup = train_state.create_train_step(test_config, train_state.make_mesh())
+    setup = train_state.create_train_step(test_config, runtime.make_mesh())
     state = setup.state
     assert float(np.exp(state["params"]["log_scale"])) == pytest.approx(scale_mm)
     rng = np.random.default_rng(0)

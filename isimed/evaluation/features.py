@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from isimed import checkpoints
-from isimed import train_state
+from isimed import runtime
 from isimed.data import pipeline
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]
@@ -63,7 +63,7 @@ def load_embed_fns(workdir: str, step: int | None = None, *, backbone: bool = Fa
     `backbone`, also `"pretrained_backbone"` and `"random_init_backbone"`: the same encoders'
     pooled backbone features (before the final Linear; a method's MLP head is never included)."""
     config, networks, state = checkpoints.load_encoder(workdir, step)
-    mesh = train_state.make_mesh()
+    mesh = runtime.make_mesh()
     weights = {
         "pretrained": (state["params"]["encoder"], state["batch_stats"]),
         "random_init": (networks.params, networks.batch_stats),

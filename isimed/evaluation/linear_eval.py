@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from isimed import paths
-from isimed import train_state
+from isimed import runtime
 from isimed.evaluation import context_tasks
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
@@ -81,7 +81,7 @@ def _collect_all(config, pre_config, embed_fns, split, k, lesion_share, max_imag
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs every task and metric for every feature set; writes results.json and results.md."""
-    train_state.initialize(config)
+    runtime.initialize(config)
     pretrain_workdir, pre_config, embed_fns, state = _load_pretrained(config)
     evaluation = _collect_all(
         config,

@@ -101,7 +101,7 @@ def max_pool(x: jax.Array, window: int, stride: int, padding: int, *, reshape: b
     DenseNet and ResNet stems) with reshapes and elementwise maxima (:func:`_max_pool_3s2`): same
     values and the same gradient (each window's first maximum gets it); under XLA:CPU its forward
     and backward take ~25 ms for 32 DenseNet stems, ``reduce_window``'s ~130 ms (~800 ms with
-    glibc's default allocator, see :func:`~isimed.models.cpu.tune_malloc`). Other cases fall back
+    glibc's default allocator, see :func:`~isimed.runtime.tune_malloc`). Other cases fall back
     to ``reduce_window``.
     """
     dims = x.ndim - 2

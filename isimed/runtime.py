@@ -1,4 +1,12 @@
-"""Process settings for training on the CPU backend.
+"""Process-wide runtime set-up that training, evaluation and the tools share, done once per
+process before anything is compiled:
+
+- `tune_malloc_for_cpu()`: glibc malloc tuned for XLA:CPU (first thing in a training process);
+- `initialize(config)`: `jax.distributed.initialize` for multi-host runs and the persistent
+  compilation cache;
+- `make_mesh()`: the 1-D `data` mesh over every device.
+
+Why malloc is tuned: process settings for training on the CPU backend.
 
 XLA:CPU allocates each step's temporary buffers (hundreds of MB to GB for a DenseNet-121 step)
 with malloc and frees them after the step. glibc serves blocks over 32 MB, and any large block
@@ -19,7 +27,13 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import importlib.util
+import os
 import platform
+
+import jax
+import ml_collections
+
+from isimed import paths
 
 # mallopt parameters from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
@@ -55,8 +69,7 @@ def cpu_only() -> bool:
     """Whether JAX will compute on the CPU alone, decided without starting its backends: the
     ``jax_platforms`` setting (``JAX_PLATFORMS``) is ``cpu``, or none is set and no accelerator
     plugin (a ``jax_plugins`` entry point or module, libtpu) is installed."""
-    import jax  # Reading the config starts no backend.
-
+    # Reading the config starts no backend.
     platforms = jax.config.jax_platforms
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
@@ -68,3 +81,24 @@ def tune_malloc_for_cpu() -> bool:
     """:func:`tune_malloc` where JAX will compute on the CPU alone (:func:`cpu_only`); returns
     whether it tuned. Call it first thing in a training process, before JAX runs anything."""
     return cpu_only() and tune_malloc()
+
+
+def initialize(config: ml_collections.ConfigDict) -> None:
+    """Process-wide JAX setup, before anything is compiled: `jax.distributed.initialize` for
+    `config.distributed` (unset fields auto-detected) and the persistent compilation cache in
+    `config.compilation_cache_dir` (a rerun or resume then loads compiled programs instead of
+    compiling them again; None: off)."""
+    if config.get("distributed") and not jax.distributed.is_initialized():
+        jax.distributed.initialize(
+            coordinator_address=config.get("coordinator_address"),
+            num_processes=config.get("num_processes"),
+            process_id=config.get("process_id"),
+        )
+    if config.get("compilation_cache_dir"):
+        jax.config.update("jax_compilation_cache_dir", os.fspath(paths.resolve(config.compilation_cache_dir)))
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """A 1-D mesh over every device. Auto axes: XLA propagates shardings (the batch is split on
+    `data`, parameters are replicated, pairwise-distance matrices are gathered as needed)."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
