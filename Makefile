@@ -61,13 +61,13 @@ benchmark-reference: $(REF_VENV)/.installed
 SEEDS ?= 1
 HYBRID_WEIGHTS ?= 0.1,3
 compare: install
-	$(PY) -m benchmarks.compare_methods --seeds=$(SEEDS) --hybrid_weights=$(HYBRID_WEIGHTS)
+	$(PY) -m experiments.compare_methods --seeds=$(SEEDS) --hybrid_weights=$(HYBRID_WEIGHTS)
 
 # Position transfer on real MRI: the folder demo preset pretrained on nilearn's MNI152 template,
 # crop position probed on smoothly deformed, bias-shaded, noisy copies of it (README: Benchmarks).
 .PHONY: position-transfer
 position-transfer: install
-	$(PY) -m benchmarks.position_transfer
+	$(PY) -m experiments.position_transfer
 
 # TensorBoard on every run under workdirs/ (LOGDIR=...); installs the [tracking] extra on first use.
 LOGDIR ?= workdirs

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.compare_methods` runs end to end (tiny budget) and writes its outputs."""
+"""`python -m experiments.compare_methods` runs end to end (tiny budget) and writes its outputs."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from benchmarks import compare_methods
+from experiments import compare_methods
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,7 +16,7 @@ def test_compare_methods_writes_table_and_plot(phantom_dir, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "benchmarks.compare_methods",
+        "experiments.compare_methods",
         "--preset=test",
         "--eval_preset=test",
         "--steps=5",

@@ -1,4 +1,4 @@
-"""benchmarks/position_transfer.py: the subject generator and both ground truths, on tiny volumes."""
+"""experiments/position_transfer.py: the subject generator and both ground truths, on tiny volumes."""
 
 import json
 import os
@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from benchmarks import position_transfer as pt
+from experiments import position_transfer as pt
 from isimed import geometry
 from isimed.data import prepared
 

@@ -1,6 +1,6 @@
 """Position transfer on real MRI: pretrain on one brain, probe crop position on deformed "subjects".
 
-python -m benchmarks.position_transfer [--subjects=8] [--steps=0] [--workdir=workdirs/position_transfer]
+python -m experiments.position_transfer [--subjects=8] [--steps=0] [--workdir=workdirs/position_transfer]
 
 1. Data: nilearn's MNI152 T1 template at 2 mm (shipped with nilearn, nothing downloaded) and
    `--subjects` new subjects made from it, each by a smooth random deformation (largest
@@ -449,7 +449,7 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-    """Flags exist only when run as a program: other modules (benchmarks.compare_methods) define
+    """Flags exist only when run as a program: other modules (experiments.compare_methods) define
     the same names, and the tests import both."""
     flags.DEFINE_string("workdir", "workdirs/position_transfer", "Data, pretraining run and the table.")
     flags.DEFINE_integer("subjects", 8, "Deformed test subjects.")

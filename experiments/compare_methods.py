@@ -1,7 +1,7 @@
 """ISImed (with and without a projection head), the ISImed + VICReg hybrid, SimCLR, VICReg and
 Barlow Twins: same phantom, encoder, crops per step and steps.
 
-python -m benchmarks.compare_methods [--preset=demo] [--seeds=1] [--hybrid_weights=0.1,3]
+python -m experiments.compare_methods [--preset=demo] [--seeds=1] [--hybrid_weights=0.1,3]
     [--workdir=workdirs/compare]
 
 Pretrains every method with `configs/<method>_chest.py:<preset>` (the one training loop), evaluates
