@@ -295,6 +295,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     used (`checkpoints.restore`). metrics.jsonl rows of steps after the restored one are dropped.
     """
     config_checks.validate(config)
+    pipeline.check_crops_fit(config.data, ("train", "validation", "test"))
     runtime.initialize(config)
     workdir = paths.resolve(workdir)
     _check_writable(workdir)

@@ -14,6 +14,7 @@ import shutil
 import struct
 from pathlib import Path
 
+import ml_collections
 import nibabel as nib
 import nrrd
 import numpy as np
@@ -23,6 +24,7 @@ import pytest
 from test_checkpoints import TRIGGERS as CHECKPOINT_TRIGGERS
 
 from isimed.data import layouts
+from isimed.data import pipeline
 from isimed.data import prepare
 from isimed.data import prepared
 from isimed.data import readers
@@ -289,6 +291,17 @@ def _file_truncated(t: "Trigger"):
     return lambda: prepared.data_source(str(out), "train")[1]
 
 
+def _crops_fit(out: Path, crop_size):
+    data = ml_collections.ConfigDict({"name": "prepared", "dir": str(out), "crop_size": crop_size})
+    return lambda: pipeline.check_crops_fit(data, ["train"])
+
+
+def _crop_too_large(t: "Trigger"):
+    out = t.tmp_path / "prepared"
+    _prepare(_raw(t, {"c0": _good(0), "c1": _good(1)[:5]}), out)()  # c1: 5 x 5 x 4 voxels.
+    return _crops_fit(out, (6, 5, 4))
+
+
 def _incomplete(t: "Trigger"):
     return _manifest_edit(t, lambda m: m.update(status="incomplete"))
 
@@ -378,6 +391,9 @@ DATA_TRIGGERS = {
     "prepared.record_truncated": _record_truncated,
     "prepared.file_truncated": _file_truncated,
     "prepared.no_split": lambda t: lambda: prepared.data_source(str(_prepared(t)), "val"),
+    "prepared.crop_too_large": _crop_too_large,
+    "prepared.crop_rank": lambda t: _crops_fit(_prepared(t), (4, 4)),
+    "prepare.uri_out": lambda t: lambda: prepare.prepare("brats", str(t.tmp_path), "gs://my-bucket/prep"),
 }
 
 TRIGGERS = {**CHECKPOINT_TRIGGERS, **DATA_TRIGGERS}

@@ -10,11 +10,13 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
@@ -280,6 +282,57 @@ def test_rerun_resumes_and_refuses_other_settings(raw_with_bad_files, tmp_path):
             str(out),
             **{**kwargs, "splits": {"train": ["good0"], "test": ["good2"]}},
         )
+
+
+@pytest.mark.parametrize("storage", ["mapped", "array_record"])
+def test_crop_size_checked_against_the_smallest_image_of_each_split(tmp_path, storage, monkeypatch):
+    """Exact fit passes; one voxel over on any axis names the smallest file too small and both
+    sizes, from the shapes prepare stored in prepared.json (no file opened) or, in a folder
+    prepared before it stored them, from each file's first record."""
+    root = tmp_path / "raw"
+    rng = np.random.default_rng(0)
+    for name, shape in [("big", (12, 10, 8)), ("small", (11, 10, 9)), ("wide", (12, 11, 8))]:
+        _write_case(root, name, rng.integers(1, 500, size=shape).astype(np.int16))
+    out = tmp_path / "out"
+    splits = {"train": ["big", "wide"], "test": ["small"]}
+    prepare.prepare("brats", str(root), str(out), splits=splits, storage=storage, progress=False)
+    suffix = prepared.MAPPED_SUFFIX if storage == "mapped" else ".array_record"
+    manifest = json.loads((out / prepared.MANIFEST).read_text())
+    assert [e["shape"] for e in manifest["splits"]["train"]["files"]] == [[12, 10, 8], [12, 11, 8]]
+
+    def check_all():
+        data = ml_collections.ConfigDict({"name": "prepared", "dir": str(out), "crop_size": (11, 10, 8)})
+        pipeline.check_crops_fit(data, ["train", "test"])  # The exact fit on every axis.
+        for crop, where, size in [
+            ((12, 10, 8), "test/small", (11, 10, 9)),
+            ((11, 11, 8), "train/big", (12, 10, 8)),
+            ((11, 10, 9), "train/big", (12, 10, 8)),
+        ]:
+            data.crop_size = crop
+            message = f"{out}/{where}{suffix}: data.crop_size {crop} does not fit in its image of size {size}"
+            with pytest.raises(ValueError, match=re.escape(message)):
+                pipeline.check_crops_fit(data, ["train", "test"])
+        data.crop_size = (11, 10)
+        rank = r"big\.\w+: data.crop_size \(11, 10\) has 2 axes but the images are 3D"
+        with pytest.raises(ValueError, match=rank):
+            pipeline.check_crops_fit(data, ["train"])
+
+    with monkeypatch.context() as m:
+        m.setattr(prepared, "file_image_shape", None)  # Stored shapes: no file is opened.
+        check_all()
+    for entry in manifest["splits"]["train"]["files"] + manifest["splits"]["test"]["files"]:
+        del entry["shape"]  # As prepared before shapes were stored.
+    (out / prepared.MANIFEST).write_text(json.dumps(manifest))
+    check_all()
+
+
+def test_prepare_refuses_an_object_store_out_before_reading_anything(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    advice = r"--out=gs://b/p: prepare writes to a local folder only; .* prepare with --storage=array_record"
+    for storage in (None, "array_record"):
+        with pytest.raises(prepare.PrepareError, match=advice):
+            prepare.prepare("brats", str(tmp_path / "raw"), "gs://b/p", storage=storage, progress=False)
+    assert os.listdir(tmp_path) == []  # No local folder named "gs:".
 
 
 def test_data_source_errors(tmp_path):

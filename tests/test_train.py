@@ -10,15 +10,36 @@ import numpy as np
 import pytest
 from sharding_check import assert_same_step
 
+from configs import isimed_chest
 from isimed import checkpoints
 from isimed import runtime
 from isimed import train
 from isimed import train_state
+from isimed.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("config_name", ["isimed_chest", "isimed_vicreg_chest"])
+@pytest.mark.parametrize(
+    "crop, problem",
+    [
+        ((33, 48, 48), r"data.crop_size \(33, 48, 48\) does not fit in its image of size \(32, 48, 48\)"),
+        ((32, 48, 49), r"data.crop_size \(32, 48, 49\) does not fit in its image of size \(32, 48, 48\)"),
+        ((7, 7), r"data.crop_size \(7, 7\) has 2 axes but the images are 3D \(shape \(32, 48, 48\)\)"),
+    ],
+)
+def test_crop_size_checked_before_anything_is_generated_written_or_compiled(tmp_path, crop, problem):
+    config = isimed_chest.get_config("test")
+    config.data.tfds_dir = str(tmp_path / "tfds")
+    config.data.crop_size = (32, 48, 48)  # The tiny phantom's shape: the exact fit passes.
+    pipeline.check_crops_fit(config.data, ["train", "validation", "test"])
+    config.data.crop_size = crop
+    with pytest.raises(ValueError, match=r"^chest_phantom/tiny3d split 'train': " + problem):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path)) == []  # No phantom generated, no workdir made.
+
+
+@pytest.mark.parametrize("config_name", ["isimed_chest", "isimed_chest:method=isimed_vicreg"])
 def test_one_device_equals_eight_devices(run_on_devices, config_name):
     one = run_on_devices("tests/sharding_check.py", 1, config_name)
     eight = run_on_devices("tests/sharding_check.py", 8, config_name)

@@ -77,9 +77,7 @@ class ChestPhantom(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg: ChestPhantomConfig = self.builder_config
-        shape = tuple(cfg.spec.shape)
-        if cfg.view == "coronal":
-            shape = (shape[0], shape[2])
+        shape = _image_shape(cfg)
         ndim = len(shape)
         extra = {}
         if cfg.view != "coronal":
@@ -132,6 +130,19 @@ class ChestPhantom(tfds.core.GeneratorBasedBuilder):
                     **extra,
                 },
             )
+
+
+def _image_shape(cfg: ChestPhantomConfig) -> tuple[int, ...]:
+    shape = tuple(cfg.spec.shape)
+    return (shape[0], shape[2]) if cfg.view == "coronal" else shape
+
+
+def image_shape(config_name: str) -> tuple[int, ...]:
+    """The shape of every image of a variant, from its builder config (nothing is generated)."""
+    configs = {c.name: c for c in ChestPhantom.BUILDER_CONFIGS}
+    if config_name not in configs:
+        raise ValueError(f"unknown chest_phantom variant {config_name!r}; known: {sorted(configs)}")
+    return _image_shape(configs[config_name])
 
 
 def data_source(config_name: str, split: str, data_dir: str):

@@ -377,6 +377,38 @@ def open_source(data: ml_collections.ConfigDict, split: str):
     raise ValueError(f"unknown data set {data.name!r}; known: 'chest_phantom', 'prepared'")
 
 
+def image_shapes(data: ml_collections.ConfigDict, split: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(where, image shape) for the images of `split`, no volume decoded: the phantom's shapes
+    come from its builder config (one shape per variant), a prepared folder's from prepared.json."""
+    if data.name == "chest_phantom":
+        from isimed.data import chest_phantom
+
+        return [(f"chest_phantom/{data.variant} split {split!r}", chest_phantom.image_shape(data.variant))]
+    return open_source(data, split).image_shapes()
+
+
+def check_crops_fit(data: ml_collections.ConfigDict, splits: Sequence[str]) -> None:
+    """Raises ValueError naming the file if `data.crop_size` has another number of axes than the
+    images of `splits`, or does not fit in the smallest of them. Run before the pipeline starts:
+    there the per-record check meets it only in a reader thread, deep in a grain traceback."""
+    crop = tuple(int(c) for c in data.crop_size)
+    for split in splits:
+        shapes = image_shapes(data, split)
+        for where, shape in shapes:
+            if len(shape) != len(crop):
+                raise ValueError(
+                    f"{where}: data.crop_size {crop} has {len(crop)} axes but the images are "
+                    f"{len(shape)}D (shape {shape})"
+                )
+        small = [(where, shape) for where, shape in shapes if any(c > n for c, n in zip(crop, shape))]
+        if small:
+            where, shape = min(small, key=lambda s: np.prod(s[1]))
+            raise ValueError(
+                f"{where}: data.crop_size {crop} does not fit in its image of size {shape} "
+                f"(the smallest of {len(small)} too small in split {split!r})"
+            )
+
+
 class CachedRecord(dict):
     """A record kept by `RecordCache`; `memo` holds what transforms derive from it once (the
     foreground map of `SampleCrops`, 1 bit per crop position, not counted in the cache's size)."""

@@ -52,6 +52,7 @@ import tqdm
 from scipy import ndimage
 
 from isimed import geometry
+from isimed import paths
 from isimed.data import layouts
 from isimed.data import prepared
 from isimed.data import readers
@@ -448,6 +449,13 @@ def prepare(
         decompresses the whole volume). MedMNIST: array_record shards only.
       progress: a progress bar on stderr (shown only when stderr is a terminal).
     """
+    if paths.is_uri(out):  # os.path would make "gs://b/x" a local folder named "gs:".
+        raise PrepareError(
+            f"--out={out}: prepare writes to a local folder only; to train from an object store, "
+            "prepare with --storage=array_record (memory-mapped .isimed files, the default for "
+            "volumes, cannot be read from a URI) into a local folder, then copy it to the bucket "
+            "(gcloud storage cp -r OUT gs://...)"
+        )
     out = os.path.abspath(os.path.expanduser(out))
     root = os.path.expanduser(root)
     settings = _settings(
@@ -590,7 +598,11 @@ def _prepare_volumes(root, out, settings, split_lists, ndim, skip_bad, progress)
                 counts["done" if reason is None else "skipped"] += 1
             bar.update()
             if reason is None:
-                entries.append({"id": index, "case_id": case.case_id, "file": name, "records": 1})
+                # The stored shape, so training checks its crop size without reading any volume.
+                shape = list(prepared.file_image_shape(path))
+                entries.append(
+                    {"id": index, "case_id": case.case_id, "file": name, "records": 1, "shape": shape}
+                )
             else:
                 skipped.append(
                     {
@@ -696,7 +708,15 @@ def _prepare_medmnist(root, out, settings, shard_size, progress) -> dict:
         for s in range(shards):
             a, b = s * shard_size, min(n, (s + 1) * shard_size)
             name = f"{stem}-{s:05d}-of-{shards:05d}.array_record"
-            entries.append({"id": a, "case_id": f"{split}_{a:06d}", "file": name, "records": b - a})
+            entries.append(
+                {
+                    "id": a,
+                    "case_id": f"{split}_{a:06d}",
+                    "file": name,
+                    "records": b - a,
+                    "shape": list(images.shape[1:]),
+                }
+            )
             path = os.path.join(out, split, name)
             if os.path.exists(path):
                 counts["resumed"] += b - a

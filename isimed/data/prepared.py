@@ -153,6 +153,13 @@ def serialize(record: dict[str, Any]) -> bytes:
     return b"".join([header, bytes(header_size - len(header)), *payload])
 
 
+def _unreadable(where: str, e: RuntimeError) -> RecordError:
+    return RecordError(
+        f"{where}: not a readable array_record file (truncated or corrupt?): "
+        f"{' '.join(str(e).split())}; {RERUN}"
+    )
+
+
 def _bad(where: str, problem: str) -> RecordError:
     return RecordError(f"{where}: not a prepared example: {problem}")
 
@@ -281,6 +288,7 @@ class PreparedSource:
         if not sum(int(e["records"]) for e in entries):
             raise ValueError(f"{self.directory}: split {split!r} is empty (0 prepared examples)")
         self._files = [e["file"] for e in entries]
+        self._shapes = [e.get("shape") for e in entries]  # Absent in folders prepared before it.
         self._offsets = np.cumsum([0] + [int(e["records"]) for e in entries])
         mapped = {name.endswith(MAPPED_SUFFIX) for name in self._files}
         if len(mapped) > 1:
@@ -288,12 +296,23 @@ class PreparedSource:
         self._mapped = mapped.pop()
         if self._mapped and paths.is_uri(self.directory):
             raise ValueError(
-                f"{self.directory}: memory-mapped records (storage 'mapped') must be on a local disk; "
-                "copy the folder to one, or prepare with --storage=array_record to read from a URI"
+                f"{self.directory}: memory-mapped records (prepare --storage=mapped, the default for "
+                "volumes) must be on a local disk; object stores need the folder prepared with "
+                "--storage=array_record (or copy this folder to a local disk)"
             )
         # "path[0:n]" lets ArrayRecordDataSource skip opening every file just to count records.
         self._paths = [f"{self.directory}/{split}/{e['file']}[0:{int(e['records'])}]" for e in entries]
         self._source = None
+
+    def image_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(file, image shape) of every file of the split, no voxel read: the shapes prepare stores
+        in prepared.json, else (folders prepared before it did) `file_image_shape`."""
+        return [
+            (path, tuple(shape) if shape is not None else file_image_shape(path))
+            for path, shape in zip(
+                [f"{self.directory}/{self.split}/{name}" for name in self._files], self._shapes
+            )
+        ]
 
     def _open(self):
         from array_record.python import array_record_data_source  # Heavy import, only here.
@@ -318,10 +337,7 @@ class PreparedSource:
             try:
                 data = source[index]
             except RuntimeError as e:  # array_record's reader: the file is cut short or corrupt.
-                raise RecordError(
-                    f"{where}: not a readable array_record file (truncated or corrupt?): "
-                    f"{' '.join(str(e).split())}; {RERUN}"
-                ) from e
+                raise _unreadable(where, e) from e
         try:
             return deserialize(data, where=where, dtype=self.dtype)
         except RecordError:
@@ -358,6 +374,11 @@ def _checked_entries(entries: Any, manifest: str, split: str) -> list[dict[str, 
         records = entry.get("records")
         if not isinstance(records, int) or isinstance(records, bool) or records < 0:
             raise ValueError(f"{manifest}: split {split!r} entry {i} ({name}): bad record count {records!r}")
+        shape = entry.get("shape")
+        if shape is not None and not (
+            isinstance(shape, list) and all(isinstance(n, int) and n >= 1 for n in shape)
+        ):
+            raise ValueError(f"{manifest}: split {split!r} entry {i} ({name}): bad image shape {shape!r}")
         if name.endswith(MAPPED_SUFFIX) and records != 1:
             raise ValueError(
                 f"{manifest}: split {split!r} entry {i} ({name}): a {MAPPED_SUFFIX} file holds one "
@@ -374,6 +395,23 @@ def map_file(path: str) -> mmap.mmap:
             return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:  # "cannot mmap an empty file"
             raise _bad(path, "empty file") from None
+
+
+def file_image_shape(path: str) -> tuple[int, ...]:
+    """The image shape of the first record of a prepared file, which every record of the file
+    shares (a volume file holds one record, a MedMNIST shard images of one array). A mapped file's
+    header alone is read (the voxels stay unread pages); an array_record entry is decoded whole."""
+    if path.endswith(MAPPED_SUFFIX):
+        data = map_file(path)
+    else:
+        from array_record.python import array_record_data_source
+
+        with array_record_data_source.ArrayRecordDataSource([f"{path}[0:1]"]) as source:
+            try:
+                data = source[0]
+            except RuntimeError as e:
+                raise _unreadable(path, e) from e
+    return tuple(_decode_fields(data, path)["image"].shape)
 
 
 def _file_of(offsets: np.ndarray, index: int) -> int:

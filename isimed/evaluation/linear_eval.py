@@ -19,6 +19,7 @@ import numpy as np
 
 from isimed import paths
 from isimed import runtime
+from isimed.data import pipeline
 from isimed.evaluation import context_tasks
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
@@ -83,6 +84,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Runs every task and metric for every feature set; writes results.json and results.md."""
     runtime.initialize(config)
     pretrain_workdir, pre_config, embed_fns, state = _load_pretrained(config)
+    pipeline.check_crops_fit(pre_config.data, (config.eval_split, config.reference_split))
     evaluation = _collect_all(
         config,
         pre_config,
