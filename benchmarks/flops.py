@@ -14,13 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# Dense peak FLOP/s per device kind and compute dtype, from the vendors' specifications.
-# float32 on these GPUs is computed as TF32 by XLA's default matmul precision.
+# The tensor-core arithmetic each model dtype's convolutions run in: float32 ones as TF32 (XLA's
+# default precision on these GPUs), so a float32 MFU is against the TF32 peak, ~7x the FP32
+# (non-tensor-core) figure (H100 SXM: 67 TFLOP/s).
+ARITHMETIC = {"bfloat16": "BF16", "float32": "TF32"}
+# Dense (no sparsity) tensor-core peak FLOP/s per device kind and arithmetic, from the vendors'
+# specifications (H100/H200 SXM; A100 SXM).
 PEAK_FLOPS = {
-    "NVIDIA H200": {"bfloat16": 989e12, "float32": 494.7e12},
-    "NVIDIA H100 80GB HBM3": {"bfloat16": 989e12, "float32": 494.7e12},
-    "NVIDIA A100-SXM4-80GB": {"bfloat16": 312e12, "float32": 156e12},
-    "NVIDIA A100-SXM4-40GB": {"bfloat16": 312e12, "float32": 156e12},
+    "NVIDIA H200": {"BF16": 989e12, "TF32": 494.7e12},
+    "NVIDIA H100 80GB HBM3": {"BF16": 989e12, "TF32": 494.7e12},
+    "NVIDIA A100-SXM4-80GB": {"BF16": 312e12, "TF32": 156e12},
+    "NVIDIA A100-SXM4-40GB": {"BF16": 312e12, "TF32": 156e12},
 }
 
 
@@ -92,8 +96,9 @@ def xla_flops(compiled) -> float | None:
 
 
 def peak_flops(device_kind: str, dtype: str) -> float | None:
-    """The device's dense peak FLOP/s for ``dtype`` where known (not for CPUs)."""
-    return PEAK_FLOPS.get(device_kind, {}).get(dtype)
+    """The device's dense peak FLOP/s in the arithmetic ``dtype`` runs in (``ARITHMETIC``: the
+    TF32 peak for float32) where known (not for CPUs)."""
+    return PEAK_FLOPS.get(device_kind, {}).get(ARITHMETIC.get(dtype, ""))
 
 
 def mfu(model_flops_per_step: float, step_s: float, peak: float | None, devices: int = 1) -> float | None:

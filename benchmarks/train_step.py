@@ -105,9 +105,12 @@ def _time_step(name, model_name, crop, bk, embed_dim, dtype, steps, method="isim
     if model_name == "densenet121":
         model_flops = 3 * flops.densenet121_forward_flops(crop, embed_dim)[1] * bk[0] * bk[1]
         peak = FLAGS.peak_tflops * 1e12 or flops.peak_flops(jax.devices()[0].device_kind, dtype)
+        # Which peak the MFU is of: float32 steps run as TF32, so theirs is the TF32 peak.
+        arithmetic = "--peak_tflops" if FLAGS.peak_tflops else flops.ARITHMETIC[dtype]
         row.update(
             model_flops=model_flops,
             mfu=flops.mfu(model_flops, step_s, peak, jax.device_count()),
+            peak=None if peak is None else f"{arithmetic} {peak / 1e12:g}",
             device_kind=jax.devices()[0].device_kind,
         )
     return row
@@ -226,7 +229,7 @@ def main(argv):
         )
         print(
             f"{'variant':<27} {'method':<8} {'dtype':<9} {'devices':>7} {'XLA GFLOP':>10} "
-            f"{'model GFLOP':>12} {'XLA/model':>9} {'TFLOP/s':>8} {'MFU':>6}"
+            f"{'model GFLOP':>12} {'XLA/model':>9} {'TFLOP/s':>8} {'MFU':>6}  of peak TFLOP/s"
         )
         for r in dense:
             xla = r["xla_flops"]
@@ -235,7 +238,7 @@ def main(argv):
                 f"{r['variant']:<27} {r['method']:<8} {r['dtype']:<9} {r['devices']:>7} "
                 f"{xla / 1e9 if xla else float('nan'):>10.1f} {r['model_flops'] / 1e9:>12.1f} "
                 f"{xla / r['model_flops'] if xla else float('nan'):>9.2f} {achieved / 1e12:>8.3f} "
-                f"{format(r['mfu'], '.1%') if r['mfu'] is not None else 'n/a':>6}"
+                f"{format(r['mfu'], '.1%') if r['mfu'] is not None else 'n/a':>6}  {r['peak'] or ''}"
             )
         if any(r["mfu"] is None for r in dense):
             print(f"MFU n/a: no known peak for {dense[0]['device_kind']!r} (set --peak_tflops)")
