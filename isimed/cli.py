@@ -7,6 +7,7 @@ and `main.py` / `linear_eval.py` call the first and the fifth:
   isimed-linear-eval   (python linear_eval.py)  linear evaluation of a checkpoint
   isimed-prepare       (python -m isimed.data.prepare)
   isimed-export                                  the encoder as npz, safetensors or MONAI weights
+  isimed-locate                                  the anatomy at points of one scan found in another
 
 `--workdir` defaults to `workdirs/<config name>[_<preset>]` for pretraining and to
 `<pretrain_workdir>/linear_eval` for linear evaluation.
@@ -194,6 +195,62 @@ def _export_main(argv: Sequence[str]) -> None:
     print(f"wrote {result['path']} ({result['format']}, step {result['step']}, {result['arrays']} arrays)")
     if "sidecar" in result:
         print(f"wrote {result['sidecar']} (config and MONAI DenseNet121 arguments)")
+
+
+# Localisation -----------------------------------------------------------------------------------
+
+
+def run_locate() -> None:
+    """`isimed-locate --workdir=W --template=A --target=B --points=P.csv --out=Q.csv [--step=N]
+    [--plot=DIR]`: the anatomy at P's points of scan A found in scan B (`isimed.locate`)."""
+    flags.DEFINE_string("workdir", None, "Pretraining workdir (its checkpoints/ folder).")
+    flags.DEFINE_string("template", None, "Scan the points are in: NIfTI, NRRD, DICOM file or folder.")
+    flags.DEFINE_string("target", None, "Scan to find them in (same formats).")
+    flags.DEFINE_string("points", None, "CSV with x, y, z columns (world mm, RAS); others kept.")
+    flags.DEFINE_string("out", None, "CSV written: --points rows, x, y, z found, + score.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_string("plot", None, "Folder for one PNG per point (slices and the cost map).")
+    flags.DEFINE_integer("stride", 2, "Voxels between the crops of the coarse grid.")
+    flags.DEFINE_float("offset_mm", 8.0, "Distance of the 6 extra query crops around a point (0: one crop).")
+    flags.DEFINE_enum("intensity", None, ["ct", "mri", "uint8"], "Override prepared.json's intensity.")
+    flags.DEFINE_list("window", None, "Override: CT HU window LO,HI.")
+    flags.DEFINE_float("spacing", None, "Override: mm per voxel (0: each scan's own grid).")
+    flags.DEFINE_boolean("cache", True, "Keep embedded grids in <out folder>/locate_cache/ for reuse.")
+    flags.mark_flags_as_required(["workdir", "template", "target", "points", "out"])
+    app.run(_locate_main)
+
+
+def _locate_main(argv: Sequence[str]) -> None:
+    from isimed import locate
+
+    _no_arguments(argv)
+    _quiet_library_logs(logging.ERROR)
+    spacing = FLAGS.spacing
+    normalisation = {
+        "intensity": FLAGS.intensity,
+        "window": [float(v) for v in FLAGS.window] if FLAGS.window else None,
+        "spacing": None if spacing is None else ([spacing] * 3 if spacing > 0 else 0),
+    }
+    try:
+        result = locate.locate_files(
+            FLAGS.workdir,
+            FLAGS.template,
+            FLAGS.target,
+            FLAGS.points,
+            FLAGS.out,
+            step=FLAGS.step,
+            stride=FLAGS.stride,
+            offset_mm=FLAGS.offset_mm,
+            normalisation=normalisation,
+            plot_dir=FLAGS.plot,
+            cache=FLAGS.cache,
+        )
+    except (locate.LocateError, FileNotFoundError, ValueError) as e:  # Bad input: one line.
+        raise SystemExit(f"isimed-locate: {' '.join(str(e).split())}") from None
+    print(
+        f"wrote {result['out']} ({result['points']} points; embedding {result['embed_template_s']:.1f} s "
+        f"+ {result['embed_target_s']:.1f} s, matching {result['match_s']:.1f} s)"
+    )
 
 
 # Helpers ----------------------------------------------------------------------------------------
