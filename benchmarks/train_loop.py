@@ -27,7 +27,7 @@ from isimed import train_state
 from isimed.data import pipeline
 
 flags.DEFINE_list("presets", ["test", "demo", "demo2d"], "isimed_chest.py presets to run.")
-flags.DEFINE_string("method", "isimed", "Method (configs/<method>_chest.py has the same presets).")
+flags.DEFINE_string("method", "isimed", "Method (configs/isimed_chest.py:PRESET,method=M).")
 flags.DEFINE_integer("steps", 30, "Timed steps per measurement (after one compile step).")
 flags.DEFINE_integer("warmup", 60, "Untimed end-to-end steps first (fills the decoded-volume cache).")
 flags.DEFINE_integer("rounds", 5, "Alternating rounds of the three measurements.")
@@ -44,7 +44,7 @@ def _timed(fn, steps: int) -> float:
 
 
 def measure(preset: str, method: str, steps: int, tfds_dir: str, warmup: int = 0, rounds: int = 1) -> dict:
-    config = isimed_chest.get_config(preset, method=method)
+    config = isimed_chest.get_config(f"{preset},method={method}")
     config.data.tfds_dir = tfds_dir
     setup = train_state.create_train_step(config, runtime.make_mesh())
     views = methods.get(method).views
@@ -82,7 +82,7 @@ def measure(preset: str, method: str, steps: int, tfds_dir: str, warmup: int = 0
             times[k].append(_timed(runs[k], steps))
     end_to_end, step_only, input_only = (min(times[k]) for k in times)
     ratio = float(np.median([s / e for s, e in zip(times["step_only"], times["end_to_end"])]))
-    crops = config.data.images_per_batch * config.data.crops_per_image * views
+    crops = config.data.images_per_batch * config.data.crops_per_image
     return {
         "preset": preset,
         "model": config.model.name,

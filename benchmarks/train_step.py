@@ -31,7 +31,7 @@ flags.DEFINE_integer("densenet_crops", 128, "Crops per DenseNet-121 step (8 imag
 flags.DEFINE_list(
     "methods",
     ["isimed"],
-    "configs/<method>_chest.py to time (same crops through the "
+    "Methods to time (configs/isimed_chest.py:demo,method=M; same crops through the "
     "encoder per step: two-view methods take half the positions, twice).",
 )
 flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for the MFU column (0: known GPUs only).")
@@ -62,10 +62,10 @@ def _time_step(name, model_name, crop, bk, embed_dim, dtype, steps, method="isim
     from isimed import runtime
     from isimed import train_state
 
-    config = importlib.import_module(f"configs.{method}_chest").get_config("demo")
+    config = importlib.import_module("configs.isimed_chest").get_config(f"demo,method={method}")
     views = methods.get(config.method).views
     config.data.crop_size = crop
-    config.data.images_per_batch, config.data.crops_per_image = bk[0], bk[1] // views
+    config.data.images_per_batch, config.data.crops_per_image = bk[0], bk[1]
     config.model.name, config.model.embed_dim, config.model.dtype = model_name, embed_dim, dtype
     config.total_steps = 1000
     setup = train_state.create_train_step(config, runtime.make_mesh())

@@ -1,6 +1,13 @@
-"""What every config shares: the one preset switch, and the training, phantom-data and
-prepared-data settings per preset. Experiment configs compose these with a method
-(`isimed.methods.configure`), so a method's defaults live with the method, not here.
+"""What every config shares: the config argument, and the training, phantom-data and
+prepared-data settings per preset. A data-set config (`configs/isimed_<data>.py`) composes these
+with a method (`isimed.methods.configure`), so a method's defaults live with the method, not here.
+
+The config argument (`--config=FILE:ARG`, `parse_arg`) is comma-separated tokens, in any order:
+  PRESET          a bare token: paper (the default), demo, demo2d (phantom only) or test
+  method=METHOD   isimed (the default), simclr, vicreg, barlow or isimed_vicreg
+  head=true       ISImed's loss on a projection head's output (`methods.ISIMED_HEAD`), false the
+                  default; only with method=isimed (the other methods always have their head)
+e.g. `configs/isimed_chest.py:demo,method=simclr` or `configs/isimed_brats.py:method=vicreg`.
 
 Presets:
   paper   paper scale: 3D DenseNet-121, 32^3 crops, 1024 crops per step, bf16 (accelerators).
@@ -11,19 +18,66 @@ Presets:
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from isimed import methods
 
 PRESETS = ("paper", "demo", "demo2d", "test")
+_BOOLS = {"true": True, "false": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arg:
+    """A parsed config argument (`parse_arg`)."""
+
+    preset: str = "paper"
+    method: str = "isimed"
+    head: bool = False
+
+
+def parse_arg(arg: str | None, allowed: tuple[str, ...] = PRESETS) -> Arg:
+    """Parses `--config=FILE:ARG` (module docstring); ValueError naming the bad token otherwise."""
+    values: dict = {}
+    for token in (arg or "").split(","):
+        token = token.strip()
+        if not token:
+            continue
+        key, eq, value = token.partition("=")
+        if not eq:
+            key, value = "preset", token
+        if key in values:
+            raise ValueError(f"config argument {arg!r}: {key} given twice")
+        if key == "preset" and value not in allowed:
+            raise ValueError(
+                f"config argument {arg!r}: unknown preset {value!r}; use one of: {', '.join(allowed)}"
+            )
+        elif key == "method" and value not in methods.METHODS:
+            raise ValueError(
+                f"config argument {arg!r}: unknown method {value!r}; use one of: {', '.join(methods.METHODS)}"
+            )
+        elif key == "head":
+            if value not in _BOOLS:
+                raise ValueError(f"config argument {arg!r}: head must be true or false, got {value!r}")
+            value = _BOOLS[value]
+        elif key not in ("preset", "method"):
+            raise ValueError(f"config argument {arg!r}: unknown key {key!r}; keys: method, head")
+        values[key] = value
+    parsed = Arg(**values)
+    if parsed.head and methods.get(parsed.method).head_dims is not None:
+        raise ValueError(
+            f"config argument {arg!r}: head=true is for method=isimed ({parsed.method} has its own head)"
+        )
+    return parsed
 
 
 def preset(arg: str | None, allowed: tuple[str, ...] = PRESETS) -> str:
-    """The preset named by `--config=FILE:ARG` (no ARG: paper)."""
-    name = arg or "paper"
-    if name not in allowed:
-        raise ValueError(f"unknown preset {name!r}; use one of: {', '.join(allowed)}")
-    return name
+    """The preset of a config argument that takes nothing else (the linear-evaluation configs)."""
+    parsed = parse_arg(arg, allowed)
+    if parsed != Arg(preset=parsed.preset):
+        raise ValueError(f"config argument {arg!r}: this config takes a preset only")
+    return parsed.preset
 
 
 def _cpu(preset_name: str) -> str:
@@ -60,6 +114,8 @@ def phantom_data(preset_name: str) -> ml_collections.ConfigDict:
     d.name = "chest_phantom"
     d.variant = {"paper": "large3d", "demo": "demo3d", "demo2d": "demo2d", "test": "tiny3d"}[preset_name]
     d.tfds_dir = "~/tensorflow_datasets"  # Where TFDS keeps the generated phantom.
+    # Phantom subjects share one world frame up to small pose changes.
+    d.shared_frame = True
     d.cache_mb = 2048  # The demo and test phantoms fit whole: each volume is decoded once.
     d.window = (-1000.0, 1000.0)  # CT HU window -> [-1, 1].
     d.foreground_threshold = -900.0  # HU; air outside the body is about -1000.
@@ -71,6 +127,11 @@ def prepared_data(preset_name: str) -> ml_collections.ConfigDict:
     d = sampling(preset_name)
     d.name = "prepared"
     d.dir = ml_collections.config_dict.placeholder(str)  # Required: the prepare --out folder.
+    # Whether the subjects share one world frame (registered to an atlas): then distances between
+    # crops of different subjects mean something, and the loss and evaluation use them
+    # (`isimed.methods.loss_config`, `isimed.evaluation.held_out`). Scans in their own scanner
+    # frames do not; set True only for registered data.
+    d.shared_frame = False
     # Normalised units: -0.9 is -900 HU under the CT window [-1000, 1000]; crops must be at least
     # half inside the body. MRI and radiograph configs override this.
     d.foreground_threshold = -0.9
@@ -90,11 +151,10 @@ def distributed(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
-def pretraining(
-    preset_name: str, data: ml_collections.ConfigDict, method: str = "isimed"
-) -> ml_collections.ConfigDict:
+def pretraining(arg: Arg, data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A whole pretraining config: `data`, the preset's encoder, optimiser, schedule and
-    evaluation, and the method's loss, head and views."""
+    evaluation, and the method's loss, head and views (`arg`: the parsed config argument)."""
+    preset_name = arg.preset
     p = _cpu(preset_name)
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -137,11 +197,4 @@ def pretraining(
     c.eval.crops_per_image = {"paper": 32, "demo": 32, "test": 16}[p]
     c.eval.max_images = {"paper": 32, "demo": 16, "test": 4}[p]
     c.eval.probe_train_images = {"paper": 64, "demo": 32, "test": 8}[p]  # For the position probe.
-    return methods.configure(c, method, preset_name)
-
-
-def within_image_pairs(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """For data whose subjects do not share one world frame: ISImed uses within-image pairs only."""
-    if "pairs" in c.loss:
-        c.loss.pairs = "within"
-    return c
+    return methods.configure(c, arg.method, preset_name, head=arg.head)

@@ -10,7 +10,7 @@ other, so only within-image pairs count.
       --config.data.dir=~/data/prepared/chestmnist_64 --workdir=workdirs/isimed_chestmnist_demo
 
 Presets: (none) paper scale (2D DenseNet-121, 32^2 crops, for chestmnist_224), `demo` (small CNN,
-16^2 crops, chestmnist_64), `test` (8^2 crops).
+16^2 crops, chestmnist_64), `test` (8^2 crops); `method=` as for every data set (`configs/common.py`).
 """
 
 import ml_collections
@@ -18,12 +18,12 @@ import ml_collections
 from configs import common
 
 
-def get_config(arg: str | None = None, method: str = "isimed") -> ml_collections.ConfigDict:
-    preset = common.preset(arg, ("paper", "demo", "test"))
-    data = common.prepared_data(preset)
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    parsed = common.parse_arg(arg, ("paper", "demo", "test"))
+    data = common.prepared_data(parsed.preset)  # data.shared_frame False: images are not registered.
     # Normalised when prepared: uint8 [0, 255] -> [-1, 1].
     data.crop_size = data.crop_size[:2]
     # Radiographs have no empty background to avoid: every crop is acceptable.
     data.min_foreground = 0.0
     data.foreground_threshold = -1.0
-    return common.within_image_pairs(common.pretraining(preset, data, method))
+    return common.pretraining(parsed, data)

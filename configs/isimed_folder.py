@@ -8,11 +8,13 @@
 
 3D crops by default; for 2D data set `--config.data.crop_size='(32, 32)'`. The foreground
 threshold is in normalised units ([-1, 1]): -0.9 is -900 HU in a [-1000, 1000] HU window; MRI
-background is -1. Pairs are "within" images unless the subjects are registered to one frame
-(then `--config.loss.pairs=all`).
+background is -1. The subjects are taken to lie in their own frames (`data.shared_frame = False`:
+within-image pairs, within-subject evaluation); for data registered to one frame set
+`--config.data.shared_frame=true` (all pairs, cross-subject evaluation).
 
 Presets: (none) paper scale, `demo`, `test` (see `isimed_chest.py`; only the data differ, and
-the `demo` recipe below).
+the `demo` recipe below); `method=` as for every data set (`configs/common.py`), e.g.
+`isimed-simclr --config=configs/isimed_folder.py:demo --config.data.dir=~/data/prepared/my_ct`.
 
 The `demo` recipe for real scans (README, "Position transfer on real MRI"): 24^3 crops (more
 context than 16^3: where the crop sits in the body, left or right of the midline), 4 images x 16
@@ -28,11 +30,11 @@ from configs import common
 from isimed import augment
 
 
-def get_config(arg: str | None = None, method: str = "isimed") -> ml_collections.ConfigDict:
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # CT defaults: prepared with the HU window [-1000, 1000] -> [-1, 1].
-    preset = common.preset(arg, ("paper", "demo", "test"))
-    config = common.within_image_pairs(common.pretraining(preset, common.prepared_data(preset), method))
-    if preset == "demo":
+    parsed = common.parse_arg(arg, ("paper", "demo", "test"))
+    config = common.pretraining(parsed, common.prepared_data(parsed.preset))
+    if parsed.preset == "demo":
         demo_recipe(config)
     return config
 

@@ -4,7 +4,8 @@ Barlow Twins: same phantom, encoder, crops per step and steps.
 python -m experiments.compare_methods [--preset=demo] [--seeds=1] [--hybrid_weights=0.1,3]
     [--workdir=workdirs/compare]
 
-Pretrains every method with `configs/<method>_chest.py:<preset>` (the one training loop), evaluates
+Pretrains every method with `configs/isimed_chest.py:<preset>,method=<method>` (`isimed_head`:
+`head=true`; the one training loop), evaluates
 each checkpoint with `linear_eval.evaluate` (`configs/linear_eval_chest.py:<eval_preset>`, the
 function behind `linear_eval.py`) and writes `compare.md`, `compare.json` and `compare.png` to the
 workdir. Each method gets two rows: its embedding (the encoder's output) and its pooled backbone
@@ -19,7 +20,6 @@ spread over seeds (each seed's fold mean), which is what differences between met
 judged against.
 """
 
-import importlib
 import json
 import os
 import time
@@ -31,6 +31,7 @@ from absl import flags
 from absl import logging
 from matplotlib.figure import Figure
 
+from configs import isimed_chest
 from configs import linear_eval_chest
 from isimed import methods
 from isimed import train
@@ -39,7 +40,7 @@ from isimed.evaluation import linear_eval
 flags.DEFINE_list(
     "methods",
     ["isimed", "isimed_head", "isimed_vicreg", "simclr", "vicreg", "barlow"],
-    "configs/<method>_chest.py to run.",
+    "Methods to run (`isimed_head`: ISImed with head=true).",
 )
 flags.DEFINE_list(
     "hybrid_weights", [], "Extra isimed_vicreg runs with these loss.vicreg_weight values (trade-off table)."
@@ -89,11 +90,12 @@ REFERENCES = (
 
 
 def run_config(run: str, seed: int):
-    """The pretraining config of a run name: a config name, or `isimed_vicreg_w<W>`."""
-    config_name, weight = run, None
+    """The pretraining config of a run name: a method, `isimed_head`, or `isimed_vicreg_w<W>`."""
+    method, weight = run, None
     if run.startswith("isimed_vicreg_w"):
-        config_name, weight = "isimed_vicreg", float(run[len("isimed_vicreg_w") :])
-    config = importlib.import_module(f"configs.{config_name}_chest").get_config(FLAGS.preset)
+        method, weight = "isimed_vicreg", float(run[len("isimed_vicreg_w") :])
+    arg = f"{FLAGS.preset},head=true" if method == "isimed_head" else f"{FLAGS.preset},method={method}"
+    config = isimed_chest.get_config(arg)
     if weight is not None:
         config.loss.vicreg_weight = weight
     config.seed = seed
@@ -171,7 +173,7 @@ def tradeoff(runs: dict[str, list[dict]]) -> str | None:
     hybrids = {}
     for run, results in runs.items():
         if run.startswith("isimed_vicreg"):
-            if run == "isimed_vicreg":  # configs/isimed_vicreg_chest.py keeps the method's default.
+            if run == "isimed_vicreg":  # The method's default weight.
                 weight = float(methods.get("isimed_vicreg").defaults["vicreg_weight"])
             else:
                 weight = float(run[len("isimed_vicreg_w") :])

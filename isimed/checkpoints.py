@@ -38,6 +38,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from isimed import config_checks
+from isimed import methods
 from isimed import paths
 from isimed import runtime
 from isimed import train_state
@@ -400,7 +401,8 @@ def _load_encoder_step(mngr, directory: epath.Path, step: int, tried: dict[int, 
     # Replicated on this process's mesh, whatever topology wrote the checkpoint. The optimiser
     # state is left out (identity: no optimiser is built from the stored config).
     replicated = NamedSharding(runtime.make_mesh(), P())
-    full = jax.eval_shape(lambda: train_state.init_state(config, networks, optax.identity()))
+    method = methods.get(config.method)
+    full = jax.eval_shape(lambda: train_state.init_state(config, method, networks, optax.identity()))
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
         {key: value for key, value in full.items() if key != "opt_state"},

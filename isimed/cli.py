@@ -3,14 +3,15 @@ and `main.py` / `linear_eval.py` call the first and the fifth:
 
   isimed-pretrain      (python main.py)         pretraining with any config
   isimed-simclr, isimed-vicreg, isimed-barlow     pretraining with that method only (default
-                                                 config: configs/<method>_chest.py)
+                                                 config: configs/isimed_chest.py:method=<method>;
+                                                 `method=<method>` is added to a --config without)
   isimed-linear-eval   (python linear_eval.py)  linear evaluation of a checkpoint
   isimed-prepare       (python -m isimed.data.prepare)
   isimed-export                                  the encoder as npz, safetensors or MONAI weights
   isimed-locate                                  the anatomy at points of one scan found in another
 
-`--workdir` defaults to `workdirs/<config name>[_<preset>]` for pretraining and to
-`<pretrain_workdir>/linear_eval` for linear evaluation.
+`--workdir` defaults to `workdirs/<config name>[_<preset>][_<method>][_head]` for pretraining
+(`default_workdir`) and to `<pretrain_workdir>/linear_eval` for linear evaluation.
 """
 
 from __future__ import annotations
@@ -42,10 +43,42 @@ METHOD_COMMANDS = {"simclr": "isimed-simclr", "vicreg": "isimed-vicreg", "barlow
 
 
 def default_workdir(config_arg: str) -> str:
-    """`workdirs/<config file name>[_<preset>]` for `--config=PATH/NAME.py[:PRESET]`."""
-    path, _, preset = config_arg.partition(":")
-    name = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join("workdirs", f"{name}_{preset}" if preset else name)
+    """`workdirs/<config file name>[_<preset>][_<method>][_head]` for `--config=PATH/NAME.py[:ARG]`
+    (ARG as `configs/common.py` reads it), whatever the order of ARG's tokens: the preset if given,
+    the method unless ISImed, `_head` for head=true. E.g. `configs/isimed_chest.py:demo` ->
+    `workdirs/isimed_chest_demo`, `configs/isimed_chest.py` -> `workdirs/isimed_chest`,
+    `configs/isimed_chest.py:method=simclr,demo` -> `workdirs/isimed_chest_demo_simclr`,
+    `configs/isimed_chest.py:demo,head=true` -> `workdirs/isimed_chest_demo_head`."""
+    path, _, arg = config_arg.partition(":")
+    parts = [os.path.splitext(os.path.basename(path))[0]]
+    tokens = dict(t.partition("=")[::2] if "=" in t else ("preset", t) for t in _tokens(arg))
+    if tokens.get("preset"):
+        parts.append(tokens["preset"])
+    if tokens.get("method", "isimed") != "isimed":
+        parts.append(tokens["method"])
+    if tokens.get("head") == "true":
+        parts.append("head")
+    return os.path.join("workdirs", "_".join(parts))
+
+
+def _tokens(arg: str) -> list[str]:
+    return [t.strip() for t in arg.split(",") if t.strip()]
+
+
+def with_method(config_arg: str, method: str, command: str) -> str:
+    """`config_arg` (`PATH.py[:ARG]`) with `method=<method>` added to ARG where it names no method;
+    SystemExit where it names another."""
+    path, _, arg = config_arg.partition(":")
+    tokens = _tokens(arg)
+    named = [t.partition("=")[2] for t in tokens if t.partition("=")[0] == "method"]
+    if any(m != method for m in named):
+        raise SystemExit(
+            f"{command} trains {method}, but --config={config_arg} names method={named[0]}; "
+            f"drop it, or use isimed-pretrain (python main.py) for other methods"
+        )
+    if not named:
+        tokens.append(f"method={method}")
+    return f"{path}:{','.join(tokens)}"
 
 
 def linear_eval_workdir(pretrain_workdir: str) -> str:
@@ -54,9 +87,10 @@ def linear_eval_workdir(pretrain_workdir: str) -> str:
 
 
 def default_config(method: str) -> str | None:
-    """The repository's `configs/<method>_chest.py`, or None where there is no configs/ folder."""
-    path = os.path.join(CONFIG_DIR, f"{method}_chest.py")
-    return path if os.path.isfile(path) else None
+    """The repository's `configs/isimed_chest.py:method=<method>`, or None where there is no
+    configs/ folder."""
+    path = os.path.join(CONFIG_DIR, "isimed_chest.py")
+    return f"{path}:method={method}" if os.path.isfile(path) else None
 
 
 def check_method(config, method: str, config_arg: str, command: str) -> None:
@@ -64,7 +98,7 @@ def check_method(config, method: str, config_arg: str, command: str) -> None:
     if config.method != method:
         raise SystemExit(
             f"{command} trains {method}, but --config={config_arg} is a {config.method!r} config; "
-            f"use configs/{method}_*.py, or isimed-pretrain (python main.py) for other methods"
+            f"use a config that takes method={method}, or isimed-pretrain (python main.py) for other methods"
         )
 
 
@@ -91,16 +125,21 @@ def run_barlow() -> None:
 def _pretrain(method: str | None, command: str) -> None:
     runtime.tune_malloc_for_cpu()  # Before JAX starts: glibc keeps XLA:CPU's step buffers mapped.
     default = default_config(method) if method else None
+    if method:
+        _add_method(sys.argv, method, command)
     _make_configs_importable(sys.argv, default)
-    help_default = f" (default: configs/{method}_chest.py, paper scale)" if method else ""
+    help_default = f" (default: configs/isimed_chest.py:method={method}, paper scale)" if method else ""
     config_flags.DEFINE_config_file(
-        "config", default, f"Pretraining config file, `PATH.py[:PRESET]`{help_default}.", lock_config=True
+        "config",
+        default,
+        f"Pretraining config file, `PATH.py[:PRESET][,method=M][,head=true]`{help_default}.",
+        lock_config=True,
     )
     flags.DEFINE_string(
         "workdir",
         None,
         "Directory for checkpoints, logs and results; resumes from it "
-        "(default: workdirs/<config name>[_<preset>]).",
+        "(default: workdirs/<config name>[_<preset>][_<method>][_head]).",
     )
     app.run(functools.partial(_pretrain_main, method=method, command=command))
 
@@ -109,7 +148,7 @@ def _pretrain_main(argv: Sequence[str], *, method: str | None, command: str) -> 
     _no_arguments(argv)
     if FLAGS.config is None:
         where = (
-            f" (configs/{method}_chest.py, the default, is not at {CONFIG_DIR}: install from a "
+            f" (configs/isimed_chest.py, the default, is not at {CONFIG_DIR}: install from a "
             "source checkout with `pip install -e .`)"
             if method
             else ""
@@ -256,17 +295,32 @@ def _locate_main(argv: Sequence[str]) -> None:
 # Helpers ----------------------------------------------------------------------------------------
 
 
+def _config_values(argv: Sequence[str]) -> list[tuple[int, str]]:
+    """`(index, prefix)` of each `--config` value in `argv`: `argv[index]` is `prefix + value`
+    (`--config=V`, prefix "--config=", or `--config V`, prefix ""; not `--config.x=...`)."""
+    found = []
+    for i, arg in enumerate(argv):
+        match = re.fullmatch(r"(--?config=).*|--?config", arg)
+        if match and match.group(1):
+            found.append((i, match.group(1)))
+        elif match and i + 1 < len(argv):
+            found.append((i + 1, ""))
+    return found
+
+
+def _add_method(argv: list[str], method: str, command: str) -> None:
+    """Rewrites each `--config` value in place to name `method` (`with_method`), before the flags
+    are parsed, so the config is built for the command's method."""
+    for i, prefix in _config_values(argv):
+        argv[i] = prefix + with_method(argv[i][len(prefix) :], method, command)
+
+
 def _make_configs_importable(argv: Sequence[str], default: str | None) -> None:
     """Config files import `configs.common`: puts the folder holding the config's `configs/`
     folder on sys.path (a console script's sys.path has neither the repository nor the cwd)."""
-    found = [default] if default else []
-    for i, arg in enumerate(argv):
-        match = re.fullmatch(r"--?config(?:=(.*))?", arg)
-        if match:
-            value = match.group(1)
-            if value is None:  # `--config PATH`
-                value = argv[i + 1] if i + 1 < len(argv) else ""
-            found.append(value.partition(":")[0])
+    found = [default.partition(":")[0]] if default else []
+    for i, prefix in _config_values(argv):
+        found.append(argv[i][len(prefix) :].partition(":")[0])
     for path in found:
         root = os.path.dirname(os.path.dirname(os.path.abspath(os.path.expanduser(path))))
         if os.path.isdir(os.path.join(root, "configs")) and root not in sys.path:

@@ -47,7 +47,7 @@ def isimed_loss(
     centres_mm: jnp.ndarray,
     *,
     scale: float | jnp.ndarray,
-    pairs: str = "within",
+    pairs: str,
     within_weight: float = 1.0,
     cross_weight: float = 1.0,
 ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:

@@ -31,8 +31,8 @@ LossFn = Callable[[dict, dict, ml_collections.ConfigDict], tuple[jnp.ndarray, di
 # Head sizes per preset: paper scale, and smaller for the CPU presets.
 _EXPANDER = {"paper": (2048,) * 3, "demo": (1024,) * 3, "demo2d": (1024,) * 3, "test": (64,) * 3}
 _SIMCLR_PROJECTOR = {"paper": (2048, 128), "demo": (512, 128), "demo2d": (512, 128), "test": (64, 128)}
-# ISImed's optional projection head (configs/isimed_head_chest.py): SimCLR's projector sizes, so
-# the distance loss constrains a 128-d output as NT-Xent does.
+# ISImed's optional projection head (`--config=FILE:head=true`): SimCLR's projector sizes, so the
+# distance loss constrains a 128-d output as NT-Xent does.
 ISIMED_HEAD = _SIMCLR_PROJECTOR
 
 
@@ -44,13 +44,28 @@ class Method:
     defaults: dict[str, Any]  # The loss config (`config.loss`).
     views: int = 1  # 2: the pipeline samples a shifted second crop; both views are augmented.
     # Per preset; None: no head by default (a one-view method may still get one: a config that
-    # sets `model.head_dims`, e.g. configs/isimed_head_chest.py).
+    # sets `model.head_dims`, e.g. `configure(..., head=True)`).
     head_dims: dict[str, tuple[int, ...]] | None = None
     last_terms: tuple[str, ...] = ()
     init_params: Callable[[ml_collections.ConfigDict], dict] = lambda loss_config: {}
     # Non-trainable values the loss keeps in the train state (`state["loss_ref"]`, checkpointed
     # with it); {}: none.
     init_loss_ref: Callable[[ml_collections.ConfigDict], dict] = lambda loss_config: {}
+
+    @property
+    def has_distance_target(self) -> bool:
+        """Whether the loss fits latent distances to physical ones (a `scale` in mm)."""
+        return "scale" in self.defaults
+
+    def target_scale_mm(self, params: dict, loss_config: ml_collections.ConfigDict) -> float | None:
+        """The physical distance (mm) one unit of latent distance stands for: the learned scale
+        where the params hold one, else `loss_config.scale`; None for methods without a distance
+        target."""
+        if not self.has_distance_target:
+            return None
+        if "log_scale" in params:
+            return float(jnp.exp(params["log_scale"]))
+        return float(loss_config.scale)
 
 
 def _isimed_params(loss_config: ml_collections.ConfigDict) -> dict:
@@ -140,8 +155,8 @@ def _isimed_vicreg(outputs, batch, loss_config):
 _ISIMED_DEFAULTS = {
     "scale": 100.0,  # mm; target distance = physical distance / scale.
     # "within" an image, or "all" (adds cross-image pairs, meaningful when subjects share one
-    # world frame, e.g. atlas-registered data or the phantom). Data configs choose.
-    "pairs": "all",
+    # world frame); None: follow `data.shared_frame` (`loss_config`).
+    "pairs": None,
     "within_weight": 1.0,
     "cross_weight": 1.0,
     "learnable_scale": False,
@@ -212,22 +227,47 @@ def uses_head(config: ml_collections.ConfigDict) -> bool:
     return bool(config.model.get("head_dims"))
 
 
-def configure(config: ml_collections.ConfigDict, name: str, preset: str) -> ml_collections.ConfigDict:
-    """Sets `config.method`, `config.loss` and, per the method, the head sizes and augmentations.
+def configure(
+    config: ml_collections.ConfigDict, name: str, preset: str, *, head: bool = False
+) -> ml_collections.ConfigDict:
+    """Sets `config.method`, `config.loss` and, per the method, the head sizes and augmentations;
+    `head`: a one-view method's loss on a projection head (`ISIMED_HEAD`).
 
-    `config.data.crops_per_image` is the number of crops through the encoder per image; two-view
-    methods sample half as many positions, each twice, so every method sees the same crops per step.
+    `config.data.crops_per_image` stays the number of crops through the encoder per image for
+    every method; the pipeline samples `crops_per_image // views` positions, `views` crops each.
     """
     method = get(name)
     config.method = name
     config.loss = ml_collections.ConfigDict(dict(method.defaults))
+    if "pairs" in config.loss:
+        config.loss.pairs = ml_collections.config_dict.placeholder(str)
     if method.head_dims is not None:
         config.model.head_dims = method.head_dims[preset]
+    elif head:
+        config.model.head_dims = ISIMED_HEAD[preset]
     if method.views == 2:
-        if config.data.crops_per_image % 2:
-            raise ValueError(
-                f"two-view methods need an even data.crops_per_image, got {config.data.crops_per_image}"
-            )
-        config.data.crops_per_image //= 2
         config.augment = augment.default_config()
+    if name == "isimed_vicreg":
+        # No flips: the distance loss sees the augmented first view, and a flipped crop of one side
+        # of the body looks like an unflipped crop of the other, so flips teach the encoder to
+        # forget laterality (with flips, demo runs stayed at ~30 mm position error at every VICReg
+        # weight).
+        config.augment.flip_prob = 0.0
     return config
+
+
+def loss_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.loss` as the loss takes it: `pairs` unset (None) follows the data, "all" pairs where
+    the subjects share one world frame (`data.shared_frame`), else "within" images."""
+    loss = config.loss
+    if "pairs" in loss and loss.pairs is None:
+        loss = ml_collections.ConfigDict(loss.to_dict())
+        loss.pairs = "all" if shared_frame(config) else "within"
+    return loss
+
+
+def shared_frame(config: ml_collections.ConfigDict) -> bool:
+    """Whether the pretraining data's subjects share one world frame (`data.shared_frame`), so that
+    distances between crops of different subjects mean something; configs stored before the field
+    existed count as not sharing one (only within-image claims are made for them)."""
+    return bool(config.data.get("shared_frame", False))

@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -23,7 +22,6 @@ from jax.experimental import multihost_utils
 
 from isimed import checkpoints
 from isimed import config_checks
-from isimed import methods
 from isimed import paths
 from isimed import runtime
 from isimed import train_state
@@ -81,9 +79,9 @@ class _Run:
         # Opened by `open_writer` once the step to start from is known: metrics.jsonl rows logged
         # after it are dropped first.
         self.writer: MetricWriter | None = None
-        self.method = methods.get(config.method)
         self.mesh = mesh = runtime.make_mesh()
         self.setup = train_state.create_train_step(config, mesh)
+        self.method = self.setup.method
         logging.info(
             "Encoder parameters:\n%s",
             parameter_overview.get_parameter_overview(self.setup.networks.params),
@@ -171,7 +169,7 @@ def _log_step(run: _Run, step: int, accumulated, monitors, since: tuple[float, i
         )
     t_log, step_log = since
     elapsed = time.time() - t_log
-    crops_per_step = config.data.images_per_batch * config.data.crops_per_image * run.method.views
+    crops_per_step = config.data.images_per_batch * config.data.crops_per_image
     scalars["crops_per_s"] = (step - step_log) * crops_per_step / max(elapsed, 1e-9)
     eta = (config.total_steps - step) * elapsed / max(step - step_log, 1)
     run.writer.write_scalars(step, scalars, prefix="train/")
@@ -234,14 +232,12 @@ def _finish(run: _Run, state, summary: dict[str, Any]) -> dict[str, Any]:
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     run.writer.close()  # Flushes metrics.jsonl before it is plotted.
     if jax.process_index() == 0:
-        learned = state["params"].get("log_scale")
         plots.write_training_plots(
             workdir,
-            config,
             held["embeddings"]["model"],
             held["centres"],
             lesion=held["has_lesion"],
-            scale_mm=None if learned is None else float(jnp.exp(learned)),
+            scale_mm=run.method.target_scale_mm(jax.device_get(state["params"]), config.loss),
         )
     return summary
 
@@ -340,13 +336,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "preempted_at_step" in summary:
         return f"Preempted: checkpoint saved at step {summary['preempted_at_step']}; rerun to resume."
     final = summary["final"]
+    if "spearman_all" in final:  # Subjects in one world frame (`held_out.held_out_summary`).
+        spearman = f"within image {final['spearman_within']:.3f}, all pairs {final['spearman_all']:.3f}"
+        probe, key = "Ridge probe of crop centre", "position_probe"
+    else:
+        spearman = f"within image {final['spearman_within']:.3f} (subjects in their own frames)"
+        probe, key = "Ridge probe of crop centre within each subject", "position_probe_within_subject"
     lines = [
         f"Held-out test subjects after {summary['step']} steps:",
-        f"  Spearman(latent, physical distance): within image {final['spearman_within']:.3f}, "
-        f"all pairs {final['spearman_all']:.3f}",
-        f"  Ridge probe of crop centre, mean abs error: embeddings "
-        f"{final['position_probe']['mae_mm']:.1f} mm, raw intensities "
-        f"{final['position_probe_raw_intensity']['mae_mm']:.1f} mm",
+        f"  Spearman(latent, physical distance): {spearman}",
+        f"  {probe}, mean abs error: embeddings {final[key]['mae_mm']:.1f} mm, raw intensities "
+        f"{final[key + '_raw_intensity']['mae_mm']:.1f} mm",
     ]
     if "initial" in summary:
         lines.append(

@@ -1,6 +1,6 @@
 """Everything one training step needs: the mesh, the networks, the optimizer, the state, the loss
 and the step. `create_train_step(config, mesh)` is the one way every caller (the loop, benchmarks,
-tests) builds them.
+tests) builds them; it resolves the method (`isimed.methods`) once and hands it to the parts.
 
 The train state is a plain pytree `{"step", "params", "batch_stats", "opt_state"}` (plus
 `"loss_ref"` for methods that keep loss references, e.g. the normalised hybrid) built from an NNX
@@ -92,11 +92,10 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
     return tx, schedule
 
 
-def init_state(config: ml_collections.ConfigDict, networks: Networks, tx) -> State:
+def init_state(config: ml_collections.ConfigDict, method: methods.Method, networks: Networks, tx) -> State:
     params = {"encoder": networks.params}
     if networks.head_params is not None:
         params["head"] = networks.head_params
-    method = methods.get(config.method)
     params.update(method.init_params(config.loss))
     state = {
         "step": jnp.zeros((), jnp.int32),
@@ -110,7 +109,7 @@ def init_state(config: ml_collections.ConfigDict, networks: Networks, tx) -> Sta
     return state
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, networks: Networks):
+def make_loss_fn(config: ml_collections.ConfigDict, method: methods.Method, networks: Networks):
     """`loss_fn(params, batch_stats, batch, key, loss_ref) -> (loss, (aux, new_batch_stats, z))`,
     `loss_ref` the state's `"loss_ref"` ({} for methods without).
 
@@ -119,9 +118,9 @@ def make_loss_fn(config: ml_collections.ConfigDict, networks: Networks):
     Two-view methods augment both views on device with `key`; a one-view method (ISImed) its crops
     when the config has an `augment` section (the folder `demo` preset: intensity and noise).
     """
-    method = methods.get(config.method)
     head = methods.uses_head(config)
     window = config.data.get("window")
+    loss_config = methods.loss_config(config)
 
     def loss_fn(params, batch_stats, batch, key, loss_ref):
         crops = unit_crops(batch["crops"], window)
@@ -145,10 +144,10 @@ def make_loss_fn(config: ml_collections.ConfigDict, networks: Networks):
             outputs["p1"] = p[:, 0]
             if method.views == 2:
                 outputs["p2"] = p[:, 1]
-        outputs.update({name: params[name] for name in method.init_params(config.loss)})
+        outputs.update({name: params[name] for name in method.init_params(loss_config)})
         if loss_ref:
             outputs["loss_ref"] = loss_ref
-        loss, aux = method.loss(outputs, batch, config.loss)
+        loss, aux = method.loss(outputs, batch, loss_config)
         return loss, (aux, batch_stats, outputs["z"])
 
     return loss_fn
@@ -164,10 +163,11 @@ def metrics_class(method: methods.Method) -> type[clu_metrics.Collection]:
     )
 
 
-def make_train_step(config: ml_collections.ConfigDict, networks: Networks, tx, schedule):
+def make_train_step(
+    config: ml_collections.ConfigDict, method: methods.Method, networks: Networks, tx, schedule
+):
     """The pure step `(state, batch) -> (state, metrics)`; `create_train_step` jits it."""
-    method = methods.get(config.method)
-    loss_fn = make_loss_fn(config, networks)
+    loss_fn = make_loss_fn(config, method, networks)
     metrics = metrics_class(method)
 
     def train_step(state: State, batch: Batch):
@@ -235,12 +235,14 @@ def make_monitor_fn(networks: Networks, window: tuple[float, float] | None):
 
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
-    """What `create_train_step` builds. `state` is the initial state, replicated on the mesh;
+    """What `create_train_step` builds. `method` is the config's method (`isimed.methods`), resolved
+    once; `state` is the initial state, replicated on the mesh;
     `step` is jitted with the state donated and the batch sharded by image over `data`;
     `grad_fn(params, batch_stats, batch, key, loss_ref) -> ((loss, aux), grads)` is the same loss, jitted
     with the same shardings (for tests that compare gradients across device counts);
     `monitors(state, batch)` the collapse monitors, for logging steps."""
 
+    method: methods.Method
     networks: Networks
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -259,19 +261,20 @@ def create_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
             f"data.images_per_batch={config.data.images_per_batch} must be divisible by the "
             f"{mesh.devices.size} devices (the batch is sharded by image)"
         )
+    method = methods.get(config.method)
     networks = Networks(config)
     tx, schedule = make_optimizer(config.optim, config.total_steps)
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
-    state = jax.device_put(init_state(config, networks, tx), replicated)
+    state = jax.device_put(init_state(config, method, networks, tx), replicated)
     step = jax.jit(
-        make_train_step(config, networks, tx, schedule),
+        make_train_step(config, method, networks, tx, schedule),
         in_shardings=(replicated, data_sharding),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
     grad_fn = jax.jit(
-        jax.value_and_grad(make_loss_fn(config, networks), has_aux=True),
+        jax.value_and_grad(make_loss_fn(config, method, networks), has_aux=True),
         in_shardings=(replicated, replicated, data_sharding, replicated, replicated),
         out_shardings=replicated,
     )
@@ -280,4 +283,6 @@ def create_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
         in_shardings=(replicated, data_sharding),
         out_shardings=replicated,
     )
-    return TrainSetup(networks, tx, schedule, state, step, grad_fn, monitors, replicated, data_sharding)
+    return TrainSetup(
+        method, networks, tx, schedule, state, step, grad_fn, monitors, replicated, data_sharding
+    )

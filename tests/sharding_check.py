@@ -5,7 +5,8 @@ python tests/sharding_check.py OUT.npz [CONFIG] [--config.FIELD=VALUE ...]
 (with XLA_FLAGS=--xla_force_host_platform_device_count=N; for several processes pass
 --config.distributed=True and the coordinator fields, as main.py takes them)
 
-CONFIG names a configs/ module (default isimed_chest); two-view methods also exercise the on-device
+CONFIG names a configs/ module (default isimed_chest), optionally with config-argument tokens
+(`isimed_chest:method=simclr`); two-view methods also exercise the on-device
 augmentation and the MLP head's batch norm over the global batch.
 """
 
@@ -59,7 +60,11 @@ def assert_same_step(one: dict, other: dict) -> None:
 
 
 def main(out: str, config_name: str = "isimed_chest", *overrides: str) -> None:
-    config = importlib.import_module(f"configs.{config_name}").get_config("test")
+    # CONFIG: a configs/ module, optionally with config-argument tokens (`isimed_chest:method=simclr`).
+    module, _, arg = config_name.partition(":")
+    config = importlib.import_module(f"configs.{module}").get_config(
+        ",".join(("test", arg) if arg else ("test",))
+    )
     for arg in overrides:  # --config.a.b=value, values as JSON (strings without quotes).
         key, value = arg.removeprefix("--config.").split("=", 1)
         try:
@@ -73,12 +78,13 @@ def main(out: str, config_name: str = "isimed_chest", *overrides: str) -> None:
     if "pairs" in config.loss:
         config.loss.pairs = "all"  # Cross-image pairs span devices.
     rng = np.random.default_rng(0)
-    b, k, c = 8, config.data.crops_per_image, config.data.crop_size
+    views = methods.get(config.method).views
+    b, k, c = 8, config.data.crops_per_image // views, config.data.crop_size
     batch = {
         "crops": rng.uniform(-1, 1, size=(b, k, *c, 1)).astype(np.float32),
         "centres": rng.uniform(-150, 150, size=(b, k, 3)).astype(np.float32),
     }
-    if methods.get(config.method).views == 2:
+    if views == 2:
         batch["views"] = rng.uniform(-1, 1, size=(b, k, *c, 1)).astype(np.float32)
     setup = train_state.create_train_step(config, runtime.make_mesh())
     batch = {name: _global(x, setup.data_sharding) for name, x in batch.items()}

@@ -51,7 +51,8 @@ def _main(config_file: str, tfds_dir: str, workdir: Path, *extra: str) -> subpro
         [
             sys.executable,
             "main.py",
-            f"--config={config_file}:test",
+            # `PATH` or `PATH:method=M`: the test preset added to the config argument.
+            f"--config={config_file}{',' if ':' in config_file else ':'}test",
             f"--config.data.tfds_dir={tfds_dir}",
             f"--workdir={workdir}",
             *KILL_FLAGS,
@@ -176,11 +177,11 @@ def _straight(config_file: str, tfds_dir: str, workdir: Path) -> None:
     """The uninterrupted run, in this process (saves a process start): the same config as
     `_main` gives main.py."""
     from configs import isimed_chest
-    from configs import simclr_chest
     from isimed import train
 
-    module = {"configs/isimed_chest.py": isimed_chest, "configs/simclr_chest.py": simclr_chest}
-    config = module[config_file].get_config("test")
+    assert config_file.partition(":")[0] == "configs/isimed_chest.py", config_file
+    arg = config_file.partition(":")[2]
+    config = isimed_chest.get_config(f"test,{arg}" if arg else "test")
     config.data.tfds_dir = tfds_dir
     for flag in KILL_FLAGS:
         key, value = flag.removeprefix("--config.").split("=")
@@ -215,8 +216,8 @@ def test_kill9_at_random_points_then_resume_equals_straight_run(phantom_dir, tmp
 def test_kill9_two_view_method(phantom_dir, tmp_path):
     """The same for SimCLR (two views, augmentation keyed by step), two kills."""
     straight, workdir = tmp_path / "straight", tmp_path / "killed"
-    _straight("configs/simclr_chest.py", phantom_dir, straight)
-    log = _kill_and_resume("configs/simclr_chest.py", phantom_dir, workdir, rounds=2, seed=5)
+    _straight("configs/isimed_chest.py:method=simclr", phantom_dir, straight)
+    log = _kill_and_resume("configs/isimed_chest.py:method=simclr", phantom_dir, workdir, rounds=2, seed=5)
     print("\n".join(log))
     _assert_same_run(straight, workdir)
 
@@ -363,14 +364,16 @@ def _configs():
     import importlib
 
     from configs import common
+    from isimed import methods
 
     for name in PRETRAINING_CONFIGS:
         module = importlib.import_module(f"configs.{name}")
         for preset in common.PRESETS:
-            try:
-                yield f"{name}:{preset}", module.get_config(preset)
-            except ValueError:  # A preset this experiment does not offer.
-                continue
+            for method in methods.METHODS:
+                try:
+                    yield f"{name}:{preset},method={method}", module.get_config(f"{preset},method={method}")
+                except ValueError:  # A preset this experiment does not offer.
+                    continue
 
 
 def test_every_shipped_config_is_valid_and_names_the_resumable_fields():

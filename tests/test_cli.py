@@ -42,11 +42,14 @@ def _run(args, cwd, timeout=600):
     [
         ("configs/isimed_chest.py:demo", "workdirs/isimed_chest_demo"),
         ("configs/isimed_chest.py", "workdirs/isimed_chest"),
-        ("/abs/path/configs/simclr_brats.py:test", "workdirs/simclr_brats_test"),
+        ("/abs/path/configs/isimed_brats.py:test,method=simclr", "workdirs/isimed_brats_test_simclr"),
+        ("configs/isimed_chest.py:method=vicreg", "workdirs/isimed_chest_vicreg"),
+        ("configs/isimed_chest.py:head=true,demo", "workdirs/isimed_chest_demo_head"),
+        ("configs/isimed_chest.py:demo,method=isimed,head=false", "workdirs/isimed_chest_demo"),
         ("isimed_folder.py:demo2d", "workdirs/isimed_folder_demo2d"),
     ],
 )
-def test_default_workdir_is_config_name_and_preset(config_arg, expected):
+def test_default_workdir_is_config_name_preset_and_method(config_arg, expected):
     assert cli.default_workdir(config_arg) == expected
 
 
@@ -70,26 +73,43 @@ def test_setup_cfg_declares_every_console_script_and_each_resolves():
 
 
 @pytest.mark.parametrize("method", sorted(cli.METHOD_COMMANDS))
-def test_method_commands_default_to_their_chest_config(method):
+def test_method_commands_default_to_the_chest_config_with_their_method(method):
     path = cli.default_config(method)
-    assert path == os.path.join(ROOT, "configs", f"{method}_chest.py")
-    config = importlib.import_module(f"configs.{method}_chest").get_config("test")
-    cli.check_method(config, method, f"{path}:test", cli.METHOD_COMMANDS[method])  # No exit.
-    other = importlib.import_module("configs.isimed_chest").get_config("test")
+    assert path == os.path.join(ROOT, "configs", "isimed_chest.py") + f":method={method}"
+    chest = importlib.import_module("configs.isimed_chest")
+    config = chest.get_config(path.partition(":")[2])
+    assert config.method == method
+    command = cli.METHOD_COMMANDS[method]
+    cli.check_method(config, method, path, command)  # No exit.
     with pytest.raises(SystemExit, match=f"trains {method}, but .* is a 'isimed' config"):
-        cli.check_method(other, method, "configs/isimed_chest.py:test", cli.METHOD_COMMANDS[method])
+        cli.check_method(chest.get_config("test"), method, "configs/isimed_chest.py:test", command)
+
+
+@pytest.mark.parametrize(
+    "config_arg,expected",
+    [
+        ("configs/isimed_chest.py", "configs/isimed_chest.py:method=simclr"),
+        ("configs/isimed_chest.py:demo", "configs/isimed_chest.py:demo,method=simclr"),
+        ("configs/isimed_chest.py:method=simclr,test", "configs/isimed_chest.py:method=simclr,test"),
+    ],
+)
+def test_method_commands_add_their_method_to_the_config_argument(config_arg, expected):
+    assert cli.with_method(config_arg, "simclr", "isimed-simclr") == expected
+    argv = ["isimed-simclr", "--config", config_arg, "--config.total_steps=3"]
+    cli._add_method(argv, "simclr", "isimed-simclr")
+    assert argv == ["isimed-simclr", "--config", expected, "--config.total_steps=3"]
 
 
 def test_method_command_refuses_another_methods_config_outside_the_repository(tmp_path):
     # Run from elsewhere: the config's `from configs import common` must still import.
-    config = os.path.join(ROOT, "configs", "vicreg_chest.py") + ":test"
+    config = os.path.join(ROOT, "configs", "isimed_chest.py") + ":test,method=vicreg"
     done = _run(
         [sys.executable, "-c", "from isimed import cli; cli.run_simclr()", f"--config={config}"],
         cwd=tmp_path,
         timeout=300,
     )
     assert done.returncode == 1
-    assert f"isimed-simclr trains simclr, but --config={config} is a 'vicreg' config" in done.stderr
+    assert f"isimed-simclr trains simclr, but --config={config} names method=vicreg" in done.stderr
     assert not (tmp_path / "workdirs").exists()
 
 

@@ -1,28 +1,30 @@
 """Every registered method trains through the one loop; two-view sampling; baseline configs."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import isimed_chest
 from isimed import losses
 from isimed import methods
 from isimed import runtime
 from isimed import train_state
 from isimed.data import pipeline
 
-BASELINE_CONFIGS = ["simclr_chest", "vicreg_chest", "barlow_chest", "isimed_vicreg_chest"]
-ISIMED_CONFIGS = ["isimed_chest", "isimed_head_chest"]
+# Config arguments of configs/isimed_chest.py besides the preset.
+BASELINE_CONFIGS = ["method=simclr", "method=vicreg", "method=barlow", "method=isimed_vicreg"]
+ISIMED_CONFIGS = ["method=isimed", "head=true"]
 
 
-def _config(name, preset="test"):
-    return importlib.import_module(f"configs.{name}").get_config(preset)
+def _config(arg="", preset="test"):
+    return isimed_chest.get_config(",".join(t for t in (preset, arg) if t))
 
 
 def _random_batch(config, rng, b=4):
-    k, c = config.data.crops_per_image, tuple(config.data.crop_size)
+    # Positions per image: the crops through the encoder, divided among the views.
+    k = config.data.crops_per_image // methods.get(config.method).views
+    c = tuple(config.data.crop_size)
     batch = {
         "crops": rng.uniform(-1, 1, size=(b, k, *c, 1)).astype(np.float32),
         "centres": rng.uniform(-150, 150, size=(b, k, len(c))).astype(np.float32),
@@ -66,7 +68,7 @@ def test_each_method_lowers_its_loss_and_logs_its_terms(name):
 def test_collapse_monitors_see_collapse():
     """The logging-step monitors: identical crops give identical embeddings (RankMe at most 1:
     0 for all-zero embeddings, std 0); random crops give many effective dimensions."""
-    config = _config("isimed_chest")
+    config = _config()
     setup = train_state.create_train_step(config, runtime.make_mesh())
     batch = _random_batch(config, np.random.default_rng(0))
     spread = jax.device_get(setup.monitors(setup.state, batch))
@@ -85,25 +87,27 @@ def _hybrid_inputs(config):
         "p2": rng.normal(size=(15, 6)).astype(np.float32),
     }
     batch = {"centres": rng.uniform(-100, 100, size=(3, 5, 3)).astype(np.float32)}
-    distance, _ = losses.isimed_loss(outputs["z"], batch["centres"], scale=50.0, pairs=config.loss.pairs)
+    distance, _ = losses.isimed_loss(
+        outputs["z"], batch["centres"], scale=50.0, pairs=methods.loss_config(config).pairs
+    )
     vicreg, _ = losses.vicreg_loss(outputs["p1"], outputs["p2"])
     return outputs, batch, float(distance), float(vicreg)
 
 
 def test_hybrid_loss_is_the_weighted_sum_of_its_parts():
-    config = _config("isimed_vicreg_chest")
+    config = _config("method=isimed_vicreg")
     config.loss.isimed_weight, config.loss.vicreg_weight = 0.7, 0.2
     config.loss.scale = 50.0
     config.loss.normalise = False
     outputs, batch, distance, vicreg = _hybrid_inputs(config)
-    loss, aux = methods.get("isimed_vicreg").loss(outputs, batch, config.loss)
+    loss, aux = methods.get("isimed_vicreg").loss(outputs, batch, methods.loss_config(config))
     np.testing.assert_allclose(loss, 0.7 * distance + 0.2 * vicreg, rtol=1e-5)
     np.testing.assert_allclose(aux["isimed"], distance, rtol=1e-6)
     assert "loss_ref" not in aux
 
 
 def test_normalised_hybrid_divides_each_term_by_its_first_value():
-    config = _config("isimed_vicreg_chest")
+    config = _config("method=isimed_vicreg")
     assert config.loss.normalise  # The default.
     config.loss.isimed_weight, config.loss.vicreg_weight = 0.7, 0.2
     config.loss.scale = 50.0
@@ -111,7 +115,7 @@ def test_normalised_hybrid_divides_each_term_by_its_first_value():
     outputs, batch, distance, vicreg = _hybrid_inputs(config)
     # First step (references 0: not measured): both terms are 1, the references their raw values.
     outputs["loss_ref"] = method.init_loss_ref(config.loss)
-    loss, aux = method.loss(outputs, batch, config.loss)
+    loss, aux = method.loss(outputs, batch, methods.loss_config(config))
     np.testing.assert_allclose(loss, 0.7 + 0.2, rtol=1e-6)
     np.testing.assert_allclose(
         [aux["loss_ref"]["isimed"], aux["loss_ref"]["vicreg"]], [distance, vicreg], rtol=1e-6
@@ -119,7 +123,7 @@ def test_normalised_hybrid_divides_each_term_by_its_first_value():
     np.testing.assert_allclose([aux["isimed"], aux["vicreg"]], [distance, vicreg], rtol=1e-6)  # Logged raw.
     # Later steps divide by the stored running means and move them towards the current terms.
     outputs["loss_ref"] = {"isimed": np.float32(2.0), "vicreg": np.float32(8.0)}
-    loss, aux = method.loss(outputs, batch, config.loss)
+    loss, aux = method.loss(outputs, batch, methods.loss_config(config))
     np.testing.assert_allclose(loss, 0.7 * distance / 2.0 + 0.2 * vicreg / 8.0, rtol=1e-5)
     d = config.loss.normalise_decay
     np.testing.assert_allclose(aux["loss_ref"]["isimed"], d * 2.0 + (1 - d) * distance, rtol=1e-6)
@@ -128,13 +132,15 @@ def test_normalised_hybrid_divides_each_term_by_its_first_value():
 
 def test_hybrid_references_start_at_the_first_steps_terms_and_live_in_the_state():
     """The running means start at step 0's terms and are carried in the (checkpointed) state."""
-    config = _config("isimed_vicreg_chest")
+    config = _config("method=isimed_vicreg")
     for key in config.augment:
         if key.endswith("_prob"):
             config.augment[key] = 0.0
     setup = train_state.create_train_step(config, runtime.make_mesh())
     assert set(setup.state["loss_ref"]) == {"isimed", "vicreg"}
-    assert "loss_ref" not in train_state.create_train_step(_config("vicreg_chest"), runtime.make_mesh()).state
+    assert (
+        "loss_ref" not in train_state.create_train_step(_config("method=vicreg"), runtime.make_mesh()).state
+    )
     batch = _random_batch(config, np.random.default_rng(0))
     state, metrics = setup.step(setup.state, batch)
     first = metrics.compute()
@@ -154,12 +160,12 @@ def test_hybrid_references_start_at_the_first_steps_terms_and_live_in_the_state(
 
 def test_isimed_head_carries_the_distance_loss():
     """With a head, ISImed's distance loss is on the head's output, not on the encoder embeddings."""
-    config = _config("isimed_head_chest")
+    config = _config("head=true")
     assert tuple(config.model.head_dims) == methods.ISIMED_HEAD["test"]
-    assert "head_dims" not in _config("isimed_chest").model  # Off in the plain config.
-    outputs, batch, _, _ = _hybrid_inputs(_config("isimed_vicreg_chest"))
+    assert "head_dims" not in _config().model  # Off in the plain config.
+    outputs, batch, _, _ = _hybrid_inputs(_config("method=isimed_vicreg"))
     outputs = {"z": outputs["z"], "p1": outputs["p1"]}
-    loss, _ = methods.get("isimed").loss(outputs, batch, config.loss)
+    loss, _ = methods.get("isimed").loss(outputs, batch, methods.loss_config(config))
     on_head, _ = losses.isimed_loss(
         outputs["p1"].reshape(3, 5, 6), batch["centres"], scale=config.loss.scale, pairs="all"
     )
@@ -168,7 +174,7 @@ def test_isimed_head_carries_the_distance_loss():
 
 def test_augmentation_is_a_function_of_seed_and_step():
     """Resuming replays the same augmented views: the step's key depends only on (seed, step)."""
-    config = _config("simclr_chest")
+    config = _config("method=simclr")
     mesh = runtime.make_mesh()
     setup = train_state.create_train_step(config, mesh)
     batch = _random_batch(config, np.random.default_rng(2))
@@ -183,12 +189,12 @@ def test_augmentation_is_a_function_of_seed_and_step():
 @pytest.mark.parametrize("name", BASELINE_CONFIGS)
 @pytest.mark.parametrize("preset", [None, "demo", "demo2d", "test"])
 def test_baselines_match_isimed_budget(name, preset):
-    isimed, baseline = _config("isimed_chest", preset), _config(name, preset)
+    isimed, baseline = _config("", preset), _config(name, preset)
     assert methods.get(baseline.method).views == 2
     # The same encoder, optimiser and steps, and the same crops through the encoder per step.
     assert baseline.model.name == isimed.model.name and baseline.total_steps == isimed.total_steps
     assert baseline.optim.to_dict() == isimed.optim.to_dict()
-    assert 2 * baseline.data.crops_per_image == isimed.data.crops_per_image
+    assert baseline.data.crops_per_image == isimed.data.crops_per_image
     assert baseline.data.images_per_batch == isimed.data.images_per_batch
 
 

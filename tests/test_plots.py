@@ -3,7 +3,6 @@ import json
 import os
 
 import matplotlib.image
-import ml_collections
 import numpy as np
 import pytest
 import sklearn.decomposition
@@ -226,10 +225,9 @@ def test_write_training_plots_writes_three_pngs(tmp_path):
         tmp_path / "metrics.jsonl",
         [{"step": s, "train/loss": 1.0 / s, "validation/spearman_within": 0.1} for s in (1, 2, 3)],
     )
-    config = ml_collections.ConfigDict({"loss": {"scale": 100.0}})
     z, centres = fake_embeddings(rng)
     written = plots.write_training_plots(
-        str(tmp_path), config, z, centres, lesion=(rng.random(centres.shape[:2]) < 0.3).astype(int)
+        str(tmp_path), z, centres, lesion=(rng.random(centres.shape[:2]) < 0.3).astype(int), scale_mm=100.0
     )
     assert set(written) == {"training_curves", "distance_scatter", "pca"}
     for name in ("training_curves", "distance_scatter", "pca"):
@@ -237,7 +235,7 @@ def test_write_training_plots_writes_three_pngs(tmp_path):
         read_png(written[name])
     # A method without a distance scale (e.g. SimCLR) and a workdir without metrics still work.
     other = tmp_path / "other"
-    written = plots.write_training_plots(str(other), ml_collections.ConfigDict({"loss": {}}), z, centres)
+    written = plots.write_training_plots(str(other), z, centres)
     assert set(written) == {"distance_scatter", "pca"}
 
 

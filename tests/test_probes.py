@@ -102,7 +102,7 @@ def test_pair_distances_memory_is_pairs_not_pairs_times_dim(pairs):
 
 def test_pair_distances_reject_mismatched_shapes():
     with pytest.raises(ValueError, match="same B and K"):
-        metrics.pair_distances(np.zeros((3, 4, 5)), np.zeros((3, 5, 3)))
+        metrics.pair_distances(np.zeros((3, 4, 5)), np.zeros((3, 5, 3)), "within")
     with pytest.raises(ValueError, match="pairs"):
         metrics.pair_distances(np.zeros((3, 4, 5)), np.zeros((3, 4, 3)), "some")
 

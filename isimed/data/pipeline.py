@@ -1,7 +1,8 @@
 """grain input pipeline: records -> K crops per image with their centres in world mm -> batches.
 
 A record is a dict with `id` (int), `image` (spatial array, HU for CT), `affine` ((ndim+1)^2, array
-index -> world mm) and optionally `mask` (lesion voxels). One pipeline element is one image:
+index -> world mm) and optionally `mask` (lesion voxels). One pipeline element is one image, with K
+crop positions (`data.crops_per_image` divided by the number of views):
 
   crops            (K, *crop, 1) float32, intensity-normalised; in training batches (the step
                    finishes them on the device) float16 crops of float16 images without a window
@@ -494,10 +495,15 @@ class EpochShuffle(grain.MapDataset):
         return self._parent[int(self._order(epoch)[position])]
 
 
-def check_data_config(data: ml_collections.ConfigDict) -> None:
+def check_data_config(data: ml_collections.ConfigDict, views: int = 1) -> None:
     if data.crops_per_image < 2:
         raise ValueError(
             f"data.crops_per_image must be >= 2 (distances need pairs), got {data.crops_per_image}"
+        )
+    if data.crops_per_image % views:
+        raise ValueError(
+            f"data.crops_per_image must be a multiple of the method's {views} views, "
+            f"got {data.crops_per_image}"
         )
     if data.images_per_batch < 1:
         raise ValueError(f"data.images_per_batch must be >= 1, got {data.images_per_batch}")
@@ -522,10 +528,12 @@ def make_dataset(
     train=True: shuffled, reshuffled each epoch, repeated forever, batches of `images_per_batch`
     (divided across processes). train=False: every image of this process's shard once, in a fixed
     order with fixed crops for a given seed, final partial batch kept. `views=2` adds a second,
-    shifted crop of every position (two-view methods such as SimCLR). Training crops of float16
-    data stay float16 (the train step widens them); evaluation crops are always float32.
+    shifted crop of every position (two-view methods such as SimCLR). `crops_per_image` (default
+    `data.crops_per_image`) counts the crops that go through the encoder per image, every view
+    included: `crops_per_image // views` positions are sampled. Training crops of float16 data stay
+    float16 (the train step widens them); evaluation crops are always float32.
     """
-    check_data_config(data)
+    check_data_config(data, views)
     source = open_source(data, split) if source is None else source
     if data.get("cache_mb"):
         source = RecordCache(source, data.cache_mb)
@@ -536,7 +544,7 @@ def make_dataset(
         ds = EpochShuffle(ds, seed)
     sampler = SampleCrops(
         crop_shape=tuple(data.crop_size),
-        num_crops=crops_per_image or data.crops_per_image,
+        num_crops=(crops_per_image or data.crops_per_image) // views,
         window=None if data.get("window") is None else tuple(data.window),
         min_foreground=data.min_foreground,
         foreground_threshold=data.foreground_threshold,

@@ -6,6 +6,11 @@ probed at two layers: its embedding (the final Linear's output, what ISImed's di
 constrains unless it has a projection head) and its pooled backbone features (`*_backbone`, the
 final Linear's input, where standard SSL practice probes). All see the same crops. Encoders run
 frozen in eval mode (BatchNorm running statistics, never updated).
+
+Distances and positions follow the pretraining data's frame (`isimed.methods.shared_frame`): with
+subjects in one world frame, Spearman within images and across them, and a position probe fitted
+on reference-split subjects; with subjects in their own frames, Spearman within images only and a
+position probe fitted and tested within each evaluated subject (`position_probe_within_subject`).
 """
 
 import functools
@@ -17,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from isimed import methods
 from isimed import paths
 from isimed import runtime
 from isimed.data import pipeline
@@ -125,7 +131,13 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     results["tasks"] = {"lesion": has_lesions, "labels": has_labels}
     for name in FEATURE_SETS:
         results["feature_sets"][name] = _feature_set_row(
-            config, evaluation[name], reference[name], uniform[name], has_lesions, has_labels
+            config,
+            evaluation[name],
+            reference[name],
+            uniform[name],
+            has_lesions,
+            has_labels,
+            methods.shared_frame(pre_config),
         )
     _add_context_tasks(config, pre_config, embed_fns, results)
     _write_outputs(workdir, results, evaluation["pretrained"])
@@ -181,9 +193,11 @@ def _feature_set_row(
     uni: dict,
     has_lesions: bool,
     has_labels: bool,
+    shared_frame: bool,
 ) -> dict[str, Any]:
     """Every task and metric of one feature set: `ev` the evaluated crops, `ref` the reference
-    (training-split) crops, `uni` uniformly placed evaluation crops."""
+    (training-split) crops, `uni` uniformly placed evaluation crops; `shared_frame`: whether the
+    subjects share one world frame (module docstring)."""
     cv = _cross_validator(config)
     flat = features_lib.flatten
     x = flat(ev["embeddings"])
@@ -199,16 +213,17 @@ def _feature_set_row(
         )
     if has_labels and len(image_x) >= 2 * config.folds:
         row["labels_image"] = cv(image_x, ev["labels"], ev["image_id"], task="multilabel")
-    row.update(
-        {
-            "rankme": metrics_lib.rankme(flat(uni["embeddings"])),
-            "position_probe": probes.position_probe(
-                flat(ref["embeddings"]), flat(ref["centres"]), flat(uni["embeddings"]), flat(uni["centres"])
-            ),
-            "spearman_within": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "within"),
-            "spearman_cross": metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "cross"),
-        }
-    )
+    row["rankme"] = metrics_lib.rankme(flat(uni["embeddings"]))
+    row["spearman_within"] = metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "within")
+    if shared_frame:
+        row["position_probe"] = probes.position_probe(
+            flat(ref["embeddings"]), flat(ref["centres"]), flat(uni["embeddings"]), flat(uni["centres"])
+        )
+        row["spearman_cross"] = metrics_lib.distance_spearman(uni["embeddings"], uni["centres"], "cross")
+    else:
+        row["position_probe_within_subject"] = probes.within_subject_position_probe(
+            uni["embeddings"], uni["centres"]
+        )
     if has_lesions and len(np.unique(image_y)) == 2 and len(image_y) >= 2 * config.folds:
         row["lesion_image"] = cv(image_x, image_y, ev["image_id"], task="binary")
     return row
@@ -248,6 +263,7 @@ def format_results(results: dict[str, Any]) -> str:
         "| features | crop AUC | crop acc | crop F1 | sens | spec | image AUC | labels mean AUC "
         "| lesion-fraction MAE | kNN acc | RankMe | position MAE mm | Spearman within "
         "| Spearman cross |",
+        # Subjects in their own frames: the position MAE is within subjects, no cross Spearman.
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -257,12 +273,15 @@ def format_results(results: dict[str, Any]) -> str:
     for name, row in results["feature_sets"].items():
         cell = functools.partial(cell_of, row)
         knn = f"{row['knn_accuracy']:.3f}" if "knn_accuracy" in row else "n/a"
+        if "position_probe" in row:
+            position, cross = f"{row['position_probe']['mae_mm']:.1f}", f"{row['spearman_cross']:.3f}"
+        else:
+            position, cross = f"{row['position_probe_within_subject']['mae_mm']:.1f} (within subject)", "n/a"
         lines.append(
             f"| {name} | {cell('lesion_crop', 'auc')} | {cell('lesion_crop', 'accuracy')} "
             f"| {cell('lesion_crop', 'f1')} | {cell('lesion_crop', 'sensitivity')} "
             f"| {cell('lesion_crop', 'specificity')} | {cell('lesion_image', 'auc')} "
             f"| {cell('labels_image', 'mean_auc')} | {cell('lesion_fraction', 'mae')} | {knn} "
-            f"| {row['rankme']:.1f} | {row['position_probe']['mae_mm']:.1f} "
-            f"| {row['spearman_within']:.3f} | {row['spearman_cross']:.3f} |"
+            f"| {row['rankme']:.1f} | {position} | {row['spearman_within']:.3f} | {cross} |"
         )
     return "\n".join(lines + context_tasks.format_tables(results))

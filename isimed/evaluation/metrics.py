@@ -48,7 +48,7 @@ def rankme(embeddings: np.ndarray, eps: float = 1e-7) -> float:
 
 
 def pair_distances(
-    embeddings: np.ndarray, centres_mm: np.ndarray, pairs: str = "within"
+    embeddings: np.ndarray, centres_mm: np.ndarray, pairs: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Latent and physical (mm) distances of every unordered crop pair of the chosen kind.
 
@@ -93,7 +93,7 @@ def spearman(latent: np.ndarray, physical: np.ndarray) -> float:
     return float(scipy.stats.spearmanr(latent, physical)[0])
 
 
-def distance_spearman(embeddings: np.ndarray, centres_mm: np.ndarray, pairs: str = "within") -> float:
+def distance_spearman(embeddings: np.ndarray, centres_mm: np.ndarray, pairs: str) -> float:
     """Spearman correlation of latent vs physical distances over unordered crop pairs.
 
     Args:

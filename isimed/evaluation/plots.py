@@ -382,7 +382,6 @@ def roc_curves(
 
 def write_training_plots(
     workdir: str,
-    config: Any,
     embeddings: np.ndarray,
     centres: np.ndarray,
     lesion: np.ndarray | None = None,
@@ -392,11 +391,10 @@ def write_training_plots(
 
     Args:
       workdir: the pretraining --workdir (holds metrics.jsonl).
-      config: the pretraining config; `config.loss.scale` (if the method has one) scales latent
-        distances to mm.
       embeddings: `(B, K, D)` held-out crop embeddings; centres: `(B, K, ndim)` mm, as returned by
         `features_lib.collect`; lesion: optional `(B, K)` has_lesion labels.
-      scale_mm: overrides `config.loss.scale` (e.g. the trained value of a learnable scale).
+      scale_mm: mm per unit of latent distance, `Method.target_scale_mm`; None (methods without a
+        distance target: SimCLR, VICReg, ...) fits one.
     Returns:
       `{plot name: path}` of the files written.
     """
@@ -405,13 +403,8 @@ def write_training_plots(
     log = workdir / "metrics.jsonl"
     if log.exists() and metrics_log.read_metrics(log):
         written["training_curves"] = training_curves(log, workdir / "training_curves.png")
-    scale = scale_mm
-    if scale is None:
-        # Methods without a distance target (SimCLR, VICReg, ...) have no loss.scale: fitted.
-        loss = config.get("loss") if hasattr(config, "get") else None
-        scale = loss.get("scale") if loss is not None and hasattr(loss, "get") else None
     written["distance_scatter"] = distance_scatter(
-        {"held-out crops": embeddings}, centres, scale, workdir / "distance_scatter.png"
+        {"held-out crops": embeddings}, centres, scale_mm, workdir / "distance_scatter.png"
     )
     flat = features_lib.flatten
     written["pca"] = embedding_pca(

@@ -88,6 +88,42 @@ def position_probe(
     }
 
 
+def within_subject_position_probe(
+    features: np.ndarray, centres: np.ndarray, folds: int = 5
+) -> dict[str, float | list[float] | int]:
+    """`position_probe` fitted and tested within each subject: for data whose subjects lie in
+    unrelated world frames, where a probe across subjects would have to guess each frame.
+
+    Args:
+      features: `(B, K, D)` features of K crops of each of B subjects; centres: `(B, K, ndim)` mm.
+      folds: each subject's crops are split into this many folds (fewer where a subject has under
+        two crops per fold; in order, as crops are sampled at random positions); each fold is
+        predicted by a probe fitted on the subject's other crops.
+    Returns:
+      `mae_mm` and `mae_mm_per_axis`: absolute error averaged over each subject's crops, then over
+      subjects; `subjects`: B; `folds`: the folds used.
+    """
+    b, k = centres.shape[:2]
+    folds = min(folds, k // 2)
+    if folds < 2:
+        raise ValueError(f"within-subject position probe: {k} crops per subject, need at least 4")
+    per_subject = []
+    for i in range(b):
+        errors = []
+        for test in np.array_split(np.arange(k), folds):
+            train = np.setdiff1d(np.arange(k), test)
+            fit = position_probe(features[i, train], centres[i, train], features[i, test], centres[i, test])
+            errors.append(np.asarray(fit["mae_mm_per_axis"]) * len(test))
+        per_subject.append(np.sum(errors, axis=0) / k)
+    per_axis = np.mean(per_subject, axis=0)
+    return {
+        "mae_mm": float(per_axis.mean()),
+        "mae_mm_per_axis": per_axis.tolist(),
+        "subjects": int(b),
+        "folds": int(folds),
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Linear probe.
 
