@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import logging as py_logging
+import os
 import re
 import sys
 
@@ -38,6 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from isimed import config_checks
+from isimed import errors
 from isimed import methods
 from isimed import paths
 from isimed import runtime
@@ -90,14 +92,51 @@ def remove_unfinished_saves(workdir: str) -> list[str]:
 
 
 def save(mngr, step: int, state: train_state.State, data_iter, config) -> None:
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iter),
-            config=ocp.args.JsonSave(config.to_dict()),
-        ),
-        force=True,
+    """Starts saving `step` (orbax finishes it in the background: `finish_saves`); a save that
+    fails already here raises `SaveError`."""
+    try:
+        with orbax_errors_dropped():
+            mngr.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=grain.checkpoint.CheckpointSave(data_iter),
+                    config=ocp.args.JsonSave(config.to_dict()),
+                ),
+                force=True,
+            )
+    except Exception as e:  # Orbax and tensorstore raise many types for one failed write.
+        raise _save_error(mngr, step, e) from e
+
+
+class SaveError(errors.UserError, OSError):
+    """A checkpoint could not be written (disk full, no permission); the previous one is intact."""
+
+
+def finish_saves(mngr, step: int | None, *, only_if_done: bool = False) -> None:
+    """Waits for the save in flight (of `step`), raising `SaveError` if it failed. With
+    `only_if_done`, returns at once while it is still running: a check cheap enough for every
+    step, so a failed save stops the run within one step."""
+    if step is None or (only_if_done and mngr.is_saving_in_progress()):
+        return
+    try:
+        with orbax_errors_dropped():
+            mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - whatever failed in the background, the save failed
+        raise _save_error(mngr, step, e) from e
+
+
+def _save_error(mngr, step: int, e: Exception) -> SaveError:
+    if isinstance(e, OSError) and e.strerror:
+        reason = f"[Errno {e.errno}] {e.strerror}" + (f": {e.filename}" if e.filename else "")
+    else:
+        reason = f"{type(e).__name__}: " + " ".join(str(e).split())
+    last = mngr.latest_step()
+    return SaveError(
+        f"cannot save checkpoint step {step} in {epath.Path(mngr.directory) / str(step)}: {reason}; "
+        "training stopped, "
+        + ("no earlier checkpoint" if last is None else f"the last checkpoint (step {last}) is intact")
+        + " (fix the cause, e.g. free disk space, and rerun to resume)"
     )
 
 
@@ -345,6 +384,30 @@ class _DropBelowVerbose(py_logging.Filter):
 
     def filter(self, record):
         return py_logging.getLogger("absl").isEnabledFor(py_logging.INFO)
+
+
+class _DropOrbaxErrors(py_logging.Filter):
+    """Drops orbax's and asyncio's records (a failed save logs a traceback per thread) unless INFO
+    logging is on; `SaveError` reports the failure in one line."""
+
+    def filter(self, record):
+        from_library = record.name == "asyncio" or f"{os.sep}orbax{os.sep}" in record.pathname
+        return not from_library or py_logging.getLogger("absl").isEnabledFor(py_logging.INFO)
+
+
+@contextlib.contextmanager
+def orbax_errors_dropped():
+    """While saving: orbax's background threads log at any time, so training holds this for as
+    long as a save can be in flight."""
+    loggers = [py_logging.getLogger(name) for name in ("absl", "asyncio")]
+    drop = _DropOrbaxErrors()
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from isimed import errors
 from isimed import export
 from isimed import runtime
 from isimed import train
@@ -163,7 +165,15 @@ def _pretrain_main(argv: Sequence[str], *, method: str | None, command: str) -> 
         flush=True,
     )
     _quiet_library_logs()
-    summary = train.train_and_evaluate(FLAGS.config, workdir)
+    try:
+        summary = train.train_and_evaluate(FLAGS.config, workdir)
+    except errors.UserError as e:  # The message says what to do; a traceback would bury it.
+        raise SystemExit(f"{command}: {e}") from None
+    if "preempted_at_step" in summary:
+        # The checkpoint is saved: the rest of a burst of signals must not turn the exit 0 into a
+        # kill while the interpreter shuts down (it resets Python handlers, not ignored signals).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)
     print(train.format_summary(summary))
 
 

@@ -25,6 +25,7 @@ from isimed import config_checks
 from isimed import paths
 from isimed import runtime
 from isimed import train_state
+from isimed import workdir as workdir_layout
 from isimed.data import pipeline
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import held_out
@@ -33,42 +34,61 @@ from isimed.writers import MetricWriter
 
 
 class _Preemption:
-    """Decides, the same way on every process, at which step to save and stop after a SIGTERM.
+    """Decides, the same way on every process, at which step to save and stop after a SIGTERM or
+    (one process) a SIGINT / Ctrl-C.
 
-    One process: a SIGTERM handler sets a flag the loop reads once per step. Several processes:
-    JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any
-    process and agrees with all of them on one step (`reached_preemption_sync_point`), so every
-    process saves the same step; no Python handler is installed then, as it would replace JAX's.
+    One process: a handler notes the signal and the loop reads the note once per step; the run
+    then saves, waits for the save and the writers and exits 0. Signals are noted, never obeyed,
+    for as long as this context is entered (training and the wait for the last save), so a
+    second signal, or a burst of them, cannot kill a save in flight. Several processes: JAX's
+    preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any process
+    and agrees with all of them on one step (`reached_preemption_sync_point`), so every process
+    saves the same step; no Python handler is installed then, as it would replace JAX's (and a
+    Ctrl-C noted on one process only could not be agreed on).
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
-        self.requested = False
-        self._previous = None
+        self.requested: str | None = None  # The name of the first signal noted.
+        self._previous: dict[int, Any] = {}
         self._multiprocess = jax.process_count() > 1
 
     def __enter__(self):
         if self._multiprocess:
             return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # Not the main thread (e.g. a notebook worker): no handler.
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # Not the main thread (e.g. a notebook worker): no handler.
+                pass
         return self
 
     def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint and exiting.")
-        self.requested = True
+        del frame
+        if self.requested is None:
+            logging.warning(
+                "%s received: saving a checkpoint and exiting (further signals are ignored until then).",
+                signal.Signals(signum).name,
+            )
+            self.requested = signal.Signals(signum).name
 
     def reached(self, step: int) -> bool:
         """Whether to save and stop after `step`; call exactly once per step on every process."""
         if self._multiprocess:
             return multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+        return self.requested is not None
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self.requested:
+            # The run is stopping: the rest of a burst of signals must not kill the process
+            # between its last save and its exit 0, so the handler stays (the command line then
+            # ignores them).
+            return
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler not set from Python; nothing to restore.
+                signal.signal(signum, previous)
+        self._previous = {}
 
 
 class _Run:
@@ -99,6 +119,8 @@ class _Run:
         self.data_iter = iter(train_ds)
         checkpoints.remove_unfinished_saves(workdir)
         self.mngr = checkpoints.manager(workdir, config)
+        self.saving: int | None = None  # The step of the newest save started.
+        self.preemption = _Preemption()
         self.step_keys = ("crops", "centres", "views") if self.method.views == 2 else ("crops", "centres")
 
     def open_writer(self, start_step: int | None) -> str | None:
@@ -117,6 +139,21 @@ class _Run:
                 + " (after the last checkpoint); those steps are logged again"
             )
         return None
+
+    def save(self, step: int, state: train_state.State) -> None:
+        self.saving = step
+        checkpoints.save(self.mngr, step, state, self.data_iter, self.config)
+
+    def finish_saves(self, *, only_if_done: bool = False, on_error: bool = False) -> None:
+        """Waits for the save in flight; `SaveError` if it failed. `only_if_done`: the per-step
+        check, which does not wait. `on_error`: the run is already stopping with another error,
+        so a failed save is a warning line, not a second error."""
+        try:
+            checkpoints.finish_saves(self.mngr, self.saving, only_if_done=only_if_done)
+        except checkpoints.SaveError as e:
+            if not on_error:
+                raise
+            logging.warning("%s", e)
 
     def announce(self, status: str) -> None:
         """The run's first lines, printed by every process (visible at the default log level)."""
@@ -162,6 +199,7 @@ def _log_step(run: _Run, step: int, accumulated, monitors, since: tuple[float, i
     config = run.config
     scalars = {**accumulated.compute(), **monitors}
     if scalars["nonfinite"] > 0:
+        run.finish_saves(on_error=True)  # The save in flight counts as good once it is done.
         raise FloatingPointError(
             f"non-finite loss or gradient before step {step}; those updates were "
             f"skipped and nothing was saved. Last good checkpoint: step "
@@ -196,26 +234,26 @@ def _train(run: _Run, state, start_step: int, summary: dict[str, Any]):
     config = run.config
     accumulated = None
     since = (time.time(), start_step)
-    with _Preemption() as preemption:
-        for step in range(start_step + 1, config.total_steps + 1):
-            _profile(run, step, state)
-            batch = run.next_batch()
-            state, step_metrics = run.setup.step(state, batch)
-            accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
-            is_last = step == config.total_steps
-            # Decided once per step: a SIGTERM arriving later in this step must not skip the save
-            # yet still end the run.
-            stop = preemption.reached(step)
-            will_save = step % config.checkpoint_every == 0 or is_last or stop
-            if step % config.log_every == 0 or will_save:
-                since = _log_step(run, step, accumulated, run.setup.monitors(state, batch), since)
-                accumulated = None
-            if step % config.eval_every == 0 or is_last:
-                summary["validation"] = run.validate(step, state)
-            if will_save:
-                checkpoints.save(run.mngr, step, state, run.data_iter, config)
-            if stop:
-                return state, True
+    for step in range(start_step + 1, config.total_steps + 1):
+        run.finish_saves(only_if_done=True)  # A failed save stops the run within one step.
+        _profile(run, step, state)
+        batch = run.next_batch()
+        state, step_metrics = run.setup.step(state, batch)
+        accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
+        is_last = step == config.total_steps
+        # Decided once per step: a signal arriving later in this step must not skip the save
+        # yet still end the run.
+        stop = run.preemption.reached(step)
+        will_save = step % config.checkpoint_every == 0 or is_last or stop
+        if step % config.log_every == 0 or will_save:
+            since = _log_step(run, step, accumulated, run.setup.monitors(state, batch), since)
+            accumulated = None
+        if step % config.eval_every == 0 or is_last:
+            summary["validation"] = run.validate(step, state)
+        if will_save:
+            run.save(step, state)
+        if stop:
+            return state, True
     return state, False
 
 
@@ -289,12 +327,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for bit; the stored config must match `config` except for `config_checks.RESUMABLE` settings
     (changed ones are announced). An unreadable newest checkpoint is reported and the previous one
     used (`checkpoints.restore`). metrics.jsonl rows of steps after the restored one are dropped.
+
+    One run per workdir: a second one stops with `workdir.WorkdirBusy` naming the holder. A SIGTERM
+    or Ctrl-C saves a checkpoint and returns `{"preempted_at_step": N}` (`_Preemption`); every way
+    out waits for the save in flight, and a save that fails stops the run with
+    `checkpoints.SaveError`.
     """
     config_checks.validate(config)
     pipeline.check_crops_fit(config.data, ("train", "validation", "test"))
     runtime.initialize(config)
     workdir = paths.resolve(workdir)
     _check_writable(workdir)
+    lock = _lock(workdir)
+    try:
+        return _locked(config, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(workdir) -> workdir_layout.Lock | None:
+    """Process 0 locks the workdir for the whole run (`workdir.Lock`); every process stops with
+    `WorkdirBusy` when another run holds it."""
+    lock, busy = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = workdir_layout.Lock(workdir_layout.Workdir(workdir)).acquire()
+        except workdir_layout.WorkdirBusy as e:
+            busy = e
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(busy is not None)):
+        busy = busy or workdir_layout.WorkdirBusy(f"workdir {workdir} is in use by another run")
+    if busy is not None:
+        raise busy
+    return lock
+
+
+def _locked(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
     config = ml_collections.ConfigDict(config)
     if config.data.name == "chest_phantom":
         config.data.tfds_dir = os.fspath(paths.resolve(config.data.tfds_dir))
@@ -321,14 +389,48 @@ def _train_and_finish(run: _Run, state, restored, dropped: str | None) -> dict[s
         run.announce("starting from scratch")
     if dropped:
         run.writer.log(dropped)
-    if restored is None:
-        summary["initial"] = run.validate(0, state)
-    state, preempted = _train(run, state, start_step, summary)
-    run.mngr.wait_until_finished()
-    if preempted:
-        run.writer.close()
-        return {"preempted_at_step": int(state["step"])}
+    with run.preemption, checkpoints.orbax_errors_dropped():
+        if restored is None:
+            summary["initial"] = run.validate(0, state)
+        else:
+            summary.update(_summary_so_far(run.workdir / "metrics.jsonl"))
+        try:
+            state, preempted = _train(run, state, start_step, summary)
+        except BaseException:
+            run.finish_saves(on_error=True)  # No way out drops the save in flight.
+            raise
+        run.finish_saves()
+        # A signal noted after the last step's check (during its save) stops the run here too:
+        # the held-out evaluation could outlast a preemption's grace period.
+        if preempted or run.preemption.requested:
+            run.writer.close()
+            return {"preempted_at_step": int(state["step"])}
+    # From here on a signal is obeyed: the last checkpoint is complete, and a rerun only
+    # evaluates.
     return _finish(run, state, summary)
+
+
+def _summary_so_far(path) -> dict[str, Any]:
+    """`initial` (step 0) and `validation` (the newest later step) from metrics.jsonl's
+    validation rows: the earlier segments of a resumed run computed them. Called after the rows
+    of steps after the restored checkpoint were dropped."""
+    rows: dict[int, dict[str, float]] = {}
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        scores = {k.removeprefix("validation/"): v for k, v in row.items() if k.startswith("validation/")}
+        if scores and isinstance(row.get("step"), int):
+            rows[row["step"]] = scores
+    summary = {}
+    if 0 in rows:
+        summary["initial"] = rows[0]
+    later = [step for step in rows if step > 0]
+    if later:
+        summary["validation"] = rows[max(later)]
+    return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ A pretraining workdir:
   export/                   exported encoders (`isimed-export`)
   linear_eval/              linear evaluation's default output folder
   wandb/                    Weights & Biases offline runs
+  .lock                     held (flock) by the run training in it (`Lock`)
 
 Paths may be local or URIs (`gs://...`); they are `etils.epath.Path`s (`isimed.paths.resolve`).
 """
@@ -21,10 +22,14 @@ Paths may be local or URIs (`gs://...`); they are `etils.epath.Path`s (`isimed.p
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
+import socket
 
+from absl import logging
 from etils import epath
 
+from isimed import errors
 from isimed import paths
 
 
@@ -86,6 +91,67 @@ class Workdir:
     def wandb(self) -> epath.Path:
         return self.root / "wandb"
 
+    @property
+    def lock(self) -> epath.Path:
+        return self.root / ".lock"
+
     def plot(self, name: str) -> epath.Path:
         """`<name>.png` in the workdir (training_curves, distance_scatter, pca, roc)."""
         return self.root / f"{name}.png"
+
+
+class WorkdirBusy(errors.UserError, RuntimeError):
+    """Another run holds the workdir's lock."""
+
+
+class Lock:
+    """One run per workdir: an exclusive `fcntl.flock` on `WORKDIR/.lock`, which holds the holder's
+    host and pid for the message another run gets.
+
+    The kernel releases a flock when its process exits however it exits (kill -9 included), so a
+    lock file left by a dead process is stale by construction and taken over without a check of
+    its pid. Flocks work across NFS clients on Linux (emulated with byte-range locks). URIs
+    (`gs://...`) have no lock primitive: the run goes on unlocked, with a warning. Held by process
+    0 of a run only; evaluation, which only reads, takes none.
+    """
+
+    def __init__(self, workdir: Workdir):
+        self.path = workdir.lock
+        self._fd: int | None = None
+
+    def acquire(self) -> Lock:
+        """Takes the lock or raises `WorkdirBusy` naming the holder; returns self."""
+        if paths.is_uri(self.path):
+            logging.warning(
+                "workdir %s is not local: it is not locked, so make sure one run uses it at a time",
+                self.path.parent,
+            )
+            return self
+        fd = os.open(os.fspath(self.path), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise WorkdirBusy(
+                f"workdir {self.path.parent} is in use by another run ({holder}; lock {self.path}); "
+                "wait for it to finish, stop it, or use another --workdir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        # The file stays: deleting it would let a third run lock a new file while a second one
+        # waits on the old one.
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Lock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -318,6 +318,29 @@ def _unwritable_workdir(t: Trigger):
     return t.start(t.tmp_path / "a_file" / "run")
 
 
+def _busy_workdir(t: Trigger):
+    from isimed import workdir as layout
+
+    busy = t.tmp_path / "busy"
+    busy.mkdir()
+    t.request.addfinalizer(layout.Lock(layout.Workdir(busy)).acquire().release)
+    return t.start(busy)
+
+
+def _save_failed(t: Trigger):
+    from isimed import train
+
+    start = t.start(t.tmp_path / "full")
+    _failing_writes(t.monkeypatch, f"{os.sep}checkpoints{os.sep}1.")
+
+    def save_step_1(run, state, start_step, summary):
+        run.save(1, state)
+        return state, False
+
+    t.monkeypatch.setattr(train, "_train", save_step_1)
+    return start
+
+
 TRIGGERS = {
     "config.interval": lambda t: _bad_config(t, checkpoint_every=0),
     "config.keep": lambda t: _bad_config(t, keep_checkpoints=0),
@@ -335,6 +358,8 @@ TRIGGERS = {
         t, checkpoint_every=0, keep_checkpoints=0, **{"optim.learning_rate": -1.0}
     ),
     "workdir.unwritable": _unwritable_workdir,
+    "workdir.busy": _busy_workdir,
+    "checkpoint.save_failed": _save_failed,
     "resume.drift": lambda t: t.start(
         t.workdir(), seed=1, **{"model.embed_dim": 64, "optim.learning_rate": 1e-3}
     ),
@@ -514,3 +539,139 @@ def test_metrics_rows_after_the_restored_step_are_dropped(tmp_path):
     assert train._drop_metrics_after(paths.resolve(path), 10) == 0
     assert train._drop_metrics_after(paths.resolve(path), -1) == 4  # From scratch: all.
     assert path.read_text() == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Misuse loses nothing: two runs on one workdir, signals during a save, a full disk, a rerun.
+
+
+@pytest.fixture(scope="module")
+def straight_run(phantom_dir, tmp_path_factory) -> Path:
+    """The uninterrupted `KILL_FLAGS` run of configs/isimed_chest.py (in this process)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    _straight("configs/isimed_chest.py", phantom_dir, workdir)
+    return workdir
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_is_untouched(
+    phantom_dir, straight_run, tmp_path
+):
+    workdir = tmp_path / "run"
+    # Started together: whichever locks the workdir first trains, the other must stop at once.
+    procs = [_main("configs/isimed_chest.py", phantom_dir, workdir) for _ in range(2)]
+    outs = [proc.communicate(timeout=600)[0] for proc in procs]
+    codes = sorted(proc.returncode for proc in procs)
+    assert codes[0] == 0 and codes[1] != 0, outs
+    refused = outs[[proc.returncode for proc in procs].index(codes[1])]
+    busy = r"workdir .*/run is in use by another run \(host .*, pid \d+; lock .*/run/\.lock\)"
+    assert re.search(busy, refused), refused
+    assert "Traceback" not in refused, refused
+    _assert_same_run(straight_run, workdir)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_burst_of_signals_during_a_save_saves_exits_0_and_resumes_exactly(
+    phantom_dir, straight_run, tmp_path, signum
+):
+    workdir = tmp_path / "run"
+    proc = _main("configs/isimed_chest.py", phantom_dir, workdir)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        m = PROGRESS_LINE.match(line)
+        if m and int(m.group(1)) >= 10:  # A checkpoint step: its save starts now.
+            break
+    for _ in range(40):  # The first signal asks for a save, the others land during it.
+        os.kill(proc.pid, signum)
+        time.sleep(0.02)
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out, out
+    step = int(re.search(r"Preempted: checkpoint saved at step (\d+); rerun to resume", out).group(1))
+    assert step >= 10 and checkpoints_steps(workdir)[-1] == step
+    assert not [p for p in (workdir / "checkpoints").iterdir() if checkpoints.TMP_MARKER in p.name]
+    out = _finish(_main("configs/isimed_chest.py", phantom_dir, workdir))
+    assert f"resumed from step {step}" in out, out
+    _assert_same_run(straight_run, workdir)
+
+
+def _failing_writes(monkeypatch, marker: str) -> None:
+    """Every file write under a path containing `marker` fails as on a full disk."""
+    import errno
+
+    from etils import epath
+
+    cls = type(epath.Path("/"))
+    write_text, write_bytes = cls.write_text, cls.write_bytes
+
+    def fail(write):
+        def patched(self, *args, **kwargs):
+            if marker in os.fspath(self):
+                raise OSError(errno.ENOSPC, "No space left on device", os.fspath(self))
+            return write(self, *args, **kwargs)
+
+        return patched
+
+    monkeypatch.setattr(cls, "write_text", fail(write_text))
+    monkeypatch.setattr(cls, "write_bytes", fail(write_bytes))
+
+
+def test_a_failed_save_stops_the_run_with_one_line_and_the_previous_checkpoint_resumes(
+    phantom_dir, straight_run, tmp_path, monkeypatch
+):
+    workdir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _failing_writes(patch, f"{os.sep}checkpoints{os.sep}10.")
+        with pytest.raises(checkpoints.SaveError) as error:
+            _straight("configs/isimed_chest.py", phantom_dir, workdir)
+    message = str(error.value)
+    assert "\n" not in message
+    assert re.fullmatch(
+        r"cannot save checkpoint step 10 in .*/run/checkpoints/10: \[Errno 28\] No space left on device: "
+        r".*/checkpoints/10\.orbax-checkpoint-tmp/.*; training stopped, the last checkpoint \(step 5\) is "
+        r"intact \(fix the cause, e.g. free disk space, and rerun to resume\)",
+        message,
+    ), message
+    # Stopped before the next checkpoint step (the old code trained on until its save failed).
+    assert max(r["step"] for r in _rows(workdir) if "train/loss" in r) < 15
+    assert checkpoints_steps(workdir) == [5]
+    _straight("configs/isimed_chest.py", phantom_dir, workdir)  # Resumes from step 5.
+    _assert_same_run(straight_run, workdir)
+
+
+def test_a_resumed_run_keeps_the_summary_of_its_earlier_segments(pretrained, test_config, tmp_path):
+    from isimed import train
+
+    workdir = tmp_path / "run"
+    shutil.copytree(pretrained[0], workdir)
+    (workdir / "summary.json").unlink()  # As if killed while writing the plots.
+    summary = train.train_and_evaluate(test_config, str(workdir))
+    assert summary["initial"] == pretrained[1]["initial"]
+    assert summary["validation"] == pretrained[1]["validation"]
+    assert json.loads((workdir / "summary.json").read_text())["initial"] == pretrained[1]["initial"]
+
+
+def test_the_workdir_lock_names_its_holder_and_dies_with_it(tmp_path):
+    from isimed import workdir as layout
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from isimed import workdir as w; "
+            f"w.Lock(w.Workdir({str(tmp_path)!r})).acquire(); print('locked', flush=True); time.sleep(600)",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(layout.WorkdirBusy, match=rf"in use by another run \(host .*, pid {holder.pid}; "):
+            layout.Lock(layout.Workdir(tmp_path)).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The dead holder's lock file stays behind and is taken over.
+    with layout.Lock(layout.Workdir(tmp_path)):
+        assert f"pid {os.getpid()}" in (tmp_path / ".lock").read_text()
