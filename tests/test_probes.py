@@ -369,3 +369,59 @@ def test_cross_validate_input_errors():
         probes.cross_validate(x, y[:-1], groups, task="binary", folds=2)
     with pytest.raises(ValueError, match="same number of rows"):
         probes.cross_validate(x, y, groups[:-1], task="binary", folds=2)
+
+
+# ------------------------------------------------------------------ within-subject position probe
+
+
+def _subjects_in_own_frames(rng, b=6, k=40, noise=0.5):
+    """Crop centres in each subject's own world frame and features linear in the crop's position
+    in one anatomical frame: a random rotation and shift per subject between the two, as scans in
+    scanner coordinates have, plus feature noise and uninformative dimensions."""
+    centres = rng.uniform(-100, 100, size=(b, k, 3))
+    features = np.empty((b, k, 8))
+    for i in range(b):
+        rotation = _orthonormal(rng, 3, 3)
+        anatomical = (centres[i] - rng.uniform(-300, 300, size=3)) @ rotation
+        features[i, :, :3] = anatomical + rng.normal(0, noise, size=(k, 3))
+        features[i, :, 3:] = rng.normal(size=(k, 5))
+    return features, centres
+
+
+def test_within_subject_position_probe_matches_a_sklearn_reference():
+    import sklearn.linear_model
+    import sklearn.model_selection
+
+    features, centres = _subjects_in_own_frames(np.random.default_rng(3), b=3, k=23)
+    got = probes.within_subject_position_probe(features, centres, folds=5)
+    per_subject = []
+    for x, y in zip(features, centres):
+        errors = np.zeros(3)
+        for train, test in sklearn.model_selection.KFold(5).split(x):
+            mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+            ridge = sklearn.linear_model.RidgeCV(alphas=np.logspace(-3, 4, 15))
+            ridge.fit((x[train] - mean) / std, y[train])
+            errors += np.abs(ridge.predict((x[test] - mean) / std) - y[test]).sum(0)
+        per_subject.append(errors / len(x))
+    np.testing.assert_allclose(got["mae_mm_per_axis"], np.mean(per_subject, axis=0), rtol=1e-9)
+    assert got["mae_mm"] == pytest.approx(np.mean(per_subject))
+    assert (got["subjects"], got["folds"]) == (3, 5)
+
+
+def test_within_subject_probe_finds_positions_a_cross_subject_probe_cannot():
+    features, centres = _subjects_in_own_frames(np.random.default_rng(4))
+    within = probes.within_subject_position_probe(features, centres)["mae_mm"]
+    flat = lambda a: a.reshape(-1, a.shape[-1])
+    fit, test = slice(0, 3), slice(3, None)
+    across = probes.position_probe(
+        flat(features[fit]), flat(centres[fit]), flat(features[test]), flat(centres[test])
+    )
+    # Uniform centres on [-100, 100] have a mean absolute deviation of 50 mm per axis.
+    assert within < 2.0 and across["mae_mm"] > 30.0, (within, across["mae_mm"])
+
+
+def test_within_subject_probe_uses_fewer_folds_for_few_crops_and_refuses_too_few():
+    features, centres = _subjects_in_own_frames(np.random.default_rng(5), b=2, k=6)
+    assert probes.within_subject_position_probe(features, centres, folds=5)["folds"] == 3
+    with pytest.raises(ValueError, match="3 crops per subject, need at least 4"):
+        probes.within_subject_position_probe(features[:, :3], centres[:, :3])
