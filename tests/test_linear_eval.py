@@ -8,6 +8,7 @@ import pytest
 from configs import linear_eval_chest
 from isimed import checkpoints
 from isimed.data import phantom
+from isimed.data import structures
 from isimed.evaluation import context_tasks
 from isimed.evaluation import linear_eval
 from isimed.evaluation import metrics
@@ -158,8 +159,8 @@ def test_context_task_labels_match_a_brute_force_computation():
     record = next(r for r in map(phantom_record, range(10)) if r["mask"].any())
     out = context_tasks.task_crops(record, sampling, np.random.default_rng(0))
     labels, mask = record["structures"], record["mask"] > 0
-    pleura = phantom.pleura_mask(labels)
-    lungs = [phantom.STRUCTURES["lung_left"], phantom.STRUCTURES["lung_right"]]
+    pleura = structures.pleura_mask(labels)
+    lungs = [structures.STRUCTURES["lung_left"], structures.STRUCTURES["lung_right"]]
     n = len(out["starts"])
     assert all(len(v) == n for v in out.values())
     nodule_task = context_tasks.TASKS.index("nodule")
@@ -174,7 +175,7 @@ def test_context_task_labels_match_a_brute_force_computation():
             if out["structure"][row] >= 0
             else "background"
         )
-        assert phantom.STRUCTURES[name] == labels[centre]
+        assert structures.STRUCTURES[name] == labels[centre]
         np.testing.assert_allclose(
             out["crops"][row, ..., 0],
             np.clip((record["image"][k : k + 6, j : j + 8, i : i + 8] + 300.0) / 700.0, -1, 1),
@@ -189,7 +190,7 @@ def test_context_task_labels_match_a_brute_force_computation():
         assert (kind == -1) == bool(out["has_lesion"][row])  # positives hold nodule, negatives none
         if kind >= 0 and not at_edge:
             expected = {
-                "vessel": labels[centre] == phantom.STRUCTURES["vessel"],
+                "vessel": labels[centre] == structures.STRUCTURES["vessel"],
                 "pleura": pleura[centre],
                 "lung": labels[centre] in lungs,
             }
@@ -199,7 +200,7 @@ def test_context_task_labels_match_a_brute_force_computation():
     assert np.all(out["has_nodule"]) and np.all(out["image_id"] == record["id"])
     present = {c for c in np.unique(labels) if c != 0}
     anatomy = out["structure"][out["task"] == context_tasks.TASKS.index("anatomy")]
-    assert {phantom.STRUCTURES[context_tasks.ANATOMY_CLASSES[c]] for c in anatomy} <= present
+    assert {structures.STRUCTURES[context_tasks.ANATOMY_CLASSES[c]] for c in anatomy} <= present
     # Same rng seed: the same crops (every feature set sees the same ones).
     again = context_tasks.task_crops(record, sampling, np.random.default_rng(0))
     np.testing.assert_array_equal(out["starts"], again["starts"])

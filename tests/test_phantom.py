@@ -12,8 +12,9 @@ import pytest
 from scipy import ndimage
 
 from isimed.data import phantom
+from isimed.data import structures
 
-S = phantom.STRUCTURES
+S = structures.STRUCTURES
 DEFAULT = phantom.PhantomSpec()
 # Same field of view as the default at half the resolution: fast, and anatomy is still complete.
 TINY = phantom.PhantomSpec(shape=(32, 48, 48), spacing=(10.0, 7.0, 7.0))
@@ -329,7 +330,7 @@ def test_pleura_mask_matches_a_brute_force_neighbour_search():
             n = (k + dk, j + dj, i + di)
             if all(0 <= a < b for a, b in zip(n, labels.shape)) and labels[n] in (S["body"], S["ribs"]):
                 expected[k, j, i] = True
-    np.testing.assert_array_equal(phantom.pleura_mask(labels), expected)
+    np.testing.assert_array_equal(structures.pleura_mask(labels), expected)
     assert expected.any()
 
 

@@ -33,21 +33,8 @@ from collections.abc import Callable
 import numpy as np
 from scipy import ndimage
 
-STRUCTURES: dict[str, int] = {
-    "background": 0,
-    "body": 1,  # soft tissue / muscle, also the abdomen below the diaphragm
-    "fat": 2,  # subcutaneous and mediastinal fat
-    "lung_left": 3,
-    "lung_right": 4,
-    "heart": 5,
-    "aorta": 6,
-    "trachea": 7,  # with the two main bronchi
-    "spine": 8,
-    "ribs": 9,
-    "liver": 10,
-    "nodule": 11,
-    "vessel": 12,  # pulmonary arteries and veins: a tapering tree from each hilum
-}
+from isimed.data import structures
+
 # Nodule types and placements, indexed by the subject's "nodule_types" / "nodule_placements".
 NODULE_TYPES = ("solid", "part_solid", "ground_glass")
 NODULE_PLACEMENTS = ("isolated", "juxta_vascular", "juxta_pleural")
@@ -168,7 +155,7 @@ class _Anatomy:
     liver_edge_x: float
     liver_bottom_z: float
     # Intensities.
-    hu: np.ndarray  # (len(STRUCTURES),) HU per label
+    hu: np.ndarray  # (len(structures.STRUCTURES),) HU per label
     lung_gradient_hu: float  # dependent (posterior) lung is denser
 
 
@@ -302,7 +289,7 @@ def _draw_organs(
 
 
 def _draw_tissue_hu(u: Callable[[float, float], float]) -> np.ndarray:
-    """HU per label (indexed by STRUCTURES); both lungs share one value. Nodules get their own
+    """HU per label (indexed by structures.STRUCTURES); both lungs share one value. Nodules get their own
     HU each when they are placed, so the nodule entry stays 0."""
     lung_hu = u(-870, -830)
     tissue_hu = {
@@ -318,10 +305,12 @@ def _draw_tissue_hu(u: Callable[[float, float], float]) -> np.ndarray:
         "ribs": u(450, 550),
         "liver": u(55, 65),
     }
-    hu = np.zeros(max(STRUCTURES.values()) + 1, np.float32)
+    hu = np.zeros(max(structures.STRUCTURES.values()) + 1, np.float32)
     for name, value in tissue_hu.items():
-        hu[STRUCTURES[name]] = value
-    hu[STRUCTURES["vessel"]] = tissue_hu["aorta"]  # one blood pool: a vessel is as bright as a nodule
+        hu[structures.STRUCTURES[name]] = value
+    hu[structures.STRUCTURES["vessel"]] = tissue_hu[
+        "aorta"
+    ]  # one blood pool: a vessel is as bright as a nodule
     return hu
 
 
@@ -424,7 +413,7 @@ def _render_labels(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: _Anatomy) -> 
     cavity = cav_r2 <= 1.0
     diaphragm = _diaphragm_z(x, y, a)
     thorax = cavity & (z > diaphragm)
-    labels[thorax] = STRUCTURES["fat"]  # mediastinal fat between the organs painted below
+    labels[thorax] = structures.STRUCTURES["fat"]  # mediastinal fat between the organs painted below
 
     heart_q = _heart_quadric(x, y, z, a)
     heart = (heart_q <= 1.0) & (z > diaphragm + 3.0) & (cav_r2 <= 0.92)
@@ -445,16 +434,16 @@ def _render_labels(x: np.ndarray, y: np.ndarray, z: np.ndarray, a: _Anatomy) -> 
         & ~trachea_halo
         & (spine_r2 > (a.vertebra_radius + 3.0) ** 2)
     )
-    labels[lung & (x > 0)] = STRUCTURES["lung_left"]
-    labels[lung & (x < 0)] = STRUCTURES["lung_right"]
+    labels[lung & (x > 0)] = structures.STRUCTURES["lung_left"]
+    labels[lung & (x < 0)] = structures.STRUCTURES["lung_right"]
 
     liver = (
         cavity & (z < diaphragm - 5.0) & (z > a.liver_bottom_z) & (x < a.liver_edge_x - 0.5 * (y - a.cav_yc))
     )
-    labels[liver] = STRUCTURES["liver"]
-    labels[heart] = STRUCTURES["heart"]
-    labels[aorta] = STRUCTURES["aorta"]
-    labels[trachea] = STRUCTURES["trachea"]
+    labels[liver] = structures.STRUCTURES["liver"]
+    labels[heart] = structures.STRUCTURES["heart"]
+    labels[aorta] = structures.STRUCTURES["aorta"]
+    labels[trachea] = structures.STRUCTURES["trachea"]
 
     _paint_spine(labels, x, y, z, spine_r2 <= a.vertebra_radius**2, a)
     _paint_ribs(labels, x, y, z, cav_r2, a)
@@ -474,8 +463,8 @@ def _paint_body_wall(
         return u2 + v2 - a.body_square * u2 * v2 <= 1.0
 
     outer_a, outer_b = a.body_a * taper, a.body_b * taper
-    labels[rounded_ellipse(outer_a, outer_b)] = STRUCTURES["fat"]
-    labels[rounded_ellipse(outer_a - a.fat_lat, outer_b - a.fat_ap)] = STRUCTURES["body"]
+    labels[rounded_ellipse(outer_a, outer_b)] = structures.STRUCTURES["fat"]
+    labels[rounded_ellipse(outer_a - a.fat_lat, outer_b - a.fat_ap)] = structures.STRUCTURES["body"]
 
 
 def _diaphragm_z(x: np.ndarray, y: np.ndarray, a: _Anatomy) -> np.ndarray:
@@ -594,8 +583,8 @@ def _paint_spine(
     transverse = np.square(x * (1.0 / (a.vertebra_radius + 14.0)))
     transverse += np.square((y - canal_y + 2.0) * 0.2)
     transverse = (transverse <= 1.0) & (np.abs(level - 0.5) < 0.25)
-    labels[vertebral_body | arch | spinous | transverse] = STRUCTURES["spine"]
-    labels[canal | (vertebral_body & disc)] = STRUCTURES["body"]
+    labels[vertebral_body | arch | spinous | transverse] = structures.STRUCTURES["spine"]
+    labels[canal | (vertebral_body & disc)] = structures.STRUCTURES["body"]
 
 
 def _paint_ribs(
@@ -616,7 +605,7 @@ def _paint_ribs(
     rib = (np.abs(u - n) * a.rib_pitch < a.rib_half_height) & (n >= 0) & (n < _N_RIBS)
     rib &= along < a.rib_front  # no costal cartilage or sternum
     idx = np.flatnonzero(shell)[rib]
-    labels.reshape(-1)[idx] = STRUCTURES["ribs"]
+    labels.reshape(-1)[idx] = structures.STRUCTURES["ribs"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,7 +615,6 @@ def _paint_ribs(
 _VESSEL_LEVELS = 7
 _VESSEL_MIN_RADIUS_MM = 0.5
 _VESSEL_RETRIES = 3
-_LUNGS = (STRUCTURES["lung_left"], STRUCTURES["lung_right"])
 
 
 def _in_lung(points: np.ndarray, a: _Anatomy) -> np.ndarray:
@@ -634,7 +622,7 @@ def _in_lung(points: np.ndarray, a: _Anatomy) -> np.ndarray:
     if len(points) == 0:
         return np.zeros(0, bool)
     x, y, z = (points[:, i].astype(np.float32) for i in range(3))
-    return np.isin(_render_labels(x, y, z, a), _LUNGS)
+    return np.isin(_render_labels(x, y, z, a), structures.LUNGS)
 
 
 def _draw_vessels(rng: np.random.Generator, a: _Anatomy) -> dict[str, np.ndarray]:
@@ -752,8 +740,8 @@ def _paint_vessels(
     centre = a.table_offset + a.shift
     coverage = np.zeros(spec.shape, np.float32)
     vessel = np.zeros(spec.shape, bool)
-    lungs = np.isin(labels, _LUNGS)
-    hilar = lungs | (labels == STRUCTURES["fat"]) | (labels == STRUCTURES["body"])
+    lungs = np.isin(labels, structures.LUNGS)
+    hilar = lungs | (labels == structures.STRUCTURES["fat"]) | (labels == structures.STRUCTURES["body"])
     for p0, p1, r0, r1, level in zip(
         vessels["p0"], vessels["p1"], vessels["r0"], vessels["r1"], vessels["level"]
     ):
@@ -770,22 +758,8 @@ def _paint_vessels(
         vessel[box] |= (dist <= r) & (hilar[box] if level == 0 else lungs[box])
     mix = lungs | vessel
     c = coverage[mix]
-    image[mix] = image[mix] * (1.0 - c) + a.hu[STRUCTURES["vessel"]] * c
-    labels[vessel] = STRUCTURES["vessel"]
-
-
-def pleura_mask(labels: np.ndarray) -> np.ndarray:
-    """Lung voxels with a face neighbour in the chest wall or diaphragm (soft tissue or rib)."""
-    wall = (labels == STRUCTURES["body"]) | (labels == STRUCTURES["ribs"])
-    near = np.zeros(labels.shape, bool)
-    for axis in range(labels.ndim):
-        n = labels.shape[axis]
-        lo = [slice(None)] * labels.ndim
-        hi = [slice(None)] * labels.ndim
-        lo[axis], hi[axis] = slice(0, n - 1), slice(1, n)
-        near[tuple(lo)] |= wall[tuple(hi)]
-        near[tuple(hi)] |= wall[tuple(lo)]
-    return near & np.isin(labels, _LUNGS)
+    image[mix] = image[mix] * (1.0 - c) + a.hu[structures.STRUCTURES["vessel"]] * c
+    labels[vessel] = structures.STRUCTURES["vessel"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -819,7 +793,7 @@ def _nodule_candidate(
         return voxel + offset_mm / spacing
     lo = np.maximum(voxel.astype(int) - 2, 0)
     hi = voxel.astype(int) + 3
-    near = np.argwhere(np.isin(labels[tuple(slice(a, b) for a, b in zip(lo, hi))], _LUNGS)) + lo
+    near = np.argwhere(np.isin(labels[tuple(slice(a, b) for a, b in zip(lo, hi))], structures.LUNGS)) + lo
     inward_mm = (near.mean(axis=0) - voxel) * spacing
     norm = float(np.linalg.norm(inward_mm))
     if norm < 1e-6:  # no lung side to move to: the fit test below rejects the voxel itself
@@ -836,23 +810,25 @@ def _nodule_fits(
     nodules and mediastinum; juxta-vascular ones must touch a vessel outside the sphere;
     juxta-pleural ones cover only lung (and vessel) voxels and must reach the chest wall.
     """
-    if centre_label not in (*_LUNGS, STRUCTURES["vessel"]):
+    if centre_label not in (*structures.LUNGS, structures.STRUCTURES["vessel"]):
         return None
     present = set(np.unique(region[inner]).tolist())
-    lungs_present = present & set(_LUNGS)
+    lungs_present = present & set(structures.LUNGS)
     if len(lungs_present) != 1:
         return None
-    parenchyma = lungs_present | {STRUCTURES["vessel"]}
+    parenchyma = lungs_present | {structures.STRUCTURES["vessel"]}
     if placement == "juxta_pleural":
-        if not present <= parenchyma | {STRUCTURES["body"], STRUCTURES["ribs"]}:
+        if not present <= parenchyma | {structures.STRUCTURES["body"], structures.STRUCTURES["ribs"]}:
             return None
-        wall = np.isin(region, (STRUCTURES["body"], STRUCTURES["ribs"]))
+        wall = np.isin(region, (structures.STRUCTURES["body"], structures.STRUCTURES["ribs"]))
         if not np.any(sphere & wall):
             return None
         return sphere & np.isin(region, list(parenchyma))
     if not present <= parenchyma:
         return None
-    if placement == "juxta_vascular" and not np.any(inner & ~sphere & (region == STRUCTURES["vessel"])):
+    if placement == "juxta_vascular" and not np.any(
+        inner & ~sphere & (region == structures.STRUCTURES["vessel"])
+    ):
         return None
     return sphere
 
@@ -869,9 +845,9 @@ def _place_nodules(
     # One voxel diagonal of clearance keeps nodules apart as 26-connected components.
     clearance = float(np.linalg.norm(spacing)) + _NODULE_CLEARANCE_MM
     pools = {
-        "isolated": np.flatnonzero(np.isin(labels, _LUNGS)),
-        "juxta_vascular": np.flatnonzero(labels == STRUCTURES["vessel"]),
-        "juxta_pleural": np.flatnonzero(pleura_mask(labels)),
+        "isolated": np.flatnonzero(np.isin(labels, structures.LUNGS)),
+        "juxta_vascular": np.flatnonzero(labels == structures.STRUCTURES["vessel"]),
+        "juxta_pleural": np.flatnonzero(structures.pleura_mask(labels)),
     }
     type_p = np.asarray(spec.nodule_type_weights) / sum(spec.nodule_type_weights)
     place_p = np.asarray(spec.nodule_placement_weights) / sum(spec.nodule_placement_weights)
@@ -910,7 +886,7 @@ def _place_nodules(
             )
             if painted is None or not painted.any():
                 continue
-            region[painted] = STRUCTURES["nodule"]
+            region[painted] = structures.STRUCTURES["nodule"]
             nodules.append(
                 {
                     "box": box,
@@ -948,7 +924,7 @@ def generate_subject(spec: PhantomSpec, seed: int, index: int) -> dict[str, np.n
     """One synthetic subject; bit-identical for the same (spec, seed, index).
 
     Returns {"image": int16 HU (z, y, x), "mask": uint8 nodule mask (z, y, x) with 1 = nodule
-    voxel, "labels": uint8 structure labels (z, y, x) using STRUCTURES, "affine": float64 (4, 4)
+    voxel, "labels": uint8 structure labels (z, y, x) using structures.STRUCTURES, "affine": float64 (4, 4)
     array index [k, j, i, 1] -> world mm [x, y, z, 1], "has_nodule": bool scalar array,
     "nodule_centres_mm": float32 (n, 3) world [x, y, z], "nodule_diameters_mm": float32 (n,),
     "nodule_types" and "nodule_placements": int8 (n,) indices into NODULE_TYPES and
@@ -972,12 +948,12 @@ def generate_subject(spec: PhantomSpec, seed: int, index: int) -> dict[str, np.n
         slab = _render_labels(x, y, z, anatomy)
         labels[k0:k1] = slab
         image[k0:k1] = anatomy.hu[slab]
-        lung = (slab == STRUCTURES["lung_left"]) | (slab == STRUCTURES["lung_right"])
+        lung = (slab == structures.STRUCTURES["lung_left"]) | (slab == structures.STRUCTURES["lung_right"])
         gradient = anatomy.lung_gradient_hu / anatomy.cav_b
         image[k0:k1][lung] += gradient * (y[lung] - anatomy.cav_yc)
     _paint_vessels(labels, image, spec, affine, grid, anatomy, _draw_vessels(rng, anatomy))
     nodules = _place_nodules(labels, spec, affine, rng)
-    mask = (labels == STRUCTURES["nodule"]).astype(np.uint8)
+    mask = (labels == structures.STRUCTURES["nodule"]).astype(np.uint8)
     nodule_hu = [_paint_nodule_hu(image, nodule, rng) for nodule in nodules]
 
     if spec.blur_mm > 0:
@@ -1069,7 +1045,7 @@ def structure_hu(spec: PhantomSpec, seed: int, num_subjects: int) -> dict[str, t
     values: dict[str, list[np.ndarray]] = {}
     for index in range(num_subjects):
         s = generate_subject(spec, seed, index)
-        for name, label in STRUCTURES.items():
+        for name, label in structures.STRUCTURES.items():
             if name != "nodule":
                 values.setdefault(name, []).append(s["image"][s["labels"] == label])
         components, _ = ndimage.label(s["mask"], structure=np.ones((3, 3, 3)))
@@ -1094,14 +1070,14 @@ def save_montage(spec: PhantomSpec, seed: int, index: int, out_path: str, slices
     from matplotlib import colors
 
     s = generate_subject(spec, seed, index)
-    lung = np.isin(s["labels"], (STRUCTURES["lung_left"], STRUCTURES["lung_right"]))
+    lung = np.isin(s["labels"], (structures.STRUCTURES["lung_left"], structures.STRUCTURES["lung_right"]))
     ks = np.flatnonzero(lung.any(axis=(1, 2)))
     if s["mask"].any():  # one slice through a nodule
         nodule_k = int(np.argmax(s["mask"].sum(axis=(1, 2))))  # the slice with most nodule
         ks = np.unique(np.append(np.linspace(ks[0], ks[-1], slices - 1).round(), nodule_k))
     else:
         ks = np.linspace(ks[0], ks[-1], slices).round()
-    names = list(STRUCTURES)
+    names = list(structures.STRUCTURES)
     palette = {
         "background": "black",
         "body": "#c8a07a",

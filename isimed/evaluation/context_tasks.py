@@ -1,5 +1,5 @@
 """Downstream tasks that need context, posed on records that carry a structure label map
-(`structures`, as the synthetic phantom's 3D records do; `phantom.STRUCTURES` names the labels).
+(`structures`, as the synthetic phantom's 3D records do; `isimed.data.structures` names the labels).
 
 * nodule detection with hard negatives: crops centred on nodule voxels (positives) against
   nodule-free crops centred on vessels, on the pleura and anywhere in the lungs; label = the crop
@@ -24,16 +24,16 @@ from typing import Any
 import numpy as np
 
 from isimed import geometry
-from isimed.data import phantom
 from isimed.data import pipeline
+from isimed.data import structures as structure_labels
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
 
 TASKS = ("nodule", "anatomy", "image")
 NEGATIVE_KINDS = ("vessel", "pleura", "lung")  # centres of the nodule task's negative crops
-ANATOMY_CLASSES = tuple(name for name in phantom.STRUCTURES if name != "background")
-_LUNGS = (phantom.STRUCTURES["lung_left"], phantom.STRUCTURES["lung_right"])
-_IN_LUNG = (*_LUNGS, phantom.STRUCTURES["vessel"], phantom.STRUCTURES["nodule"])
+ANATOMY_CLASSES = tuple(name for name in structure_labels.STRUCTURES if name != "background")
+_LUNGS = (structure_labels.STRUCTURES["lung_left"], structure_labels.STRUCTURES["lung_right"])
+_IN_LUNG = (*_LUNGS, structure_labels.STRUCTURES["vessel"], structure_labels.STRUCTURES["nodule"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +93,8 @@ def task_starts(record: pipeline.Record, sampling: Sampling, rng: np.random.Gene
         parts = [_starts(_pick(rng, mask, sampling.positives), crop, mask.shape)]
         kinds = [np.full(len(parts[0]), -1)]
         wheres = {
-            "vessel": structures == phantom.STRUCTURES["vessel"],
-            "pleura": phantom.pleura_mask(structures),
+            "vessel": structures == structure_labels.STRUCTURES["vessel"],
+            "pleura": structure_labels.pleura_mask(structures),
             "lung": np.isin(structures, _LUNGS),
         }
         for k, name in enumerate(NEGATIVE_KINDS):
@@ -102,8 +102,9 @@ def task_starts(record: pipeline.Record, sampling: Sampling, rng: np.random.Gene
             kinds.append(np.full(len(parts[-1]), k))
         out["nodule"] = (np.concatenate(parts), np.concatenate(kinds))
     if "anatomy" in tasks:
+        labels = structure_labels.STRUCTURES
         parts = [
-            _starts(_pick(rng, structures == phantom.STRUCTURES[name], sampling.anatomy), crop, mask.shape)
+            _starts(_pick(rng, structures == labels[name], sampling.anatomy), crop, mask.shape)
             for name in ANATOMY_CLASSES
         ]
         out["anatomy"] = np.concatenate(parts)
@@ -136,7 +137,7 @@ def task_crops(record: pipeline.Record, sampling: Sampling, rng: np.random.Gener
     # Label value -> ANATOMY_CLASSES index (background and unknown values -> -1).
     lookup = np.full(256, -1, np.int64)
     for index, name in enumerate(ANATOMY_CLASSES):
-        lookup[phantom.STRUCTURES[name]] = index
+        lookup[structure_labels.STRUCTURES[name]] = index
     n = len(all_starts)
     out.update(
         {
