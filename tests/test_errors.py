@@ -221,6 +221,11 @@ def _prepare(root, out, **kwargs):
     return lambda: prepare.prepare("brats", str(root), str(out), **kwargs)
 
 
+def _empty_splits(t: "Trigger"):
+    root = _raw(t, {f"c{i}": _good(i) for i in range(3)})
+    return _prepare(root, t.tmp_path / "out", splits="fractions")
+
+
 def _disk_full(t: "Trigger"):
     """The case files written to /dev/full: ENOSPC, as on a full disk."""
 
@@ -282,6 +287,16 @@ def _record_truncated(t: "Trigger"):
     source = prepared.data_source(str(out), "train")
     good = prepared.serialize(source[1])
     prepare._write_records(str(out / "train" / "c1.isimed"), [good[:-5]])
+    return lambda: prepared.data_source(str(out), "train")[1]
+
+
+def _record_overwritten(t: "Trigger"):
+    out = _prepared(t)
+    path = out / "train" / "c1.isimed"
+    data = bytearray(path.read_bytes())
+    image_offset = int.from_bytes(data[16 + 2 * 80 + 24 : 16 + 2 * 80 + 32], "little")  # Entry 3.
+    data[image_offset] ^= 0xFF  # A valid layout, a wrong voxel: only the checksum can tell.
+    path.write_bytes(bytes(data))
     return lambda: prepared.data_source(str(out), "train")[1]
 
 
@@ -384,12 +399,14 @@ DATA_TRIGGERS = {
     "prepare.other_settings": _prepare_other_settings,
     "prepare.other_cases": _prepare_other_cases,
     "prepare.not_empty": _prepare_not_empty,
+    "prepare.empty_splits": _empty_splits,
     "prepared.missing": lambda t: lambda: prepared.data_source(str(t.tmp_path), "train"),
     "prepared.incomplete": _incomplete,
     "prepared.old_format": _old_format,
     "prepared.outside_folder": lambda t: _manifest_edit(t, _escape),
     "prepared.record_truncated": _record_truncated,
     "prepared.file_truncated": _file_truncated,
+    "prepared.record_overwritten": _record_overwritten,
     "prepared.no_split": lambda t: lambda: prepared.data_source(str(_prepared(t)), "val"),
     "prepared.crop_too_large": _crop_too_large,
     "prepared.crop_rank": lambda t: _crops_fit(_prepared(t), (4, 4)),

@@ -19,6 +19,7 @@ import shutil
 import struct
 import sys
 import threading
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -276,7 +277,16 @@ def test_layout_is_the_documented_one():
     entries, body, offset = b"", b"", header_size
     for name, code, shape, raw in fields:
         entries += struct.pack(
-            "<16sBB6xQQ5Q", name.encode(), code, len(shape), offset, len(raw), *shape, *[0] * (5 - len(shape))
+            "<16sBBBxIQQ5Q",
+            name.encode(),
+            code,
+            len(shape),
+            1,  # flags: the CRC is set
+            zlib.crc32(raw),
+            offset,
+            len(raw),
+            *shape,
+            *[0] * (5 - len(shape)),
         )
         pad = -(offset + len(raw)) % 64 if name != "bbox" else 0
         body += raw + bytes(pad)
@@ -437,3 +447,43 @@ def test_truncated_file_is_named(folder, tmp_path):
             match = rf"^{re.escape(path)}: not a readable array_record file \(truncated or corrupt\?\): "
         with pytest.raises(prepared.RecordError, match=match):
             source[2]
+
+
+def _without_checksums(record: bytes) -> bytes:
+    """`record` as isimed wrote it before checksums: flags and CRC zero in every entry."""
+    count = struct.unpack_from("<H", record, 10)[0]
+    for i in range(count):
+        record = _corrupt(record, 16 + i * 80 + 18, bytes(6))
+    return record
+
+
+def test_overwritten_bytes_are_a_named_error_on_first_read(folder, tmp_path):
+    out, _ = folder
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    path = _file(str(copy), "c1")
+    data = bytearray(prepared.serialize(prepared.data_source(str(copy), "train")[1]))
+    data[-1] ^= 0xFF  # The last byte of the last field: a valid layout, wrong values.
+    prepare._write_records(path, [bytes(data)])
+    source = prepared.data_source(str(copy), "train")
+    source[0]
+    with pytest.raises(prepared.RecordError, match=rf"^{re.escape(path)}: field '\w+' fails its checksum"):
+        source[1]
+    with pytest.raises(prepared.RecordError, match="fails its checksum"):
+        prepared.deserialize(bytes(data))
+
+
+def test_records_without_checksums_still_load_with_one_warning(folder, tmp_path, caplog):
+    out, _ = folder
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    source = prepared.data_source(str(copy), "train")
+    for i in range(3):
+        record = _without_checksums(prepared.serialize(source[i]))
+        prepare._write_records(_file(str(copy), f"c{i}"), [record])
+    source = prepared.data_source(str(copy), "train")
+    with caplog.at_level("WARNING"):
+        records = [source[i] for i in range(3)] + [source[0]]
+    assert [r["case_id"] for r in records] == ["c0", "c1", "c2", "c0"]
+    warnings = [r.getMessage() for r in caplog.records if "checksums" in r.getMessage()]
+    assert len(warnings) == 1 and "records carry no checksums" in warnings[0], warnings

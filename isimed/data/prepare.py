@@ -567,6 +567,8 @@ def _plan_volumes(root, settings, split_lists):
     assignment = layouts.assign_splits(
         cases, split_lists, fractions=tuple(settings["fractions"]), seed=settings["seed"], group=group
     )
+    if split_lists is None:
+        _refuse_empty_splits(len(cases), assignment, settings)
     assigned = {s: sorted(c, key=lambda case: case.case_id) for s, c in assignment.items()}
     plan = {s: [c.case_id for c in cs] for s, cs in assigned.items()}
     for split, cs in assigned.items():
@@ -574,6 +576,20 @@ def _plan_volumes(root, settings, split_lists):
         if len(set(names)) != len(names):
             raise PrepareError(f"case ids of split {split!r} collide after making them file names")
     return assignment, assigned, plan
+
+
+def _refuse_empty_splits(n_cases: int, assignment, settings) -> None:
+    """PrepareError when `fractions` give a split a share but no case: training would stop at
+    that split after building the model; better to say so before a case is read."""
+    shares = zip(assignment, settings["fractions"])  # Split names in fraction order.
+    empty = [split for split, share in shares if share > 0 and not assignment[split]]
+    if empty:
+        fractions = ",".join(f"{f:g}" for f in settings["fractions"])
+        raise PrepareError(
+            f"{n_cases} case(s) split by --fractions={fractions} (--seed={settings['seed']}) leave "
+            f"{' and '.join(empty)} empty; training needs at least one case in each (fractions hold "
+            "only on average): add cases, or change --fractions or --seed"
+        )
 
 
 def _prepare_volumes(root, out, settings, split_lists, ndim, skip_bad, progress) -> dict:
