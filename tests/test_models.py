@@ -32,7 +32,16 @@ from isimed.models.layers import max_pool
 # XLA compilation dominates the run time of these tests on CPU, hence: rbg
 # keys (their programs compile much faster than threefry's), NumPy inputs, and
 # unoptimised compilation, which costs far less than it saves on tiny programs.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+def _fast_compile_options() -> dict:
+    options = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+    try:
+        jax.jit(lambda: 0, compiler_options=options).lower().compile()
+    except jax.errors.JaxRuntimeError:  # XLA:CPU of jax >= 0.11 no longer has the option.
+        del options["xla_cpu_use_fusion_emitters"]
+    return options
+
+
+FAST_COMPILE = _fast_compile_options()
 
 
 def rngs(seed: int = 0) -> nnx.Rngs:
