@@ -1,7 +1,9 @@
 # Quick start:  make demo   (install + ISImed pretraining on the synthetic chest phantom)
 #               make test   (install + tests)
-# Another interpreter in its own venv: make test PYTHON=python3.12 VENV=.venv-py312
-PYTHON ?= python3.11
+# Another interpreter in its own venv: make test PYTHON=python3.11 VENV=.venv-py311
+# Default: the newest working python3.13 / 3.12 / 3.11 on the PATH (3.12 and newer get the newest
+# jax; 3.11 the newest releases that still support it: setup.cfg).
+PYTHON ?= $(firstword $(foreach p,python3.13 python3.12 python3.11,$(shell $(p) -c 'print("$(p)")' 2>/dev/null)))
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/isimed_chest_demo
