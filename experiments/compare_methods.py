@@ -35,6 +35,7 @@ from configs import isimed_chest
 from configs import linear_eval_chest
 from isimed import methods
 from isimed import train
+from isimed import workdir as workdir_layout
 from isimed.evaluation import linear_eval
 
 flags.DEFINE_list(
@@ -116,7 +117,8 @@ def run_one(run: str, seed: int) -> dict:
     evaluation's results with the pretraining wall time and steps."""
     run_dir = os.path.join(FLAGS.workdir, f"{run}_seed{seed}")
     pretrain_path = os.path.join(run_dir, "pretrain.json")
-    results_path = os.path.join(run_dir, "linear_eval", "results.json")
+    eval_dir = os.fspath(workdir_layout.Workdir(run_dir).linear_eval)
+    results_path = os.path.join(eval_dir, "results.json")
     if os.path.exists(pretrain_path):
         logging.warning("Reusing the pretraining in %s", run_dir)
         timing = json.load(open(pretrain_path))
@@ -136,7 +138,7 @@ def run_one(run: str, seed: int) -> dict:
     eval_config.pretrain_workdir = run_dir
     eval_config.seed = seed
     eval_config.data_dir = FLAGS.data_dir
-    results = linear_eval.evaluate(eval_config, os.path.join(run_dir, "linear_eval"))
+    results = linear_eval.evaluate(eval_config, eval_dir)
     return {**results, **timing}
 
 

@@ -45,6 +45,7 @@ from absl import flags
 from scipy import ndimage
 
 from isimed import geometry
+from isimed import workdir as workdir_layout
 
 FLAGS = flags.FLAGS
 
@@ -242,7 +243,7 @@ def pretrain(data_dir: str, workdir: str, steps: int) -> dict[str, Any]:
         if timing.get("config") == recipe:
             print(f"reusing the pretraining in {run_dir}", flush=True)
             return timing
-        if os.path.exists(os.path.join(run_dir, "checkpoints")):
+        if workdir_layout.Workdir(run_dir).checkpoints.exists():
             raise ValueError(f"{run_dir}: holds a pretraining of another config; use another --workdir")
     start = time.time()
     train.train_and_evaluate(config, run_dir)
@@ -266,7 +267,7 @@ def _train_s_per_step(run_dir: str, config) -> float:
     the compilation), from metrics.jsonl's crops_per_s."""
     from isimed.evaluation import metrics_log
 
-    _, crops_per_s = metrics_log.read_metrics(os.path.join(run_dir, "metrics.jsonl"))["train/crops_per_s"]
+    _, crops_per_s = metrics_log.read_metrics(workdir_layout.Workdir(run_dir).metrics)["train/crops_per_s"]
     crops_per_step = config.data.images_per_batch * config.data.crops_per_image
     rates = crops_per_s[1:] if len(crops_per_s) > 1 else crops_per_s
     return round(float(np.median(crops_per_step / rates)), 3)

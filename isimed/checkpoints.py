@@ -41,15 +41,13 @@ from jax.sharding import PartitionSpec as P
 from isimed import config_checks
 from isimed import errors
 from isimed import methods
-from isimed import paths
 from isimed import runtime
 from isimed import train_state
+from isimed import workdir as workdir_layout
 
 # Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete; a run killed
 # while saving leaves that folder behind.
 TMP_MARKER = ".orbax-checkpoint-tmp"
-# Where a resumed run moves step folders it could not read (so it can save those steps again).
-UNREADABLE = "unreadable_checkpoints"
 
 
 class CheckpointError(RuntimeError):
@@ -63,7 +61,7 @@ class _Unreadable(Exception):
 def manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     with _orbax_logs_dropped():  # It parses every step's metadata and logs unreadable ones.
         return ocp.CheckpointManager(
-            paths.resolve(workdir) / "checkpoints",
+            workdir_layout.Workdir(workdir).checkpoints,
             options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
         )
 
@@ -72,7 +70,7 @@ def remove_unfinished_saves(workdir: str) -> list[str]:
     """Deletes the temporary folders of saves that never completed (a run killed while saving;
     names containing `.orbax-checkpoint-tmp`) and reports them in one warning line. Process 0
     deletes, every process waits for it; returns the names removed."""
-    directory = paths.resolve(workdir) / "checkpoints"
+    directory = workdir_layout.Workdir(workdir).checkpoints
     removed = []
     if jax.process_index() == 0 and directory.is_dir():
         for path in sorted(directory.iterdir()):
@@ -215,7 +213,7 @@ def _move_aside(mngr, directory: epath.Path, tried: dict[int, str], used: int) -
     if not tried:
         return
     if jax.process_index() == 0:
-        target = directory.parent / UNREADABLE
+        target = workdir_layout.Workdir(directory.parent).unreadable_checkpoints
         target.mkdir(parents=True, exist_ok=True)
         for step, reason in tried.items():
             dest, n = target / str(step), 1
@@ -436,7 +434,7 @@ def load_encoder(workdir: str, step: int | None = None):
     in one warning line and the previous one is used; `CheckpointError` if none can be read. A
     given `step` is read or fails (`CheckpointError` with the reason).
     """
-    directory = paths.resolve(workdir) / "checkpoints"
+    directory = workdir_layout.Workdir(workdir).checkpoints
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {directory} (expected a pretraining --workdir)")
     with _orbax_logs_dropped():
@@ -492,7 +490,7 @@ def read_state(workdir: str, step: int) -> dict:
     """Every leaf of the train state saved at `step` (params, batch_stats, opt_state, step) as
     numpy arrays, in the structure orbax stored it (optimiser tuples as lists): for comparing runs
     leaf by leaf. Evaluation uses `load_encoder`."""
-    directory = paths.resolve(workdir) / "checkpoints" / str(step) / "state"
+    directory = workdir_layout.Workdir(workdir).checkpoints / str(step) / "state"
     with ocp.StandardCheckpointer() as checkpointer:
         # On this process's first device, whatever topology wrote it.
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

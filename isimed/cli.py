@@ -32,6 +32,7 @@ from isimed import errors
 from isimed import export
 from isimed import runtime
 from isimed import train
+from isimed import workdir as workdir_layout
 from isimed.evaluation import linear_eval
 
 FLAGS = flags.FLAGS
@@ -84,8 +85,8 @@ def with_method(config_arg: str, method: str, command: str) -> str:
 
 
 def linear_eval_workdir(pretrain_workdir: str) -> str:
-    """`<pretrain_workdir>/linear_eval` (a URI stays a URI)."""
-    return pretrain_workdir.rstrip("/") + "/linear_eval"
+    """`<pretrain_workdir>/linear_eval` (`Workdir.linear_eval`), absolute (a URI stays a URI)."""
+    return os.fspath(workdir_layout.Workdir(pretrain_workdir).linear_eval)
 
 
 def default_config(method: str) -> str | None:

@@ -33,6 +33,7 @@ import numpy as np
 from isimed import checkpoints
 from isimed import models
 from isimed import paths
+from isimed import workdir as workdir_layout
 
 FORMATS = ("npz", "safetensors", "monai")
 SUFFIXES = {"npz": ".npz", "safetensors": ".safetensors", "monai": ".pt"}
@@ -73,7 +74,7 @@ def export(workdir: str, fmt: str, *, step: int | None = None, out: str | None =
     config, _, state = checkpoints.load_encoder(workdir, step)
     step = int(state["step"])
     if out is None:
-        out = os.fspath(paths.resolve(workdir) / "export" / f"encoder_step{step}{SUFFIXES[fmt]}")
+        out = os.fspath(workdir_layout.Workdir(workdir).export / f"encoder_step{step}{SUFFIXES[fmt]}")
     arrays = encoder_arrays(state["params"]["encoder"], state["batch_stats"])
     return write(arrays, config, step, fmt, out)
 

@@ -94,7 +94,7 @@ class _Preemption:
 class _Run:
     """What one pretraining run holds: config, setup, data iterator, checkpoints and writer."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(self, config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir):
         self.config, self.workdir = config, workdir
         # Opened by `open_writer` once the step to start from is known: metrics.jsonl rows logged
         # after it are dropped first.
@@ -130,7 +130,7 @@ class _Run:
         dropped = 0
         if jax.process_index() == 0:
             after = -1 if start_step is None else start_step
-            dropped = _drop_metrics_after(self.workdir / "metrics.jsonl", after)
+            dropped = _drop_metrics_after(self.workdir.metrics, after)
         self.writer = MetricWriter(self.workdir, self.config)
         if dropped:
             return (
@@ -222,11 +222,11 @@ def _profile(run: _Run, step: int, state) -> None:
     if len(first_last) != 2:
         return
     if step == first_last[0]:
-        jax.profiler.start_trace(os.fspath(run.workdir / "profile"))
+        jax.profiler.start_trace(os.fspath(run.workdir.profile))
     elif step == first_last[1] + 1:
         jax.block_until_ready(state)
         jax.profiler.stop_trace()
-        run.say(f"profile of steps {first_last[0]}-{first_last[1]} in {run.workdir / 'profile'}")
+        run.say(f"profile of steps {first_last[0]}-{first_last[1]} in {run.workdir.profile}")
 
 
 def _train(run: _Run, state, start_step: int, summary: dict[str, Any]):
@@ -267,7 +267,7 @@ def _finish(run: _Run, state, summary: dict[str, Any]) -> dict[str, Any]:
     summary["final"] = held_out.held_out_summary(config, enc, "test", with_probe=True, held=held)
     summary["step"] = int(state["step"])
     if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        workdir.summary.write_text(json.dumps(summary, indent=2))
     run.writer.close()  # Flushes metrics.jsonl before it is plotted.
     if jax.process_index() == 0:
         plots.write_training_plots(
@@ -306,16 +306,16 @@ def _drop_metrics_after(path, step: int) -> int:
     return dropped
 
 
-def _check_writable(workdir) -> None:
+def _check_writable(workdir: workdir_layout.Workdir) -> None:
     """Creates `workdir` and writes and deletes a file in it (each process its own), so a
     workdir that cannot be written stops the run at once with one message, not deep in orbax."""
     probe = workdir / f".write_test_process_{jax.process_index()}"
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
+        workdir.root.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise type(e)(f"workdir {workdir} cannot be written: {e}") from e
+        raise workdir_layout.WorkdirUnwritable(f"workdir {workdir} cannot be written: {e}") from e
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -336,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_checks.validate(config)
     pipeline.check_crops_fit(config.data, ("train", "validation", "test"))
     runtime.initialize(config)
-    workdir = paths.resolve(workdir)
+    workdir = workdir_layout.Workdir(workdir)
     _check_writable(workdir)
     lock = _lock(workdir)
     try:
@@ -346,13 +346,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             lock.release()
 
 
-def _lock(workdir) -> workdir_layout.Lock | None:
+def _lock(workdir: workdir_layout.Workdir) -> workdir_layout.Lock | None:
     """Process 0 locks the workdir for the whole run (`workdir.Lock`); every process stops with
     `WorkdirBusy` when another run holds it."""
     lock, busy = None, None
     if jax.process_index() == 0:
         try:
-            lock = workdir_layout.Lock(workdir_layout.Workdir(workdir)).acquire()
+            lock = workdir_layout.Lock(workdir).acquire()
         except workdir_layout.WorkdirBusy as e:
             busy = e
     if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(busy is not None)):
@@ -362,7 +362,7 @@ def _lock(workdir) -> workdir_layout.Lock | None:
     return lock
 
 
-def _locked(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
+def _locked(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir) -> dict[str, Any]:
     config = ml_collections.ConfigDict(config)
     if config.data.name == "chest_phantom":
         config.data.tfds_dir = os.fspath(paths.resolve(config.data.tfds_dir))
@@ -380,6 +380,14 @@ def _locked(config: ml_collections.ConfigDict, workdir) -> dict[str, Any]:
 def _train_and_finish(run: _Run, state, restored, dropped: str | None) -> dict[str, Any]:
     """Announces the start, validates at step 0 (fresh runs), trains, then the held-out summary."""
     summary: dict[str, Any] = {}
+    if restored is not None and restored.step > run.config.total_steps:
+        # Training nothing and reporting the checkpoint as the end of a shorter run would hide
+        # the mistake.
+        raise config_checks.ConfigError(
+            f"cannot resume {run.mngr.directory} (step {restored.step}) with total_steps = "
+            f"{run.config.total_steps}: the checkpoint is past it; pass "
+            f"--config.total_steps={restored.step} or more, or use a new --workdir"
+        )
     if restored is not None:
         start_step, state = restored.step, restored.state
         changed = "; changed on resume: " + ", ".join(restored.changes) if restored.changes else ""
@@ -393,7 +401,7 @@ def _train_and_finish(run: _Run, state, restored, dropped: str | None) -> dict[s
         if restored is None:
             summary["initial"] = run.validate(0, state)
         else:
-            summary.update(_summary_so_far(run.workdir / "metrics.jsonl"))
+            summary.update(_summary_so_far(run.workdir.metrics))
         try:
             state, preempted = _train(run, state, start_step, summary)
         except BaseException:

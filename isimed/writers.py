@@ -18,6 +18,7 @@ from etils import epath
 from tensorboardX import SummaryWriter
 
 from isimed import paths
+from isimed import workdir as workdir_layout
 
 
 class _LogFile:
@@ -52,12 +53,12 @@ class MetricWriter:
         self._active = jax.process_index() == 0
         self._wandb = None
         if self._active:
-            workdir = paths.resolve(workdir)
-            workdir.mkdir(parents=True, exist_ok=True)
-            self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
-            self._jsonl = _LogFile(workdir / "metrics.jsonl")
-            self._text = _LogFile(workdir / "log.txt")
-            self._wandb = _wandb_run(workdir, config)
+            workdir = workdir_layout.Workdir(workdir)
+            workdir.root.mkdir(parents=True, exist_ok=True)
+            self._tb = SummaryWriter(os.fspath(workdir.tensorboard))
+            self._jsonl = _LogFile(workdir.metrics)
+            self._text = _LogFile(workdir.log)
+            self._wandb = _wandb_run(workdir.root, config)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
         if not self._active:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from isimed import checkpoints
+from isimed import workdir as workdir_layout
 
 if TYPE_CHECKING:
     from test_errors import Trigger
@@ -484,7 +485,7 @@ def test_unreadable_newest_step_is_moved_aside_and_training_redoes_it_bit_for_bi
         train.train_and_evaluate(test_config, str(workdir))
     warnings = [r.getMessage() for r in caplog.records if "unreadable" in r.getMessage()]
     assert len(warnings) == 1 and "resuming from step 100" in warnings[0], warnings
-    assert (workdir / checkpoints.UNREADABLE / "150").is_dir()
+    assert (workdir_layout.Workdir(workdir).unreadable_checkpoints / "150").is_dir()
     assert checkpoints_steps(workdir) == [50, 100, 150]
     a, b = _state(Path(pretrained[0]), 150), _state(workdir, 150)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):

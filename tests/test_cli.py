@@ -54,7 +54,8 @@ def test_default_workdir_is_config_name_preset_and_method(config_arg, expected):
 
 
 def test_linear_eval_workdir_is_inside_the_pretraining_workdir():
-    assert cli.linear_eval_workdir("workdirs/isimed_chest_demo") == "workdirs/isimed_chest_demo/linear_eval"
+    expected = os.path.abspath("workdirs/isimed_chest_demo/linear_eval")
+    assert cli.linear_eval_workdir("workdirs/isimed_chest_demo") == expected
     assert cli.linear_eval_workdir("gs://bucket/runs/a/") == "gs://bucket/runs/a/linear_eval"
 
 
@@ -141,8 +142,9 @@ def test_main_and_linear_eval_default_their_workdirs(phantom_dir, tmp_path):
     ]
     done = _run(evaluate, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith(
-        "workdir: workdirs/isimed_chest_test/linear_eval (from --config.pretrain_workdir"
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("workdir: /") and first.endswith(
+        "/workdirs/isimed_chest_test/linear_eval (from --config.pretrain_workdir; set --workdir to change)"
     )
     assert json.loads((workdir / "linear_eval" / "results.json").read_text())["checkpoint_step"] == 4
 

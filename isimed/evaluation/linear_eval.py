@@ -25,6 +25,7 @@ import numpy as np
 from isimed import methods
 from isimed import paths
 from isimed import runtime
+from isimed import workdir as workdir_layout
 from isimed.data import pipeline
 from isimed.evaluation import context_tasks
 from isimed.evaluation import features as features_lib
@@ -42,8 +43,8 @@ def _select_step(pretrain_workdir: str, checkpoint: str) -> int | None:
         return None
     if checkpoint != "best":
         return int(checkpoint)
-    log = paths.resolve(pretrain_workdir) / "metrics.jsonl"
-    ckpt_dir = paths.resolve(pretrain_workdir) / "checkpoints"
+    log = workdir_layout.Workdir(pretrain_workdir).metrics
+    ckpt_dir = workdir_layout.Workdir(pretrain_workdir).checkpoints
     available = {int(d.name) for d in ckpt_dir.iterdir() if d.name.isdigit()} if ckpt_dir.is_dir() else set()
     scores = {}
     if log.exists():

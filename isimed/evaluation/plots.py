@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from isimed import paths
+from isimed import workdir as workdir_layout
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
 from isimed.evaluation import metrics_log
@@ -398,19 +399,19 @@ def write_training_plots(
     Returns:
       `{plot name: path}` of the files written.
     """
-    workdir = paths.resolve(workdir)
+    workdir = workdir_layout.Workdir(workdir)
     written = {}
-    log = workdir / "metrics.jsonl"
+    log = workdir.metrics
     if log.exists() and metrics_log.read_metrics(log):
-        written["training_curves"] = training_curves(log, workdir / "training_curves.png")
+        written["training_curves"] = training_curves(log, workdir.plot("training_curves"))
     written["distance_scatter"] = distance_scatter(
-        {"held-out crops": embeddings}, centres, scale_mm, workdir / "distance_scatter.png"
+        {"held-out crops": embeddings}, centres, scale_mm, workdir.plot("distance_scatter")
     )
     flat = features_lib.flatten
     written["pca"] = embedding_pca(
         flat(embeddings),
         flat(centres),
-        workdir / "pca.png",
+        workdir.plot("pca"),
         lesion=None if lesion is None else flat(lesion),
     )
     return written
@@ -433,7 +434,7 @@ def write_linear_eval_plots(
     Returns:
       `{plot name: path}` of the files written.
     """
-    workdir = paths.resolve(workdir)
+    workdir = workdir_layout.Workdir(workdir)
     written = {}
     curves = {}
     for name, row in results.get("feature_sets", {}).items():
@@ -443,7 +444,7 @@ def write_linear_eval_plots(
     if curves:
         written["roc"] = roc_curves(
             curves,
-            workdir / "roc.png",
+            workdir.plot("roc"),
             title="Crop-level lesion ROC (out-of-fold linear-probe scores)",
         )
     if pretrained is not None and "centres" in pretrained:
@@ -455,7 +456,7 @@ def write_linear_eval_plots(
         written["pca"] = embedding_pca(
             flat(pretrained["embeddings"]),
             flat(pretrained["centres"]),
-            workdir / "pca.png",
+            workdir.plot("pca"),
             lesion=None if lesion is None else flat(lesion),
         )
     return written
