@@ -104,6 +104,10 @@ class WorkdirBusy(errors.UserError, RuntimeError):
     """Another run holds the workdir's lock."""
 
 
+class WorkdirUnwritable(errors.UserError, OSError):
+    """The workdir cannot be created or written (below a regular file, no permission, ...)."""
+
+
 class Lock:
     """One run per workdir: an exclusive `fcntl.flock` on `WORKDIR/.lock`, which holds the holder's
     host and pid for the message another run gets.
