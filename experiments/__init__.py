@@ -1,1 +1,2 @@
-"""Experiments that compare methods or test what an encoder learned (results, not speed; speed lives in benchmarks/)."""
+"""Experiments that compare methods or test what an encoder learned: results, not speed (speed
+lives in benchmarks/)."""
