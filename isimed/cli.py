@@ -158,6 +158,7 @@ def _pretrain_main(argv: Sequence[str], *, method: str | None, command: str) -> 
         )
         raise SystemExit(f"{command}: pass --config=PATH/CONFIG.py[:PRESET]{where}")
     config_arg = config_flags.get_config_filename(FLAGS["config"])
+    _check_config_file(config_arg, command)
     if method is not None:
         check_method(FLAGS.config, method, config_arg, command)
     workdir = FLAGS.workdir or default_workdir(config_arg)
@@ -200,6 +201,7 @@ def _linear_eval_main(argv: Sequence[str], *, command: str) -> None:
     config = FLAGS.config
     if config is None:
         raise SystemExit(f"{command}: pass --config=PATH/linear_eval_*.py[:PRESET]")
+    _check_config_file(config_flags.get_config_filename(FLAGS["config"]), command)
     if FLAGS.workdir:
         workdir = FLAGS.workdir
     elif config.pretrain_workdir:
@@ -336,6 +338,14 @@ def _make_configs_importable(argv: Sequence[str], default: str | None) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(os.path.expanduser(path))))
         if os.path.isdir(os.path.join(root, "configs")) and root not in sys.path:
             sys.path.insert(0, root)
+
+
+def _check_config_file(config_arg: str, command: str) -> None:
+    """SystemExit naming a --config file that does not exist: ml_collections hands on a config
+    whose every field then reads as missing, which validation would list as 16 problems."""
+    path = os.path.abspath(os.path.expanduser(config_arg.partition(":")[0]))
+    if not os.path.isfile(path):
+        raise SystemExit(f"{command}: --config={config_arg}: no such file {path}")
 
 
 def _no_arguments(argv: Sequence[str]) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import ml_collections
 
+from isimed import errors
 from isimed import methods
 from isimed import models
 
@@ -64,7 +65,7 @@ RESUMABLE = (
 LAUNCH = ("distributed", "coordinator_address", "num_processes", "process_id")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
     """A config that cannot be used: the message lists every problem, one line each."""
 
 

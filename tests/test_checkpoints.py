@@ -319,6 +319,30 @@ def _unwritable_workdir(t: Trigger):
     return t.start(t.tmp_path / "a_file" / "run")
 
 
+class CommandFailed(Exception):
+    """A command exited non-zero; the message is its output."""
+
+
+def _command(t: Trigger, *args: str):
+    """`python main.py ARGS` in a process: what the user sees. Fails on a traceback."""
+
+    def run():
+        done = subprocess.run(
+            [sys.executable, "main.py", f"--workdir={t.tmp_path / 'run'}", *args],
+            cwd=ROOT,
+            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        output = done.stdout + done.stderr
+        assert "Traceback" not in output, output
+        if done.returncode:
+            raise CommandFailed(output)
+
+    return run
+
+
 def _busy_workdir(t: Trigger):
     from isimed import workdir as layout
 
@@ -358,6 +382,10 @@ TRIGGERS = {
     "config.several": lambda t: _bad_config(
         t, checkpoint_every=0, keep_checkpoints=0, **{"optim.learning_rate": -1.0}
     ),
+    "config.missing_file": lambda t: _command(t, "--config=configs/nosuch.py:test"),
+    "config.one_line": lambda t: _command(
+        t, "--config=configs/isimed_chest.py:test", "--config.optim.learning_rate=-1"
+    ),
     "workdir.unwritable": _unwritable_workdir,
     "workdir.busy": _busy_workdir,
     "checkpoint.save_failed": _save_failed,
@@ -365,6 +393,7 @@ TRIGGERS = {
         t.workdir(), seed=1, **{"model.embed_dim": 64, "optim.learning_rate": 1e-3}
     ),
     "resume.allowed": lambda t: t.start(t.workdir(), total_steps=160, log_every=5),
+    "resume.past_total_steps": lambda t: t.start(t.workdir(), total_steps=100),
     "resume.unreadable": _resume_unreadable,
     "resume.none_readable": _none_readable,
     "resume.unfinished_save": _unfinished_save,
