@@ -71,6 +71,13 @@ compare: install
 position-transfer: install
 	$(PY) -m experiments.position_transfer
 
+# One-shot localisation on real MRI: MNI152 brain points found in moved, deformed, cut copies of
+# it with the position-transfer encoder, against the identity and SimpleITK registration.
+.PHONY: localisation
+localisation: install
+	@$(PY) -c 'import SimpleITK' 2>/dev/null || $(PY) -m pip install -q -e '.[registration]'
+	$(PY) -m experiments.localisation
+
 # TensorBoard on every run under workdirs/ (LOGDIR=...); installs the [tracking] extra on first use.
 LOGDIR ?= workdirs
 .PHONY: tensorboard

@@ -28,7 +28,7 @@ The result is the found crop centre plus the point's sub-voxel offset from its t
 centre. The score is the final mean embedding distance times the loss scale: an estimate, in mm,
 of how far the found anatomy is from the point's (0 for an identical neighbourhood). Offsets are
 world-axis vectors, so a rotation between the scans by angle a shifts an offset crop by about
-offset_mm * a (1.4 mm for 8 mm at 10 degrees): small next to a crop.
+offset_mm * a (2.1 mm for 12 mm at 10 degrees): small next to a crop.
 
 Embedded grids can be cached in npz files (`embed_volume(..., cache=PATH)`, `cache_path` names
 one from the file, its size and time, the checkpoint and every setting); never pickled.
@@ -189,7 +189,12 @@ def read_volume(path: str, locator: Locator) -> tuple[np.ndarray, np.ndarray, st
     try:
         image, affine = readers.read_image(path, ndim=ndim)
     except (OSError, ValueError) as e:
-        raise LocateError(_one_line(e if str(path) in str(e) else f"{path}: {e}")) from None
+        message = _one_line(e if str(path) in str(e) else f"{path}: {e}")
+        if "expected a" in message:  # The readers' hint is for prepare; say what matching needs.
+            message = (
+                message.split("; ")[0] + f" (the encoder takes {ndim}D crops: both scans must be {ndim}D)"
+            )
+        raise LocateError(message) from None
     if norm["intensity"] is None:  # Windowed per crop, as the pipeline does with raw data.
         return np.asarray(image, np.float32), np.asarray(affine, np.float64), str(path)
     try:
@@ -272,7 +277,7 @@ def embed_volume(
     affine: np.ndarray,
     source: str = "image",
     *,
-    stride: int = 2,
+    stride: int = 3,
     cache: str | None = None,
     progress: bool = False,
 ) -> Grid:
@@ -359,7 +364,7 @@ def cost_maps(
     target: Grid,
     locator: Locator,
     *,
-    offset_mm: float = 8.0,
+    offset_mm: float = 12.0,
     chunk: int = 64,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Coarse step: `(costs (P, *lattice) mm, query embeddings (P, K, D))`. costs[p] at a lattice
@@ -413,7 +418,7 @@ def match(
     target: Grid,
     locator: Locator,
     *,
-    offset_mm: float = 8.0,
+    offset_mm: float = 12.0,
     refine: bool = True,
     max_moves: int = 4,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -573,8 +578,8 @@ def locate_files(
     out_path: str,
     *,
     step: int | None = None,
-    stride: int = 2,
-    offset_mm: float = 8.0,
+    stride: int = 3,
+    offset_mm: float = 12.0,
     normalisation: Mapping[str, Any] | None = None,
     plot_dir: str | None = None,
     cache: bool = True,
@@ -615,7 +620,7 @@ def plot_matches(
     target: Grid,
     locator: Locator,
     *,
-    offset_mm: float = 8.0,
+    offset_mm: float = 12.0,
 ) -> list[str]:
     """One PNG per point: the template's three orthogonal slices through the point (top) and the
     target's through the found point (bottom) with the coarse cost map overlaid (low cost = bright

@@ -11,6 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # layer's row or of rows below it, never above.
 LAYERS = (
     ("isimed.cli",),
+    ("isimed.locate",),
     ("isimed.train",),
     ("isimed.evaluation", "isimed.export"),
     ("isimed.checkpoints",),

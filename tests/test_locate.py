@@ -124,8 +124,8 @@ def _write_case(tmp_path, name: str, data: np.ndarray, origin=(0.0, 0.0, 0.0)) -
     return path
 
 
-def _points_csv(tmp_path, points) -> str:
-    path = str(tmp_path / "points.csv")
+def _points_csv(tmp_path, points, name: str = "points.csv") -> str:
+    path = str(tmp_path / name)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["label", "x", "y", "z", "note"])
@@ -184,8 +184,13 @@ def test_command_end_to_end(pretrained, ct_files, tmp_path):
 # `Trigger`: tmp_path, request, pretrained_dir) and checks each message against the table.
 
 
+def _scan(t) -> str:
+    volume = 400.0 * _texture((24, 24, 24), seed=5) * 8
+    return _write_case(t.tmp_path, "scan", volume.astype(np.float32))
+
+
 def _locate_files(t, **changes):
-    _, scan = t.request.getfixturevalue("ct_files")
+    scan = _scan(t)
     args = {
         "workdir": str(t.pretrained_dir),
         "template_path": scan,
@@ -198,18 +203,18 @@ def _locate_files(t, **changes):
 
 
 def _slice_file(t) -> str:
-    return _write_case(t.tmp_path, "slice", np.zeros((24, 24, 1), np.float32))
+    return _write_case(t.tmp_path, "slice", np.zeros((24, 24), np.float32))
 
 
 def _cut_file(t) -> str:
-    _, scan = t.request.getfixturevalue("ct_files")
+    data = open(_scan(t), "rb").read()
     path = t.tmp_path / "cut.nii.gz"
-    path.write_bytes(open(scan, "rb").read()[:200])
+    path.write_bytes(data[:200])
     return str(path)
 
 
 def _far_point(t) -> str:
-    return _points_csv(t.tmp_path, [[4.0, 25.0, 21.0], [0.0, 0.0, 900.0]])
+    return _points_csv(t.tmp_path, [[4.0, 25.0, 21.0], [0.0, 0.0, 900.0]], "far.csv")
 
 
 TRIGGERS = {
