@@ -146,10 +146,11 @@ def test_folder_demo_recipe_augments_isimed_crops_exactly_once(monkeypatch):
 
     from configs import isimed_folder
     from isimed import augment
+    from isimed import methods
     from isimed import train_state
 
     assert "augment" not in isimed_folder.get_config("test")
-    assert isimed_folder.get_config("demo", "simclr").augment.flip_prob > 0
+    assert isimed_folder.get_config("demo,method=simclr").augment.flip_prob > 0
     demo = isimed_folder.get_config("demo")
     assert demo.augment.flip_prob == 0.0 and demo.augment.noise_prob > 0
     calls = []
@@ -177,7 +178,7 @@ def test_folder_demo_recipe_augments_isimed_crops_exactly_once(monkeypatch):
             "crops": jax.ShapeDtypeStruct((b, k, *crop, 1), np.float32),
             "centres": jax.ShapeDtypeStruct((b, k, 3), np.float32),
         }
-        loss_fn = train_state.make_loss_fn(config, Networks)
+        loss_fn = train_state.make_loss_fn(config, methods.get("isimed"), Networks)
         jax.eval_shape(loss_fn, {"encoder": {}}, {}, batch, jax.random.key(0), {})
     assert calls == [((b * k, *crop, 1), dict(config.augment))]
 
