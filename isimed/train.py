@@ -309,7 +309,9 @@ def _drop_metrics_after(path, step: int) -> int:
 def _check_writable(workdir: workdir_layout.Workdir) -> None:
     """Creates `workdir` and writes and deletes a file in it (each process its own), so a
     workdir that cannot be written stops the run at once with one message, not deep in orbax."""
-    probe = workdir / f".write_test_process_{jax.process_index()}"
+    # The pid too: two runs starting on one workdir (the second is refused by the lock, taken
+    # after this) must not delete each other's probe and fail with a false "cannot be written".
+    probe = workdir / f".write_test_process_{jax.process_index()}_{os.getpid()}"
     try:
         workdir.root.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
