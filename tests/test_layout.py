@@ -12,13 +12,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = (
     ("isimed.cli",),
     ("isimed.locate",),
-    ("isimed.train",),
+    ("isimed.train", "isimed.locate"),
     ("isimed.evaluation", "isimed.export"),
     ("isimed.checkpoints",),
     ("isimed.train_state",),
     ("isimed.methods", "isimed.config_checks", "isimed.data", "isimed.writers"),
     ("isimed.augment", "isimed.models", "isimed.losses"),
     ("isimed.geometry", "isimed.paths", "isimed.runtime", "isimed.workdir"),
+    ("isimed.errors",),
 )
 RANK = {unit: i for i, row in enumerate(LAYERS) for unit in row}
 
