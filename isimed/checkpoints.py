@@ -171,13 +171,20 @@ def restore(mngr, state: train_state.State, data_iter, config: ml_collections.Co
             if refused:
                 raise config_checks.resume_error(refused, f"{directory} (step {step})")
             _check_shapes(step_dir / "state", state, ml_collections.ConfigDict(stored["config"]))
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(state))
-            restored = _attempt(mngr.restore, step, args=args).state
-            position = _iterator_state(stored["data"], data_iter.get_state(), step_dir)
-            _attempt(data_iter.set_state, position)
         except _Unreadable as e:
             reason = " ".join(str(e).split())  # One line, whatever the library's message holds.
+        # Agreed before restoring: orbax's restore is collective (barriers), so a process that
+        # skipped it (its own iterator file unreadable) would leave the others waiting in it.
         reason = _agree(reason)
+        if reason is None:
+            try:
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(state))
+                restored = _attempt(mngr.restore, step, args=args).state
+                position = _iterator_state(stored["data"], data_iter.get_state(), step_dir)
+                _attempt(data_iter.set_state, position)
+            except _Unreadable as e:
+                reason = " ".join(str(e).split())
+            reason = _agree(reason)
         if reason is None:
             if hasattr(data_iter, "start_prefetch"):
                 data_iter.start_prefetch()
@@ -201,9 +208,12 @@ def _agree(reason: str | None) -> str | None:
     """The same outcome on every process: a step is used only if every process could read it."""
     if jax.process_count() == 1:
         return reason
+    if reason is not None and jax.process_index() != 0:  # Process 0's warning names only the process.
+        logging.warning("process %d: %s", jax.process_index(), reason)
     failed = multihost_utils.process_allgather(np.array(reason is not None))
     if reason is None and np.any(failed):
-        return "unreadable on another process"
+        # Process 0 reports the step, so name the process that has the reason.
+        return "unreadable on process " + ", ".join(str(i) for i in np.flatnonzero(failed))
     return reason
 
 

@@ -107,7 +107,9 @@ def _assert_same_run(straight: Path, resumed: Path) -> None:
     assert len(leaves_a) > 10
     for (path, x), y in zip(leaves_a, leaves_b):
         assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
-    positions = (straight / "checkpoints" / str(KILL_STEPS) / "data").glob("process_*.json")
+    positions = sorted((straight / "checkpoints" / str(KILL_STEPS) / "data").glob("process_*.json"))
+    # One process wrote one position; an empty glob (a renamed file) must not pass unchecked.
+    assert [p.name for p in positions] == ["process_0-of-1.json"], positions
     for path in positions:  # The data-iterator position.
         assert path.read_text() == (resumed / path.relative_to(straight)).read_text()
     # metrics.jsonl: every training step once, with the straight run's loss; evaluation rows once.

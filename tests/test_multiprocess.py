@@ -6,6 +6,7 @@ The commands are the README's "two processes on one machine" recipe.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,6 +153,26 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_resume_matches(straigh
 
     outputs = _finish(_start(_pretrain_args(phantom_dir, workdir), 2))
     assert all(f"resumed from step {step0}" in out for out in outputs)
+    _assert_states_equal(_state(workdir), _state(straight[0]))
+
+
+def test_checkpoint_unreadable_on_one_process_all_resume_from_the_previous(straight, phantom_dir, tmp_path):
+    """Step 20's data-iterator position of process 1, a file only process 1 reads, cut in half:
+    process 0 can read step 20, yet both must resume from step 10 (before they agreed ahead of
+    orbax's collective restore, process 0 entered it alone and both aborted). Step 20 is moved
+    aside once, each process says why, and the resumed run ends equal to the straight one."""
+    workdir = tmp_path / "cut"
+    shutil.copytree(straight[0], workdir, ignore=shutil.ignore_patterns("*.png", "tensorboard"))
+    position = workdir / "checkpoints" / "20" / "data" / "process_1-of-2.json"
+    text = position.read_text()
+    position.write_text(text[: len(text) // 2])
+    out0, out1 = _finish(_start(_pretrain_args(phantom_dir, workdir), 2))
+    assert "resumed from step 10" in out0 and "resumed from step 10" in out1
+    moved = f"{workdir}/unreadable_checkpoints/20, resuming from step 10"
+    assert out0.count(moved) == 1 and "unreadable on process 1" in out0, out0[-3000:]
+    assert "process 1: data/process_1-of-2.json is not valid JSON" in out1, out1[-3000:]
+    assert sorted(os.listdir(workdir / "unreadable_checkpoints")) == ["20"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]  # Step 20 saved again.
     _assert_states_equal(_state(workdir), _state(straight[0]))
 
 
