@@ -1,6 +1,7 @@
 """Reading data written by `isimed.data.prepare`: a random-access source per split.
 
-A prepared directory holds `prepared.json` (settings, splits, counts, `format_version`) and, per
+A prepared directory holds `prepared.json` (settings, splits, counts, `format_version`, each
+file's image shape: training checks its crop size against them without reading a volume) and, per
 split, the examples, each ONE record in a fixed binary layout (format version 2), decoded with
 `struct` and `np.frombuffer` only: no pickle, and no `ast` or `json` per record. Two containers:
 
