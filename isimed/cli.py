@@ -17,6 +17,7 @@ and `main.py` / `linear_eval.py` call the first and the fifth:
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 import signal
@@ -131,6 +132,7 @@ def _pretrain(method: str | None, command: str) -> None:
     if method:
         _add_method(sys.argv, method, command)
     _make_configs_importable(sys.argv, default)
+    _check_config_arguments(sys.argv, command)
     help_default = f" (default: configs/isimed_chest.py:method={method}, paper scale)" if method else ""
     config_flags.DEFINE_config_file(
         "config",
@@ -185,6 +187,7 @@ def _pretrain_main(argv: Sequence[str], *, method: str | None, command: str) -> 
 def run_linear_eval() -> None:
     """`isimed-linear-eval` and `python linear_eval.py`."""
     _make_configs_importable(sys.argv, None)
+    _check_config_arguments(sys.argv, os.path.basename(sys.argv[0]))
     config_flags.DEFINE_config_file(
         "config", None, "Linear-evaluation config file, `PATH.py[:PRESET]`.", lock_config=True
     )
@@ -338,6 +341,25 @@ def _make_configs_importable(argv: Sequence[str], default: str | None) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(os.path.expanduser(path))))
         if os.path.isdir(os.path.join(root, "configs")) and root not in sys.path:
             sys.path.insert(0, root)
+
+
+def _check_config_arguments(argv: Sequence[str], command: str) -> None:
+    """SystemExit with the one line a config file's `get_config` raises for a bad argument (an
+    unknown preset, method or key), before absl would wrap it in a traceback. Files that do not
+    exist are left to `_check_config_file`."""
+    for i, prefix in _config_values(argv):
+        config_arg = argv[i][len(prefix) :]
+        path, _, arg = config_arg.partition(":")
+        path = os.path.abspath(os.path.expanduser(path))
+        if not os.path.isfile(path):
+            continue
+        spec = importlib.util.spec_from_file_location("_isimed_config_check", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        try:
+            module.get_config(*([arg] if arg else []))
+        except ValueError as e:
+            raise SystemExit(f"{command}: --config={config_arg}: {e}") from None
 
 
 def _check_config_file(config_arg: str, command: str) -> None:

@@ -114,6 +114,18 @@ def test_method_command_refuses_another_methods_config_outside_the_repository(tm
     assert not (tmp_path / "workdirs").exists()
 
 
+def test_bad_config_argument_is_one_line_before_anything_runs(tmp_path):
+    config = os.path.join(ROOT, "configs", "isimed_chest.py") + ":demo,method=byol"
+    main = [sys.executable, os.path.join(ROOT, "main.py"), f"--config={config}"]
+    done = _run(main, cwd=tmp_path, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"main.py: --config={config}: config argument 'demo,method=byol': unknown method 'byol'; "
+        "use one of: isimed, simclr, vicreg, barlow, isimed_vicreg"
+    )
+    assert not (tmp_path / "workdirs").exists()
+
+
 def test_main_and_linear_eval_default_their_workdirs(phantom_dir, tmp_path):
     pretrain = [
         sys.executable,
