@@ -178,6 +178,18 @@ def test_brats_config_trains_and_linear_eval_runs(brats_prepared, tmp_path):
     assert 0 < results["lesion_crop_share"] < 1
     assert "| n/a |" in linear_eval.format_results(results)  # labels mean AUC: no labels.
 
+    # Evaluated on another folder whose images are thinner than the crops: said before any crop.
+    rng = np.random.default_rng(0)
+    for name in ("s0", "s1"):
+        _write_case(tmp_path / "thin_raw", name, rng.integers(1, 500, size=(12, 10, 7)).astype(np.int16))
+    thin = tmp_path / "thin"
+    splits = {"train": ["s0"], "test": ["s1"]}
+    prepare.prepare("brats", str(tmp_path / "thin_raw"), str(thin), splits=splits, progress=False)
+    eval_config.data_dir = str(thin)
+    fit = f"{thin}/test/s1.isimed: data.crop_size (8, 8, 8) does not fit in its image of size (12, 10, 7)"
+    with pytest.raises(ValueError, match=re.escape(fit)):
+        linear_eval.evaluate(eval_config, str(tmp_path / "eval_thin"))
+
 
 def _medmnist_npz(path, sizes=(12, 5, 8), size=16, seed=0):
     rng = np.random.default_rng(seed)
