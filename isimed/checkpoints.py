@@ -503,7 +503,7 @@ def read_state(workdir: str, step: int) -> dict:
     directory = workdir_layout.Workdir(workdir).checkpoints / str(step) / "state"
     with ocp.StandardCheckpointer() as checkpointer:
         # On this process's first device, whatever topology wrote it.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
         target = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
             checkpointer.metadata(directory).item_metadata.tree,

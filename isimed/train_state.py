@@ -48,14 +48,14 @@ class Networks:
         encoder.train()
         # Pure dicts of arrays: plain pytrees for jit donation, sharding and orbax.
         self.train_graph, params, batch_stats = nnx.split(encoder, nnx.Param, ...)
-        self.params, self.batch_stats = params.to_pure_dict(), batch_stats.to_pure_dict()
+        self.params, self.batch_stats = nnx.to_pure_dict(params), nnx.to_pure_dict(batch_stats)
         encoder.eval()
         self.eval_graph = nnx.split(encoder, nnx.Param, ...)[0]
         self.head_graph, self.head_params = None, None
         if methods.uses_head(config):
             head = MLPHead(config.model.embed_dim, tuple(config.model.head_dims), rngs=rngs)
             self.head_graph, head_params = nnx.split(head, nnx.Param)
-            self.head_params = head_params.to_pure_dict()
+            self.head_params = nnx.to_pure_dict(head_params)
 
     def apply(self, params, batch_stats, x: jnp.ndarray, *, train: bool, with_pooled: bool = False):
         """Embeds `x` (N, *spatial, C); returns (N, D) float32 and the updated batch statistics.
@@ -63,7 +63,7 @@ class Networks:
         (N, channels) float32 too (see `isimed.models.encoder`)."""
         encoder = nnx.merge(self.train_graph if train else self.eval_graph, params, batch_stats)
         out = encoder(x, with_pooled=with_pooled)
-        return out, nnx.split(encoder, nnx.Param, ...)[2].to_pure_dict()
+        return out, nnx.to_pure_dict(nnx.split(encoder, nnx.Param, ...)[2])
 
     def apply_head(self, head_params, z: jnp.ndarray) -> jnp.ndarray:
         return nnx.merge(self.head_graph, head_params)(z)
