@@ -29,6 +29,7 @@ from isimed.models.layers import avg_pool
 from isimed.models.layers import conv
 from isimed.models.layers import max_pool
 
+
 # XLA compilation dominates the run time of these tests on CPU, hence: rbg
 # keys (their programs compile much faster than threefry's), NumPy inputs, and
 # unoptimised compilation, which costs far less than it saves on tiny programs.
