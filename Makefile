@@ -66,7 +66,7 @@ compare: install
 	$(PY) -m experiments.compare_methods --seeds=$(SEEDS) --hybrid_weights=$(HYBRID_WEIGHTS)
 
 # Position transfer on real MRI: the folder demo preset pretrained on nilearn's MNI152 template,
-# crop position probed on smoothly deformed, bias-shaded, noisy copies of it (README: Benchmarks).
+# crop position probed on smoothly deformed, bias-shaded, noisy copies of it (docs/results.md: Position transfer).
 .PHONY: position-transfer
 position-transfer: install
 	$(PY) -m experiments.position_transfer

@@ -16,7 +16,7 @@ Presets: (none) paper scale, `demo`, `test` (see `isimed_chest.py`; only the dat
 the `demo` recipe below); `method=` as for every data set (`configs/common.py`), e.g.
 `isimed-simclr --config=configs/isimed_folder.py:demo --config.data.dir=~/data/prepared/my_ct`.
 
-The `demo` recipe for real scans (README, "Position transfer on real MRI"): 24^3 crops (more
+The `demo` recipe for real scans (docs/results.md, "Position transfer on real MRI"): 24^3 crops (more
 context than 16^3: where the crop sits in the body, left or right of the midline), 4 images x 16
 crops per step (64 crops: 24^3 crops cost ~2-4x more each), a learning rate of 3e-2 (3e-3
 underfits in a few minutes), 1,500 steps, and for ISImed intensity augmentation (scale/shift,

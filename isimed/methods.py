@@ -196,7 +196,7 @@ METHODS = {
             "isimed_vicreg",
             _isimed_vicreg,
             ("isimed", "vicreg", "within", "cross", *_VICREG_TERMS),
-            # Terms normalised by their running means (about the last 100 steps); README: the
+            # Terms normalised by their running means (about the last 100 steps); docs/results.md: the
             # trade-off over vicreg_weight.
             {
                 **_VICREG_DEFAULTS,

@@ -20,7 +20,7 @@ Conventions
 
 Run `python -m isimed.data.phantom --preview --out preview.png` for a picture,
 `--montage docs/phantom_montage.png` for one subject's slices with labels, and `--hu_table
---num_subjects 16` for the HU of every structure (the README's table).
+--num_subjects 16` for the HU of every structure (docs/results.md's table).
 """
 
 from __future__ import annotations
