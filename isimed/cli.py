@@ -9,6 +9,7 @@ and `main.py` / `linear_eval.py` call the first and the fifth:
   isimed-prepare       (python -m isimed.data.prepare)
   isimed-export                                  the encoder as npz, safetensors or MONAI weights
   isimed-locate                                  the anatomy at points of one scan found in another
+  isimed-finetune      (python finetune.py)     fine-tuning a pretrained encoder with few labels
 
 `--workdir` defaults to `workdirs/<config name>[_<preset>][_<method>][_head]` for pretraining
 (`default_workdir`) and to `<pretrain_workdir>/linear_eval` for linear evaluation.
@@ -31,6 +32,7 @@ from ml_collections import config_flags
 
 from isimed import errors
 from isimed import export
+from isimed import finetune
 from isimed import runtime
 from isimed import train
 from isimed import workdir as workdir_layout
@@ -215,6 +217,49 @@ def _linear_eval_main(argv: Sequence[str], *, command: str) -> None:
     _quiet_library_logs()
     results = linear_eval.evaluate(config, workdir)
     print(linear_eval.format_results(results))
+
+
+# Fine-tuning -------------------------------------------------------------------------------------
+
+
+def run_finetune() -> None:
+    """`isimed-finetune` and `python finetune.py`: fine-tuning a pretrained encoder with few labels."""
+    runtime.tune_malloc_for_cpu()
+    _make_configs_importable(sys.argv, None)
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Fine-tuning config file, `PATH.py[:PRESET][,mode=linear|full][,init=pretrained|random|export]"
+        "[,fraction=F|subjects=N]`.",
+        lock_config=True,
+    )
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "Directory for checkpoints, logs and results.json; resumes from it "
+        "(default: <pretrain_workdir>/finetune_<mode>_<fraction>[_<init>]).",
+    )
+    app.run(functools.partial(_finetune_main, command=os.path.basename(sys.argv[0])))
+
+
+def _finetune_main(argv: Sequence[str], *, command: str) -> None:
+    _no_arguments(argv)
+    config = FLAGS.config
+    if config is None:
+        raise SystemExit(f"{command}: pass --config=PATH/finetune_*.py[:PRESET,...]")
+    _check_config_file(config_flags.get_config_filename(FLAGS["config"]), command)
+    try:
+        workdir = FLAGS.workdir or finetune.default_workdir(config)
+        if not FLAGS.workdir:
+            print(f"workdir: {workdir} (from --config; set --workdir to change)", flush=True)
+        _quiet_library_logs()
+        results = finetune.finetune(config, workdir)
+    except errors.UserError as e:  # The message says what to do; a traceback would bury it.
+        raise SystemExit(f"{command}: {e}") from None
+    if "preempted_at_step" in results:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # As pretraining: the exit stays 0.
+            signal.signal(signum, signal.SIG_IGN)
+    print(finetune.format_results(results))
 
 
 # Data preparation and export --------------------------------------------------------------------

@@ -1,16 +1,22 @@
-"""The one pretraining loop every method uses: `train_and_evaluate(config, workdir)`.
+"""The one training loop: pretraining (`train_and_evaluate(config, workdir)`, every method) and
+every other job that trains (fine-tuning, `isimed.finetune`) through `run_job(config, workdir,
+make_job)`.
 
-The step, state and optimizer come from `isimed.train_state`, checkpoints from
-`isimed.checkpoints`, held-out metrics from `isimed.evaluation`; this module owns the loop,
-preemption and logging.
+The loop owns the steps, logging (TensorBoard, metrics.jsonl, log.txt, W&B), progress and ETA,
+the NaN guard, preemption, the workdir lock, and orbax checkpoints with the data-iterator
+position and resume. What it trains comes from a `Job` (initial state, jitted step, data
+iterator, validation, finish), which `make_job` builds: `_pretraining_job` here (the step,
+state and optimizer from `isimed.train_state`, held-out metrics from `isimed.evaluation`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -91,37 +97,56 @@ class _Preemption:
         self._previous = {}
 
 
-class _Run:
-    """What one pretraining run holds: config, setup, data iterator, checkpoints and writer."""
+@dataclasses.dataclass
+class Job:
+    """What the loop trains, built by a job's `make_job(config, workdir)` (`run_job`).
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir):
-        self.config, self.workdir = config, workdir
+    config: the run's config: the loop reads `total_steps`, `log_every`, `eval_every`,
+        `checkpoint_every`, `keep_checkpoints`, `profile_steps` and `wandb`; it is stored in
+        every checkpoint and compared on resume (`config_checks.resume_changes`).
+    mesh: the device mesh the state and batches live on.
+    state: the initial train state (a pytree with an int `"step"`), replicated on `mesh`.
+    step: the jitted `(state, batch) -> (state, metrics)`; the metrics a clu Collection with at
+        least `nonfinite` (the NaN guard: a non-finite step must leave the state untouched).
+    data_iter: the training batches' grain iterator (`get_state` / `set_state`: checkpointed).
+    next_batch: `() -> batch`, the next batch of `data_iter` on the device.
+    validate: `(step, state) -> {group: {name: float}}`, run at step 0 and every `eval_every`
+        steps; each group is logged under `<group>/`, and the group `"validation"` is the
+        summary's `initial` / `validation`.
+    finish: `(run, state, summary) -> summary` after the last step (not after a preemption): the
+        job's held-out results and files; it closes `run.writer`.
+    crops_per_step: crops through the encoder per step (the `crops_per_s` throughput).
+    description: the second line of the run's announcement (e.g. the encoder and its size).
+    monitors: `(state, batch) -> {name: value}` logged with the training metrics (None: none).
+    """
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    state: Any
+    step: Callable
+    data_iter: Any
+    next_batch: Callable[[], Any]
+    validate: Callable[[int, Any], dict[str, dict[str, Any]]]
+    finish: Callable[[_Run, Any, dict[str, Any]], dict[str, Any]]
+    crops_per_step: int
+    description: str
+    monitors: Callable[[Any, Any], dict[str, Any]] | None = None
+
+
+class _Run:
+    """What one run holds: its job, the workdir, checkpoints, preemption and the writer."""
+
+    def __init__(self, job: Job, workdir: workdir_layout.Workdir):
+        self.job, self.config, self.workdir = job, job.config, workdir
         # Opened by `open_writer` once the step to start from is known: metrics.jsonl rows logged
         # after it are dropped first.
         self.writer: MetricWriter | None = None
-        self.mesh = mesh = runtime.make_mesh()
-        self.setup = train_state.create_train_step(config, mesh)
-        self.method = self.setup.method
-        logging.info(
-            "Encoder parameters:\n%s",
-            parameter_overview.get_parameter_overview(self.setup.networks.params),
-        )
-        self.embed = features_lib.make_embed_fn(self.setup.networks, mesh)
-        train_ds = pipeline.make_dataset(
-            config.data,
-            "train",
-            seed=config.seed,
-            train=True,
-            views=self.method.views,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        self.data_iter = iter(train_ds)
+        self.mesh = job.mesh
+        self.data_iter = job.data_iter
         checkpoints.remove_unfinished_saves(workdir)
-        self.mngr = checkpoints.manager(workdir, config)
+        self.mngr = checkpoints.manager(workdir, job.config)
         self.saving: int | None = None  # The step of the newest save started.
         self.preemption = _Preemption()
-        self.step_keys = ("crops", "centres", "views") if self.method.views == 2 else ("crops", "centres")
 
     def open_writer(self, start_step: int | None) -> str | None:
         """Opens the metric writer; first (process 0) drops the metrics.jsonl rows of steps after
@@ -140,7 +165,7 @@ class _Run:
             )
         return None
 
-    def save(self, step: int, state: train_state.State) -> None:
+    def save(self, step: int, state) -> None:
         self.saving = step
         checkpoints.save(self.mngr, step, state, self.data_iter, self.config)
 
@@ -162,8 +187,7 @@ class _Run:
             f"{jax.local_device_count()} local / {jax.device_count()} global "
             f"{jax.default_backend()} devices, "
             f"mesh {dict(self.mesh.shape)}",
-            f"encoder {self.config.model.name}: "
-            f"{parameter_overview.count_parameters(self.setup.networks.params):,} parameters; {status}",
+            f"{self.job.description}; {status}",
         ]
         for line in lines:
             self.say(line)
@@ -175,20 +199,18 @@ class _Run:
         else:
             print(line, flush=True)
 
-    def encoder(self, state: train_state.State):
-        return self.embed(state["params"]["encoder"], state["batch_stats"])
+    def validate(self, step: int, state) -> dict[str, Any]:
+        """The job's validation, each group logged under `<group>/`; returns the "validation" group."""
+        groups = self.job.validate(step, state)
+        for group, scores in groups.items():
+            self.writer.write_scalars(step, scores, prefix=f"{group}/")
+        return groups["validation"]
 
-    def validate(self, step: int, state: train_state.State) -> dict[str, Any]:
-        scores = held_out.held_out_summary(self.config, self.encoder(state), "validation", with_probe=False)
-        self.writer.write_scalars(step, scores, prefix="validation/")
-        return scores
+    def next_batch(self):
+        return self.job.next_batch()
 
-    def next_batch(self) -> train_state.Batch:
-        batch = next(self.data_iter)
-        return {
-            k: jax.make_array_from_process_local_data(self.setup.data_sharding, np.asarray(batch[k]))
-            for k in self.step_keys
-        }
+    def monitors(self, state, batch) -> dict[str, Any]:
+        return {} if self.job.monitors is None else self.job.monitors(state, batch)
 
 
 def _log_step(run: _Run, step: int, accumulated, monitors, since: tuple[float, int]) -> tuple[float, int]:
@@ -207,8 +229,7 @@ def _log_step(run: _Run, step: int, accumulated, monitors, since: tuple[float, i
         )
     t_log, step_log = since
     elapsed = time.time() - t_log
-    crops_per_step = config.data.images_per_batch * config.data.crops_per_image
-    scalars["crops_per_s"] = (step - step_log) * crops_per_step / max(elapsed, 1e-9)
+    scalars["crops_per_s"] = (step - step_log) * run.job.crops_per_step / max(elapsed, 1e-9)
     eta = (config.total_steps - step) * elapsed / max(step - step_log, 1)
     run.writer.write_scalars(step, scalars, prefix="train/")
     run.writer.log(f"step {step}/{config.total_steps}, {scalars['crops_per_s']:.0f} crops/s, ETA {eta:.0f} s")
@@ -238,7 +259,7 @@ def _train(run: _Run, state, start_step: int, summary: dict[str, Any]):
         run.finish_saves(only_if_done=True)  # A failed save stops the run within one step.
         _profile(run, step, state)
         batch = run.next_batch()
-        state, step_metrics = run.setup.step(state, batch)
+        state, step_metrics = run.job.step(state, batch)
         accumulated = step_metrics if accumulated is None else accumulated.merge(step_metrics)
         is_last = step == config.total_steps
         # Decided once per step: a signal arriving later in this step must not skip the save
@@ -246,7 +267,7 @@ def _train(run: _Run, state, start_step: int, summary: dict[str, Any]):
         stop = run.preemption.reached(step)
         will_save = step % config.checkpoint_every == 0 or is_last or stop
         if step % config.log_every == 0 or will_save:
-            since = _log_step(run, step, accumulated, run.setup.monitors(state, batch), since)
+            since = _log_step(run, step, accumulated, run.monitors(state, batch), since)
             accumulated = None
         if step % config.eval_every == 0 or is_last:
             summary["validation"] = run.validate(step, state)
@@ -255,29 +276,6 @@ def _train(run: _Run, state, start_step: int, summary: dict[str, Any]):
         if stop:
             return state, True
     return state, False
-
-
-def _finish(run: _Run, state, summary: dict[str, Any]) -> dict[str, Any]:
-    """Held-out test metrics with the position probe, summary.json and the plots."""
-    config, workdir = run.config, run.workdir
-    enc = run.encoder(state)
-    held = features_lib.collect(
-        config, "test", {"model": enc}, max_images=config.eval.max_images, with_crops=True
-    )
-    summary["final"] = held_out.held_out_summary(config, enc, "test", with_probe=True, held=held)
-    summary["step"] = int(state["step"])
-    if jax.process_index() == 0:
-        workdir.summary.write_text(json.dumps(summary, indent=2))
-    run.writer.close()  # Flushes metrics.jsonl before it is plotted.
-    if jax.process_index() == 0:
-        plots.write_training_plots(
-            workdir,
-            held["embeddings"]["model"],
-            held["centres"],
-            lesion=held["has_lesion"],
-            scale_mm=run.method.target_scale_mm(jax.device_get(state["params"]), config.loss),
-        )
-    return summary
 
 
 def _drop_metrics_after(path, step: int) -> int:
@@ -338,11 +336,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_checks.validate(config)
     pipeline.check_crops_fit(config.data, ("train", "validation", "test"))
     runtime.initialize(config)
+    return run_job(config, workdir, _pretraining_job)
+
+
+def run_job(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    make_job: Callable[[ml_collections.ConfigDict, workdir_layout.Workdir], Job],
+) -> dict[str, Any]:
+    """Trains the job `make_job(config, workdir)` builds (a copy of `config` is passed) in
+    `workdir`, resuming from its newest readable checkpoint, and returns its finish's summary
+    (or `{"preempted_at_step": N}`). Everything `train_and_evaluate` says of resuming, the lock,
+    preemption and saves holds for every job. `make_job` runs once the workdir is locked."""
     workdir = workdir_layout.Workdir(workdir)
     _check_writable(workdir)
     lock = _lock(workdir)
     try:
-        return _locked(config, workdir)
+        return _locked(config, workdir, make_job)
     finally:
         if lock is not None:
             lock.release()
@@ -364,12 +374,9 @@ def _lock(workdir: workdir_layout.Workdir) -> workdir_layout.Lock | None:
     return lock
 
 
-def _locked(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir) -> dict[str, Any]:
-    config = ml_collections.ConfigDict(config)
-    if config.data.name == "chest_phantom":
-        config.data.tfds_dir = os.fspath(paths.resolve(config.data.tfds_dir))
-    run = _Run(config, workdir)
-    state = run.setup.state
+def _locked(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir, make_job) -> dict[str, Any]:
+    run = _Run(make_job(ml_collections.ConfigDict(config), workdir), workdir)
+    config, state = run.config, run.job.state
     restored = checkpoints.restore(run.mngr, state, run.data_iter, config)
     dropped = run.open_writer(None if restored is None else restored.step)
     try:
@@ -417,7 +424,7 @@ def _train_and_finish(run: _Run, state, restored, dropped: str | None) -> dict[s
             return {"preempted_at_step": int(state["step"])}
     # From here on a signal is obeyed: the last checkpoint is complete, and a rerun only
     # evaluates.
-    return _finish(run, state, summary)
+    return run.job.finish(run, state, summary)
 
 
 def _summary_so_far(path) -> dict[str, Any]:
@@ -441,6 +448,81 @@ def _summary_so_far(path) -> dict[str, Any]:
     if later:
         summary["validation"] = rows[max(later)]
     return summary
+
+
+def _pretraining_job(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir) -> Job:
+    """Pretraining with `config.method`: the train state and step of `train_state`, crops of the
+    training split, held-out validation (Spearman, no probe) and, at the end, held-out test metrics
+    with the position probe, summary.json and the plots."""
+    del workdir
+    if config.data.name == "chest_phantom":
+        config.data.tfds_dir = os.fspath(paths.resolve(config.data.tfds_dir))
+    mesh = runtime.make_mesh()
+    setup = train_state.create_train_step(config, mesh)
+    method = setup.method
+    logging.info("Encoder parameters:\n%s", parameter_overview.get_parameter_overview(setup.networks.params))
+    embed = features_lib.make_embed_fn(setup.networks, mesh)
+    train_ds = pipeline.make_dataset(
+        config.data,
+        "train",
+        seed=config.seed,
+        train=True,
+        views=method.views,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    data_iter = iter(train_ds)
+    step_keys = ("crops", "centres", "views") if method.views == 2 else ("crops", "centres")
+
+    def next_batch() -> train_state.Batch:
+        batch = next(data_iter)
+        return {
+            k: jax.make_array_from_process_local_data(setup.data_sharding, np.asarray(batch[k]))
+            for k in step_keys
+        }
+
+    def encoder(state: train_state.State):
+        return embed(state["params"]["encoder"], state["batch_stats"])
+
+    def validate(step: int, state: train_state.State) -> dict[str, dict[str, Any]]:
+        del step
+        scores = held_out.held_out_summary(config, encoder(state), "validation", with_probe=False)
+        return {"validation": scores}
+
+    def finish(run: _Run, state: train_state.State, summary: dict[str, Any]) -> dict[str, Any]:
+        enc = encoder(state)
+        held = features_lib.collect(
+            config, "test", {"model": enc}, max_images=config.eval.max_images, with_crops=True
+        )
+        summary["final"] = held_out.held_out_summary(config, enc, "test", with_probe=True, held=held)
+        summary["step"] = int(state["step"])
+        if jax.process_index() == 0:
+            run.workdir.summary.write_text(json.dumps(summary, indent=2))
+        run.writer.close()  # Flushes metrics.jsonl before it is plotted.
+        if jax.process_index() == 0:
+            plots.write_training_plots(
+                run.workdir,
+                held["embeddings"]["model"],
+                held["centres"],
+                lesion=held["has_lesion"],
+                scale_mm=method.target_scale_mm(jax.device_get(state["params"]), config.loss),
+            )
+        return summary
+
+    return Job(
+        config=config,
+        mesh=mesh,
+        state=setup.state,
+        step=setup.step,
+        data_iter=data_iter,
+        next_batch=next_batch,
+        validate=validate,
+        finish=finish,
+        crops_per_step=config.data.images_per_batch * config.data.crops_per_image,
+        description=f"encoder {config.model.name}: "
+        f"{parameter_overview.count_parameters(setup.networks.params):,} parameters",
+        monitors=setup.monitors,
+    )
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -13,6 +13,8 @@ A pretraining workdir:
   profile/                  a jax.profiler trace, when asked for
   export/                   exported encoders (`isimed-export`)
   linear_eval/              linear evaluation's default output folder
+  finetune_<mode>_<labels>/ fine-tuning's default workdirs (a workdir each: checkpoints,
+                            logs, results.json)
   wandb/                    Weights & Biases offline runs
   .lock                     held (flock) by the run training in it (`Lock`)
 
@@ -86,6 +88,10 @@ class Workdir:
     @property
     def linear_eval(self) -> epath.Path:
         return self.root / "linear_eval"
+
+    def finetune(self, name: str) -> epath.Path:
+        """`finetune_<name>`: a fine-tuning run's default workdir (`isimed.finetune.run_name`)."""
+        return self.root / f"finetune_{name}"
 
     @property
     def wandb(self) -> epath.Path:

@@ -22,6 +22,8 @@ SCRIPTS = {
     "isimed-linear-eval",
     "isimed-prepare",
     "isimed-export",
+    "isimed-locate",
+    "isimed-finetune",
 }
 
 

@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = (
     ("isimed.cli",),
     ("isimed.locate",),
+    ("isimed.finetune",),
     ("isimed.train", "isimed.locate"),
     ("isimed.evaluation", "isimed.export"),
     ("isimed.checkpoints",),

@@ -522,6 +522,7 @@ def make_dataset(
     process_index: int = 0,
     process_count: int = 1,
     source=None,
+    labels: bool | None = None,
 ) -> grain.IterDataset:
     """Batched crops from one split.
 
@@ -531,7 +532,8 @@ def make_dataset(
     shifted crop of every position (two-view methods such as SimCLR). `crops_per_image` (default
     `data.crops_per_image`) counts the crops that go through the encoder per image, every view
     included: `crops_per_image // views` positions are sampled. Training crops of float16 data stay
-    float16 (the train step widens them); evaluation crops are always float32.
+    float16 (the train step widens them); evaluation crops are always float32. `labels` (default:
+    not `train`) adds each crop's lesion labels and image id (fine-tuning trains on them).
     """
     check_data_config(data, views)
     source = open_source(data, split) if source is None else source
@@ -551,7 +553,7 @@ def make_dataset(
         lesion_share=lesion_share,
         views=views,
         view_offset=data.view_offset,
-        labels=not train,
+        labels=not train if labels is None else labels,
         widen=not train,  # Training batches go to the step, which widens them on the device.
     )
     ds = ds.random_map(sampler, seed=seed + 1)

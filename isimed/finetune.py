@@ -1,0 +1,502 @@
+"""Fine-tuning a pretrained encoder on few labels, on the one training loop (`isimed.train.run_job`):
+`finetune(config, workdir)`.
+
+The model is the encoder plus a zero-initialised linear head on its embedding. Modes:
+
+  linear  the encoder is frozen: eval-mode BatchNorm (running statistics, never updated), no
+          gradient, no optimiser state; its parameters leave training bit for bit as they came.
+  full    the encoder trains too, at `finetune.encoder_lr_mult` times the head's learning rate,
+          with train-mode BatchNorm; `finetune.head_only_steps` first train the head alone (the
+          encoder's learning rate is 0 and its statistics are kept), then its own warm-up and
+          cosine decay over the remaining steps.
+
+Both: AdamW, linear warm-up then cosine decay, gradient clipping by global norm, the NaN guard.
+
+The encoder comes from a pretraining workdir (`init=pretrained`: the latest checkpoint or
+`init_step`), the same architecture at its random initialisation (`init=random`: the weights
+pretraining started from), or an exported npz / safetensors file (`init=export`,
+`init_export=PATH`, `isimed.export.load`). The data set, crop size and encoder come from that
+checkpoint's (or export's) stored config, as in linear evaluation.
+
+Task `lesion` (the linear-evaluation protocol): crops with a lesion-centred share
+(`task.lesion_share`), label = the crop contains lesion, binary cross-entropy. Subjects are the
+data set's own splits, which share no subject: training batches come from a nested subset of the
+training split's subjects (`label_subjects`: a seeded permutation, the first n, so a smaller
+fraction's subjects are inside every larger one's); every `eval_every` steps the validation
+subjects' fixed crops give the validation AUC and the test subjects' the test AUC. The reported
+step is the one with the best validation AUC (the earliest on ties; step 0 included, where the
+zero head scores chance): the selection reads validation AUCs only, and the test AUC of that
+step is reported, so no weights need to be kept for the selection. results.json holds both and
+the validation curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metrics as clu_metrics
+from clu import parameter_overview
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from isimed import checkpoints
+from isimed import errors
+from isimed import export
+from isimed import paths
+from isimed import runtime
+from isimed import train
+from isimed import train_state
+from isimed import workdir as workdir_layout
+from isimed.data import pipeline
+from isimed.evaluation import features as features_lib
+from isimed.evaluation import metrics as metrics_lib
+from isimed.evaluation import metrics_log
+
+MODES = ("linear", "full")
+INITS = ("pretrained", "random", "export")
+TASKS = ("lesion",)
+
+
+class FinetuneError(errors.UserError, ValueError):
+    """A fine-tuning setting that cannot work; the message says which and what to do."""
+
+
+# Subjects ---------------------------------------------------------------------------------------
+
+
+def num_label_subjects(num_train: int, fraction: float | None, subjects: int | None) -> int:
+    """How many training subjects carry labels: `subjects` if set, else `fraction` of them
+    (rounded, at least 1)."""
+    if subjects is not None:
+        n = int(subjects)
+        if not 1 <= n <= num_train:
+            raise FinetuneError(
+                f"subjects={n}: the training split has {num_train} subjects (use 1..{num_train})"
+            )
+        return n
+    if fraction is None or not 0.0 < float(fraction) <= 1.0:
+        raise FinetuneError(f"fraction={fraction}: use a share of the training subjects in (0, 1]")
+    return max(1, int(round(float(fraction) * num_train)))
+
+
+def label_subjects(num_train: int, n: int, seed: int) -> np.ndarray:
+    """Indices (into the training split) of the `n` labelled subjects: the first `n` of a
+    permutation seeded by `seed` alone, so the subjects of a smaller `n` are inside every larger
+    one's. Returned sorted."""
+    order = np.random.default_rng([seed, 23]).permutation(num_train)
+    return np.sort(order[:n])
+
+
+class _Subset:
+    """The records of `source` at `indices`, as a random-access source."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self._source, self._indices = source, [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __getitem__(self, index: int):
+        return self._source[self._indices[index]]
+
+
+def split_ids(data: ml_collections.ConfigDict, split: str, indices=None) -> list[int]:
+    """The subject ids (`record["id"]`) of a split (of its records at `indices`)."""
+    source = pipeline.open_source(data, split)
+    indices = range(len(source)) if indices is None else indices
+    return [int(source[int(i)]["id"]) for i in indices]
+
+
+# The encoder to start from ----------------------------------------------------------------------
+
+
+def load_init(config: ml_collections.ConfigDict):
+    """`(pre_config, networks, encoder_params, batch_stats, source)`: the encoder fine-tuning
+    starts from (`config.init`), the pretraining config it was built with and a description."""
+    if config.init not in INITS:
+        raise FinetuneError(f"init={config.init!r}; use one of: {', '.join(INITS)}")
+    if config.init == "export":
+        if not config.get("init_export"):
+            raise FinetuneError("init=export needs --config.init_export=PATH (an isimed-export npz)")
+        arrays, pre_config, step = export.load(config.init_export)
+        params, batch_stats = export.unflatten(arrays)
+        networks = train_state.Networks(pre_config)
+        params, batch_stats = (
+            _as_float32_like(params, networks.params),
+            _as_float32_like(batch_stats, networks.batch_stats),
+        )
+        return pre_config, networks, params, batch_stats, f"export {config.init_export} (step {step})"
+    if not config.get("pretrain_workdir"):
+        raise FinetuneError("set --config.pretrain_workdir to a pretraining --workdir")
+    pretrain_workdir = os.fspath(paths.resolve(config.pretrain_workdir))
+    pre_config, networks, state = checkpoints.load_encoder(pretrain_workdir, config.get("init_step"))
+    if config.init == "random":
+        return pre_config, networks, networks.params, networks.batch_stats, "random init"
+    step = int(state["step"])
+    return (
+        pre_config,
+        networks,
+        state["params"]["encoder"],
+        state["batch_stats"],
+        f"{pretrain_workdir} step {step}",
+    )
+
+
+def _as_float32_like(tree, like):
+    """`tree` (loaded arrays) with the structure of `like`; ValueError naming a mismatch."""
+    if jax.tree.structure(tree) != jax.tree.structure(like):
+        raise FinetuneError("the exported arrays do not match the encoder their config describes")
+    return jax.tree.map(lambda x, y: jnp.asarray(x, y.dtype), tree, like)
+
+
+# Optimiser, state and step ----------------------------------------------------------------------
+
+
+def _cosine(peak: float, warmup: int, steps: int) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(steps, warmup + 1))
+
+
+def make_optimizer(config: ml_collections.ConfigDict):
+    """`(tx, head_schedule, encoder_schedule)`. Linear mode: the head's AdamW only (the encoder
+    has no optimiser state). Full mode: the encoder's AdamW at `encoder_lr_mult` times the rate,
+    0 for the first `head_only_steps`, then its own warm-up and cosine decay."""
+    ft = config.finetune
+    total = config.total_steps
+    head = _cosine(ft.learning_rate, ft.warmup_steps, total)
+    clip = optax.clip_by_global_norm(ft.grad_clip)
+    if config.mode == "linear":
+        return optax.chain(clip, optax.adamw(head, weight_decay=ft.weight_decay)), head, None
+    late = _cosine(ft.learning_rate * ft.encoder_lr_mult, ft.warmup_steps, total - ft.head_only_steps)
+
+    def encoder(step):
+        return jnp.where(step < ft.head_only_steps, 0.0, late(jnp.maximum(step - ft.head_only_steps, 0)))
+
+    tx = optax.chain(
+        clip,
+        optax.multi_transform(
+            {
+                "head": optax.adamw(head, weight_decay=ft.weight_decay),
+                "encoder": optax.adamw(encoder, weight_decay=ft.weight_decay),
+            },
+            {"head": "head", "encoder": "encoder"},
+        ),
+    )
+    return tx, head, encoder
+
+
+def init_head(embed_dim: int) -> dict[str, jnp.ndarray]:
+    """The zero-initialised linear head: one logit from the embedding."""
+    return {"kernel": jnp.zeros((embed_dim, 1), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}
+
+
+def _trainable(config, params):
+    return {"head": params["head"]} if config.mode == "linear" else params
+
+
+_Metrics = clu_metrics.Collection.create(
+    **{
+        name: clu_metrics.Average.from_output(name) for name in ("loss", "accuracy", "grad_norm", "nonfinite")
+    },
+    learning_rate=clu_metrics.LastValue.from_output("learning_rate"),
+)
+
+
+def make_step(config: ml_collections.ConfigDict, networks: train_state.Networks, tx, schedule):
+    """The pure step `(state, batch) -> (state, metrics)`: binary cross-entropy of the head's
+    logit against `has_lesion`, per crop."""
+    window = config.data.get("window")
+    linear = config.mode == "linear"
+    head_only = 0 if linear else config.finetune.head_only_steps
+
+    def loss_fn(trainable, frozen, batch_stats, batch):
+        params = {**frozen, **trainable}
+        crops = train_state.unit_crops(batch["crops"], window)
+        x = crops.reshape(crops.shape[0] * crops.shape[1], *crops.shape[2:])
+        z, new_stats = networks.apply(params["encoder"], batch_stats, x, train=not linear)
+        logits = (z @ params["head"]["kernel"] + params["head"]["bias"])[:, 0]
+        y = batch["has_lesion"].reshape(-1).astype(jnp.float32)
+        loss = optax.sigmoid_binary_cross_entropy(logits, y).mean()
+        accuracy = jnp.mean((logits > 0) == (y > 0.5))
+        return loss, (accuracy, new_stats)
+
+    def step(state, batch):
+        trainable = _trainable(config, state["params"])
+        frozen = {k: v for k, v in state["params"].items() if k not in trainable}
+        (loss, (accuracy, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, frozen, state["batch_stats"], batch
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        grad_norm = optax.tree.norm(grads)
+        if linear:
+            batch_stats = state["batch_stats"]  # Eval mode: the running statistics stay.
+        elif head_only:
+            early = state["step"] < head_only  # Head only: the statistics stay too.
+            batch_stats = jax.tree.map(
+                lambda new, old: jnp.where(early, old, new), batch_stats, state["batch_stats"]
+            )
+        candidate = {
+            "params": {**frozen, **optax.apply_updates(trainable, updates)},
+            "batch_stats": batch_stats,
+            "opt_state": opt_state,
+        }
+        # NaN guard (as pretraining's): a non-finite step leaves the state untouched.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        kept = {k: state[k] for k in candidate}
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, kept)
+        if linear:
+            # Not even through `where`: the frozen encoder leaves as it came, bit for bit.
+            new_state["params"]["encoder"] = state["params"]["encoder"]
+            new_state["batch_stats"] = state["batch_stats"]
+        new_state["step"] = state["step"] + 1
+        metrics = _Metrics.single_from_model_output(
+            loss=loss,
+            accuracy=accuracy,
+            grad_norm=grad_norm,
+            nonfinite=1.0 - finite.astype(jnp.float32),
+            learning_rate=schedule(state["step"]),
+        )
+        return new_state, metrics
+
+    return step
+
+
+# Held-out crops ---------------------------------------------------------------------------------
+
+
+def fixed_crops(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
+    """The fixed evaluation crops of a split's first `task.max_images` subjects (the same crops
+    every call): crops `(N, *crop, 1)` float32, has_lesion `(N,)`, image_id `(N,)`."""
+    task = config.task
+    ds = pipeline.make_dataset(
+        config.data,
+        split,
+        seed=config.seed + 17,
+        train=False,
+        batch_size=1,
+        crops_per_image=task.eval_crops_per_image,
+        lesion_share=task.lesion_share,
+    )
+    parts: dict[str, list[np.ndarray]] = {"crops": [], "has_lesion": [], "image_id": []}
+    for n, element in enumerate(ds):
+        if n >= task.max_images:
+            break
+        parts["crops"].append(element["crops"][0])
+        parts["has_lesion"].append(element["has_lesion"][0])
+        k = element["crops"].shape[1]
+        parts["image_id"].append(np.full(k, int(np.asarray(element["image_id"]).reshape(-1)[0])))
+    if not parts["crops"]:
+        raise FinetuneError(f"split {split!r} of {config.data.name} has no images")
+    return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def make_scorer(networks: train_state.Networks, mesh):
+    """`(state, held) -> {"auc", "loss"}` of the head's logits on fixed crops (eval-mode encoder)."""
+    bind = features_lib.make_embed_fn(networks, mesh)
+
+    def score(state, held: dict[str, np.ndarray]) -> dict[str, float]:
+        z = bind(state["params"]["encoder"], state["batch_stats"])(held["crops"])
+        head = jax.device_get(state["params"]["head"])
+        logits = (z @ np.asarray(head["kernel"]) + np.asarray(head["bias"]))[:, 0].astype(np.float64)
+        y = held["has_lesion"].astype(np.float64)
+        loss = float(np.mean(np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits)))))
+        return {"auc": metrics_lib.binary_metrics(y, 1 / (1 + np.exp(-logits)))["auc"], "loss": loss}
+
+    return score
+
+
+# The job ----------------------------------------------------------------------------------------
+
+
+def resolve_config(config: ml_collections.ConfigDict):
+    """The run's config: `config` plus the pretraining config's `data` and `model` (data dir
+    override and phantom path resolved), and what the encoder is built from."""
+    for key, allowed in (("mode", MODES), ("task.name", TASKS)):
+        value = config.task.name if key == "task.name" else config.mode
+        if value not in allowed:
+            raise FinetuneError(f"{key}={value!r}; use one of: {', '.join(allowed)}")
+    pre_config, networks, params, batch_stats, source = load_init(config)
+    config = ml_collections.ConfigDict(config.to_dict())
+    data = ml_collections.ConfigDict(pre_config.data.to_dict())
+    if config.get("data_dir"):
+        data["dir" if data.name == "prepared" else "tfds_dir"] = config.data_dir
+    if data.name == "chest_phantom":
+        data.tfds_dir = os.fspath(paths.resolve(data.tfds_dir))
+    data.images_per_batch = config.task.images_per_batch
+    data.crops_per_image = config.task.crops_per_image
+    config.data = data
+    config.model = ml_collections.ConfigDict(pre_config.model.to_dict())
+    ft = config.finetune
+    if config.mode == "full" and not 0 <= ft.head_only_steps < config.total_steps:
+        raise FinetuneError(
+            f"finetune.head_only_steps={ft.head_only_steps} must be in [0, total_steps={config.total_steps})"
+        )
+    return config, pre_config, networks, params, batch_stats, source
+
+
+def make_job(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir) -> train.Job:
+    """The fine-tuning `train.Job` for `config` (a fine-tuning config, `configs/finetune_chest.py`)."""
+    del workdir
+    config, pre_config, networks, params, batch_stats, source = resolve_config(config)
+    pipeline.check_crops_fit(config.data, ("train", "validation", "test"))
+    mesh = runtime.make_mesh()
+    if config.data.images_per_batch % mesh.devices.size:
+        raise FinetuneError(
+            f"task.images_per_batch={config.data.images_per_batch} must be divisible by the "
+            f"{mesh.devices.size} devices (the batch is sharded by image)"
+        )
+    replicated, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    # Labelled training subjects, and the batches of their crops.
+    train_source = pipeline.open_source(config.data, "train")
+    n = num_label_subjects(len(train_source), config.get("fraction"), config.get("subjects"))
+    chosen = label_subjects(len(train_source), n, config.split_seed)
+    train_ds = pipeline.make_dataset(
+        config.data,
+        "train",
+        seed=config.seed,
+        train=True,
+        lesion_share=config.task.lesion_share,
+        labels=True,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        source=_Subset(train_source, chosen),
+    )
+    data_iter = iter(train_ds)
+
+    def next_batch():
+        batch = next(data_iter)
+        return {
+            k: jax.make_array_from_process_local_data(data_sharding, np.asarray(batch[k]))
+            for k in ("crops", "has_lesion")
+        }
+
+    tx, schedule, _ = make_optimizer(config)
+    all_params = {"encoder": params, "head": init_head(config.model.embed_dim)}
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": all_params,
+        "batch_stats": batch_stats,
+        "opt_state": tx.init(_trainable(config, all_params)),
+    }
+    state = jax.device_put(state, replicated)
+    step = jax.jit(
+        make_step(config, networks, tx, schedule),
+        in_shardings=(replicated, data_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+
+    held = {split: fixed_crops(config, split) for split in ("validation", "test")}
+    score = make_scorer(networks, mesh)
+
+    def validate(step_: int, state_) -> dict[str, dict[str, float]]:
+        del step_
+        return {split: score(state_, crops) for split, crops in held.items()}
+
+    info = {
+        "init": config.init,
+        "encoder_from": source,
+        "train_subjects": int(n),
+        "train_subjects_available": len(train_source),
+        "train_subject_ids": split_ids(config.data, "train", chosen),
+        "validation_subjects": len(np.unique(held["validation"]["image_id"])),
+        "test_subjects": len(np.unique(held["test"]["image_id"])),
+    }
+
+    def finish(run: train._Run, state_, summary: dict[str, Any]) -> dict[str, Any]:
+        del summary
+        run.writer.close()  # Flushes metrics.jsonl, which holds the curves.
+        results = _results(config, run.workdir, int(state_["step"]), info)
+        if jax.process_index() == 0:
+            (run.workdir / "results.json").write_text(json.dumps(results, indent=2))
+        return results
+
+    count = parameter_overview.count_parameters(params)
+    logging.info("fine-tuning %s from %s", config.mode, source)
+    return train.Job(
+        config=config,
+        mesh=mesh,
+        state=state,
+        step=step,
+        data_iter=data_iter,
+        next_batch=next_batch,
+        validate=validate,
+        finish=finish,
+        crops_per_step=config.data.images_per_batch * config.data.crops_per_image,
+        description=(
+            f"fine-tuning ({config.mode}, {config.task.name}) encoder {config.model.name}: {count:,} "
+            f"parameters from {source}; {n} of {len(train_source)} training subjects labelled"
+        ),
+    )
+
+
+def select_step(curve: list[tuple[int, float]]) -> tuple[int, float]:
+    """The step of the best validation AUC (the earliest on ties; nan never wins) and its AUC."""
+    finite = [(s, a) for s, a in curve if not math.isnan(a)]
+    if not finite:
+        raise FinetuneError("no finite validation AUC (does the validation split hold both classes?)")
+    best = max(a for _, a in finite)
+    return next((s, a) for s, a in sorted(finite) if a == best)
+
+
+def _results(config, workdir: workdir_layout.Workdir, final_step: int, info: dict) -> dict[str, Any]:
+    """results.json: the selected step (validation AUC only), its test AUC and the curves."""
+    rows: dict[int, dict[str, float]] = {}
+    for _, row in metrics_log.read_rows(workdir.metrics):
+        rows.setdefault(int(row["step"]), {}).update(row)
+    curve = [(s, r["validation/auc"]) for s, r in sorted(rows.items()) if "validation/auc" in r]
+    step, val_auc = select_step(curve)
+    return {
+        "task": "lesion_crop",
+        "mode": config.mode,
+        "fraction": config.get("fraction"),
+        "subjects": config.get("subjects"),
+        "seed": config.seed,
+        "split_seed": config.split_seed,
+        **info,
+        "final_step": final_step,
+        "selected_step": step,
+        "validation_auc": val_auc,
+        "test_auc": rows[step]["test/auc"],
+        "validation_curve": [[s, a] for s, a in curve],
+    }
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Fine-tunes (resuming from `workdir` if it holds a checkpoint) and returns results.json's
+    content, or `{"preempted_at_step": N}` after a SIGTERM / Ctrl-C (rerun to resume)."""
+    runtime.initialize(config)
+    return train.run_job(config, workdir, make_job)
+
+
+def default_workdir(config: ml_collections.ConfigDict) -> str:
+    """`<pretrain_workdir>/finetune_<mode>_<fraction or Nsubjects>[_random]` (`Workdir.finetune`)."""
+    if not config.get("pretrain_workdir"):
+        raise FinetuneError("pass --workdir (there is no --config.pretrain_workdir to put it under)")
+    return os.fspath(workdir_layout.Workdir(config.pretrain_workdir).finetune(run_name(config)))
+
+
+def run_name(config: ml_collections.ConfigDict) -> str:
+    amount = f"{config.subjects}subjects" if config.get("subjects") else f"{config.fraction:g}"
+    return f"{config.mode}_{amount}" + ("" if config.init == "pretrained" else f"_{config.init}")
+
+
+def format_results(results: dict[str, Any]) -> str:
+    if "preempted_at_step" in results:
+        return f"Preempted: checkpoint saved at step {results['preempted_at_step']}; rerun to resume."
+    return (
+        f"Fine-tuning ({results['mode']}, {results['init']}) with {results['train_subjects']} of "
+        f"{results['train_subjects_available']} training subjects labelled:\n"
+        f"  selected step {results['selected_step']} (best validation AUC {results['validation_auc']:.3f} "
+        f"on {results['validation_subjects']} subjects)\n"
+        f"  test AUC {results['test_auc']:.3f} on {results['test_subjects']} held-out subjects"
+    )
