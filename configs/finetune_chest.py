@@ -11,6 +11,9 @@ The config argument is comma-separated tokens, in any order:
                       the pretraining workdir's encoder (latest step, or --config.init_step=N),
                       the same architecture at its random initialisation, or an isimed-export
                       file (--config.init_export=PATH)
+  task=lesion|structure
+                      crop lesion classification (the linear-evaluation protocol, the default),
+                      or the structure at the crop centre (records with structure label maps)
   fraction=F          the share of training subjects labelled (0 < F <= 1; default 0.1)
   subjects=N          N training subjects labelled instead of a fraction
 
@@ -23,11 +26,16 @@ import ml_collections
 from configs import common
 
 PRESETS = ("paper", "demo", "test")
-_KEYS = {"mode": ("linear", "full"), "init": ("pretrained", "random", "export")}
+_KEYS = {
+    "mode": ("linear", "full"),
+    "init": ("pretrained", "random", "export"),
+    "task": ("lesion", "structure"),
+}
+DEFAULTS = {"preset": "paper", "mode": "linear", "init": "pretrained", "task": "lesion", "fraction": 0.1}
 
 
 def parse_arg(arg: str | None) -> dict:
-    """`{"preset", "mode", "init", "fraction", "subjects"}` from the config argument."""
+    """`{"preset", "mode", "init", "task", "fraction", "subjects"}` from the config argument."""
     values: dict = {}
     for token in (arg or "").split(","):
         token = token.strip()
@@ -40,32 +48,21 @@ def parse_arg(arg: str | None) -> dict:
         if key in values:
             raise ValueError(bad + f"{key} given twice")
         if key == "preset" and value not in PRESETS:
-            raise ValueError(
-                f"config argument {arg!r}: unknown preset {value!r}; use one of: {', '.join(PRESETS)}"
-            )
+            raise ValueError(bad + f"unknown preset {value!r}; use one of: {', '.join(PRESETS)}")
         if key in _KEYS and value not in _KEYS[key]:
-            raise ValueError(
-                f"config argument {arg!r}: {key} must be one of {', '.join(_KEYS[key])}, got {value!r}"
-            )
+            raise ValueError(bad + f"{key} must be one of {', '.join(_KEYS[key])}, got {value!r}")
         if key == "fraction":
             value = float(value)
             if not 0.0 < value <= 1.0:
                 raise ValueError(bad + f"fraction must be in (0, 1], got {value}")
         elif key == "subjects":
             value = int(value)
+            if value < 1:
+                raise ValueError(bad + f"subjects must be 1 or more, got {value}")
         elif key not in ("preset", *_KEYS):
-            raise ValueError(
-                f"config argument {arg!r}: unknown key {key!r}; keys: mode, init, fraction, subjects"
-            )
+            raise ValueError(bad + f"unknown key {key!r}; keys: mode, init, task, fraction, subjects")
         values[key] = value
-    return {
-        "preset": "paper",
-        "mode": "linear",
-        "init": "pretrained",
-        "fraction": 0.1,
-        "subjects": None,
-        **values,
-    }
+    return {**DEFAULTS, "subjects": None, **values}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -85,10 +82,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     common.distributed(c)
     c.data_dir = ml_collections.config_dict.placeholder(str)  # Overrides the pretraining data dir.
 
-    # Crop lesion classification, the linear-evaluation protocol: K crops per subject, a share of
-    # them centred on lesion voxels; label = the crop contains lesion.
+    # lesion: crop lesion classification, the linear-evaluation protocol: K crops per subject, a
+    # share of them centred on lesion voxels; label = the crop contains lesion. structure: K crops
+    # per subject centred on random structures; label = the structure at the crop centre.
     c.task = ml_collections.ConfigDict()
-    c.task.name = "lesion"
+    c.task.name = a["task"]
     c.task.lesion_share = 0.39
     c.task.images_per_batch = {"paper": 32, "demo": 8, "test": 4}[p]
     c.task.crops_per_image = {"paper": 32, "demo": 16, "test": 8}[p]

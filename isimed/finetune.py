@@ -19,7 +19,11 @@ pretraining started from), or an exported npz / safetensors file (`init=export`,
 checkpoint's (or export's) stored config, as in linear evaluation.
 
 Task `lesion` (the linear-evaluation protocol): crops with a lesion-centred share
-(`task.lesion_share`), label = the crop contains lesion, binary cross-entropy. Subjects are the
+(`task.lesion_share`), label = the crop contains lesion, binary cross-entropy; AUC. Task
+`structure` (records with a structure label map: the phantom): crops centred on a random voxel of
+a random structure present (classes balanced within a subject), label = the structure at the crop
+centre voxel (`STRUCTURE_CLASSES`; a crop clipped at the border onto background is left out of
+the loss and the metric), softmax cross-entropy; one-vs-rest macro AUC, logged as `auc`. Subjects are the
 data set's own splits, which share no subject: training batches come from a nested subset of the
 training split's subjects (`label_subjects`: a seeded permutation, the first n, so a smaller
 fraction's subjects are inside every larger one's); every `eval_every` steps the validation
@@ -32,11 +36,13 @@ the validation curve.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -57,13 +63,23 @@ from isimed import train
 from isimed import train_state
 from isimed import workdir as workdir_layout
 from isimed.data import pipeline
+from isimed.data import structures as structure_labels
+from isimed.evaluation import context_tasks
 from isimed.evaluation import features as features_lib
 from isimed.evaluation import metrics as metrics_lib
 from isimed.evaluation import metrics_log
 
 MODES = ("linear", "full")
 INITS = ("pretrained", "random", "export")
-TASKS = ("lesion",)
+TASKS = ("lesion", "structure")
+# The structure task's classes: the structure at the crop centre (background excluded), as the
+# linear evaluation's anatomy task.
+STRUCTURE_CLASSES = context_tasks.ANATOMY_CLASSES
+
+
+def num_outputs(task: str) -> int:
+    """The head's outputs: one logit (lesion), one per structure class (structure)."""
+    return 1 if task == "lesion" else len(STRUCTURE_CLASSES)
 
 
 class FinetuneError(errors.UserError, ValueError):
@@ -193,9 +209,12 @@ def make_optimizer(config: ml_collections.ConfigDict):
     return tx, head, encoder
 
 
-def init_head(embed_dim: int) -> dict[str, jnp.ndarray]:
-    """The zero-initialised linear head: one logit from the embedding."""
-    return {"kernel": jnp.zeros((embed_dim, 1), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}
+def init_head(embed_dim: int, outputs: int = 1) -> dict[str, jnp.ndarray]:
+    """The zero-initialised linear head: `outputs` logits from the embedding."""
+    return {
+        "kernel": jnp.zeros((embed_dim, outputs), jnp.float32),
+        "bias": jnp.zeros((outputs,), jnp.float32),
+    }
 
 
 def _trainable(config, params):
@@ -211,8 +230,8 @@ _Metrics = clu_metrics.Collection.create(
 
 
 def make_step(config: ml_collections.ConfigDict, networks: train_state.Networks, tx, schedule):
-    """The pure step `(state, batch) -> (state, metrics)`: binary cross-entropy of the head's
-    logit against `has_lesion`, per crop."""
+    """The pure step `(state, batch) -> (state, metrics)`: the task's loss (`task_loss`) of the
+    head's logits against the crops' `label`."""
     window = config.data.get("window")
     linear = config.mode == "linear"
     head_only = 0 if linear else config.finetune.head_only_steps
@@ -222,10 +241,8 @@ def make_step(config: ml_collections.ConfigDict, networks: train_state.Networks,
         crops = train_state.unit_crops(batch["crops"], window)
         x = crops.reshape(crops.shape[0] * crops.shape[1], *crops.shape[2:])
         z, new_stats = networks.apply(params["encoder"], batch_stats, x, train=not linear)
-        logits = (z @ params["head"]["kernel"] + params["head"]["bias"])[:, 0]
-        y = batch["has_lesion"].reshape(-1).astype(jnp.float32)
-        loss = optax.sigmoid_binary_cross_entropy(logits, y).mean()
-        accuracy = jnp.mean((logits > 0) == (y > 0.5))
+        logits = z @ params["head"]["kernel"] + params["head"]["bias"]
+        loss, accuracy = task_loss(config.task.name, logits, batch["label"].reshape(-1))
         return loss, (accuracy, new_stats)
 
     def step(state, batch):
@@ -269,12 +286,82 @@ def make_step(config: ml_collections.ConfigDict, networks: train_state.Networks,
     return step
 
 
+def task_loss(task: str, logits: jnp.ndarray, y: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """`(loss, accuracy)` of `(N, outputs)` logits against labels `(N,)`: binary cross-entropy
+    (lesion: y 0/1), or softmax cross-entropy over the crops with a class (structure: y >= 0)."""
+    if task == "lesion":
+        y = y.astype(jnp.float32)
+        loss = optax.sigmoid_binary_cross_entropy(logits[:, 0], y).mean()
+        return loss, jnp.mean((logits[:, 0] > 0) == (y > 0.5))
+    valid = (y >= 0).astype(jnp.float32)
+    n = jnp.maximum(valid.sum(), 1.0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0))
+    return (ce * valid).sum() / n, ((logits.argmax(-1) == y) * valid).sum() / n
+
+
+@dataclasses.dataclass(frozen=True)
+class StructureCrops(grain.transforms.RandomMap):
+    """K crops per record, each centred on a random voxel of a random structure present
+    (`STRUCTURE_CLASSES`), with `label`: the structure at the crop's centre voxel (its class
+    index, -1 for background where clipping at the border moved the centre) and `starts`."""
+
+    crop_shape: tuple[int, ...]
+    num_crops: int
+    window: tuple[float, float] | None
+    widen: bool = True
+
+    def random_map(self, record, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if not context_tasks.has_structures(record):
+            raise FinetuneError(
+                f"{pipeline.record_name(record)}: task.name='structure' needs records with a "
+                "structure label map (the chest phantom's 3D variants)"
+            )
+        labels = np.asarray(record["structures"])
+        flat = labels.reshape(-1)
+        present = [
+            (c, np.flatnonzero(flat == structure_labels.STRUCTURES[name]))
+            for c, name in enumerate(STRUCTURE_CLASSES)
+        ]
+        present = [(c, where) for c, where in present if where.size]
+        picks = rng.integers(len(present), size=self.num_crops)
+        voxels = np.stack(
+            [np.unravel_index(present[i][1][rng.integers(present[i][1].size)], labels.shape) for i in picks]
+        )
+        crop = np.asarray(self.crop_shape)
+        starts = np.clip(voxels - (crop - 1) // 2, 0, np.asarray(labels.shape) - crop).astype(np.int64)
+        out = pipeline.crops_at(record, starts, self.crop_shape, self.window, labels=False, widen=self.widen)
+        lookup = np.full(256, -1, np.int64)
+        for c, name in enumerate(STRUCTURE_CLASSES):
+            lookup[structure_labels.STRUCTURES[name]] = c
+        centre = labels[tuple(context_tasks.centre_voxels(starts, self.crop_shape).T)]
+        out["label"] = lookup[centre].astype(np.int32)
+        out["starts"] = starts
+        return out
+
+
+def make_sampler(config: ml_collections.ConfigDict, crops_per_image: int, *, train: bool):
+    """The task's crop sampler for `pipeline.make_dataset` (None: its lesion-share sampler)."""
+    if config.task.name == "lesion":
+        return None
+    window = config.data.get("window")
+    return StructureCrops(
+        tuple(config.data.crop_size),
+        crops_per_image,
+        None if window is None else tuple(window),
+        widen=not train,
+    )
+
+
+def _labels(config, element) -> np.ndarray:
+    return np.asarray(element["has_lesion"] if config.task.name == "lesion" else element["label"])
+
+
 # Held-out crops ---------------------------------------------------------------------------------
 
 
 def fixed_crops(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
     """The fixed evaluation crops of a split's first `task.max_images` subjects (the same crops
-    every call): crops `(N, *crop, 1)` float32, has_lesion `(N,)`, image_id `(N,)`."""
+    every call): crops `(N, *crop, 1)` float32, label `(N,)` (`task_loss`), image_id `(N,)`."""
     task = config.task
     ds = pipeline.make_dataset(
         config.data,
@@ -284,13 +371,14 @@ def fixed_crops(config: ml_collections.ConfigDict, split: str) -> dict[str, np.n
         batch_size=1,
         crops_per_image=task.eval_crops_per_image,
         lesion_share=task.lesion_share,
+        sampler=make_sampler(config, task.eval_crops_per_image, train=False),
     )
-    parts: dict[str, list[np.ndarray]] = {"crops": [], "has_lesion": [], "image_id": []}
+    parts: dict[str, list[np.ndarray]] = {"crops": [], "label": [], "image_id": []}
     for n, element in enumerate(ds):
         if n >= task.max_images:
             break
         parts["crops"].append(element["crops"][0])
-        parts["has_lesion"].append(element["has_lesion"][0])
+        parts["label"].append(_labels(config, element)[0])
         k = element["crops"].shape[1]
         parts["image_id"].append(np.full(k, int(np.asarray(element["image_id"]).reshape(-1)[0])))
     if not parts["crops"]:
@@ -298,17 +386,26 @@ def fixed_crops(config: ml_collections.ConfigDict, split: str) -> dict[str, np.n
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
-def make_scorer(networks: train_state.Networks, mesh):
-    """`(state, held) -> {"auc", "loss"}` of the head's logits on fixed crops (eval-mode encoder)."""
+def make_scorer(task: str, networks: train_state.Networks, mesh):
+    """`(state, held) -> {"auc", "loss"}` of the head's logits on fixed crops (eval-mode encoder):
+    the lesion AUC, or the structure classes' one-vs-rest macro AUC."""
     bind = features_lib.make_embed_fn(networks, mesh)
 
     def score(state, held: dict[str, np.ndarray]) -> dict[str, float]:
         z = bind(state["params"]["encoder"], state["batch_stats"])(held["crops"])
         head = jax.device_get(state["params"]["head"])
-        logits = (z @ np.asarray(head["kernel"]) + np.asarray(head["bias"]))[:, 0].astype(np.float64)
-        y = held["has_lesion"].astype(np.float64)
-        loss = float(np.mean(np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits)))))
-        return {"auc": metrics_lib.binary_metrics(y, 1 / (1 + np.exp(-logits)))["auc"], "loss": loss}
+        logits = (z @ np.asarray(head["kernel"]) + np.asarray(head["bias"])).astype(np.float64)
+        y = held["label"]
+        loss = float(task_loss(task, jnp.asarray(logits, jnp.float32), jnp.asarray(y))[0])
+        if task == "lesion":
+            auc = metrics_lib.binary_metrics(y, 1 / (1 + np.exp(-logits[:, 0])))["auc"]
+        else:
+            valid = y >= 0
+            prob = np.exp(logits - logits.max(-1, keepdims=True))
+            prob /= prob.sum(-1, keepdims=True)
+            onehot = np.eye(logits.shape[1])[y[valid]]
+            auc = metrics_lib.multiclass_metrics(onehot, prob[valid])["macro_auc"]
+        return {"auc": auc, "loss": loss}
 
     return score
 
@@ -366,6 +463,7 @@ def make_job(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir)
         train=True,
         lesion_share=config.task.lesion_share,
         labels=True,
+        sampler=make_sampler(config, config.data.crops_per_image, train=True),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         source=_Subset(train_source, chosen),
@@ -375,12 +473,12 @@ def make_job(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir)
     def next_batch():
         batch = next(data_iter)
         return {
-            k: jax.make_array_from_process_local_data(data_sharding, np.asarray(batch[k]))
-            for k in ("crops", "has_lesion")
+            k: jax.make_array_from_process_local_data(data_sharding, v)
+            for k, v in (("crops", np.asarray(batch["crops"])), ("label", _labels(config, batch)))
         }
 
     tx, schedule, _ = make_optimizer(config)
-    all_params = {"encoder": params, "head": init_head(config.model.embed_dim)}
+    all_params = {"encoder": params, "head": init_head(config.model.embed_dim, num_outputs(config.task.name))}
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": all_params,
@@ -396,7 +494,7 @@ def make_job(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir)
     )
 
     held = {split: fixed_crops(config, split) for split in ("validation", "test")}
-    score = make_scorer(networks, mesh)
+    score = make_scorer(config.task.name, networks, mesh)
 
     def validate(step_: int, state_) -> dict[str, dict[str, float]]:
         del step_
@@ -415,9 +513,10 @@ def make_job(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir)
     def finish(run: train._Run, state_, summary: dict[str, Any]) -> dict[str, Any]:
         del summary
         run.writer.close()  # Flushes metrics.jsonl, which holds the curves.
+        if jax.process_index() != 0:  # Only process 0 writes metrics.jsonl.
+            return {"final_step": int(state_["step"])}
         results = _results(config, run.workdir, int(state_["step"]), info)
-        if jax.process_index() == 0:
-            (run.workdir / "results.json").write_text(json.dumps(results, indent=2))
+        (run.workdir / "results.json").write_text(json.dumps(results, indent=2))
         return results
 
     count = parameter_overview.count_parameters(params)
@@ -456,7 +555,8 @@ def _results(config, workdir: workdir_layout.Workdir, final_step: int, info: dic
     curve = [(s, r["validation/auc"]) for s, r in sorted(rows.items()) if "validation/auc" in r]
     step, val_auc = select_step(curve)
     return {
-        "task": "lesion_crop",
+        "task": {"lesion": "lesion_crop", "structure": "structure_at_centre"}[config.task.name],
+        "metric": "auc" if config.task.name == "lesion" else "macro_auc (one-vs-rest)",
         "mode": config.mode,
         "fraction": config.get("fraction"),
         "subjects": config.get("subjects"),
@@ -487,16 +587,18 @@ def default_workdir(config: ml_collections.ConfigDict) -> str:
 
 def run_name(config: ml_collections.ConfigDict) -> str:
     amount = f"{config.subjects}subjects" if config.get("subjects") else f"{config.fraction:g}"
-    return f"{config.mode}_{amount}" + ("" if config.init == "pretrained" else f"_{config.init}")
+    task = "" if config.task.name == "lesion" else f"{config.task.name}_"
+    return f"{task}{config.mode}_{amount}" + ("" if config.init == "pretrained" else f"_{config.init}")
 
 
 def format_results(results: dict[str, Any]) -> str:
     if "preempted_at_step" in results:
         return f"Preempted: checkpoint saved at step {results['preempted_at_step']}; rerun to resume."
+    r = results
     return (
-        f"Fine-tuning ({results['mode']}, {results['init']}) with {results['train_subjects']} of "
-        f"{results['train_subjects_available']} training subjects labelled:\n"
-        f"  selected step {results['selected_step']} (best validation AUC {results['validation_auc']:.3f} "
-        f"on {results['validation_subjects']} subjects)\n"
-        f"  test AUC {results['test_auc']:.3f} on {results['test_subjects']} held-out subjects"
+        f"Fine-tuning ({r['task']}, {r['mode']}, {r['init']}) with {r['train_subjects']} of "
+        f"{r['train_subjects_available']} training subjects labelled:\n"
+        f"  selected step {r['selected_step']} (best validation {r['metric']} {r['validation_auc']:.3f} "
+        f"on {r['validation_subjects']} subjects)\n"
+        f"  test {r['metric']} {r['test_auc']:.3f} on {r['test_subjects']} held-out subjects"
     )

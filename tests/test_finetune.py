@@ -3,6 +3,10 @@ mode, the nested subject-disjoint label fractions, bit-exact resume, and a head 
 phantom's lesion task."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +18,10 @@ from isimed import export
 from isimed import finetune
 from isimed import train
 from isimed import workdir as workdir_layout
+from isimed.data import pipeline
+from isimed.data import structures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _leaves(tree) -> dict[str, np.ndarray]:
@@ -154,3 +162,42 @@ def test_config_argument_and_default_workdir():
     for bad in ("test,mode=half", "test,fraction=0", "test,colour=red", "huge"):
         with pytest.raises(ValueError):
             finetune_chest.get_config(bad)
+
+
+def test_structure_task_labels_the_structure_at_the_crop_centre(pretrained, tmp_path):
+    config = _config(pretrained, "test,task=structure,fraction=0.5", total_steps=30, eval_every=15)
+    job = finetune.make_job(config, workdir_layout.Workdir(tmp_path / "job"))
+    record = pipeline.open_source(job.config.data, "train")[0]
+    sampler = finetune.make_sampler(job.config, 64, train=False)
+    out = sampler.random_map(record, np.random.default_rng(0))
+    centres = out["starts"] + (np.asarray(job.config.data.crop_size) - 1) // 2
+    name_of = {value: name for name, value in structures.STRUCTURES.items()}
+    names = [name_of[v] for v in np.asarray(record["structures"])[tuple(centres.T)]]
+    classes = finetune.STRUCTURE_CLASSES
+    expected = [classes.index(n) if n in classes else -1 for n in names]
+    assert out["label"].tolist() == expected and len(set(expected)) > 3
+
+    results = finetune.finetune(config, str(tmp_path / "run"))
+    assert results["task"] == "structure_at_centre"
+    assert results["test_auc"] > 0.6, results  # Macro one-vs-rest AUC; chance is 0.5.
+
+
+def test_finetune_command_writes_results_under_the_pretraining_workdir(pretrained, tmp_path):
+    workdir = tmp_path / "pretrain"
+    shutil.copytree(pretrained[0], workdir)
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "finetune.py"),
+        f"--config={os.path.join(ROOT, 'configs', 'finetune_chest.py')}:test,fraction=0.5",
+        f"--config.pretrain_workdir={workdir}",
+        "--config.total_steps=4",
+        "--config.eval_every=2",
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = workdir / "finetune_linear_0.5"
+    assert done.stdout.startswith(f"workdir: {out} (from --config")
+    results = json.loads((out / "results.json").read_text())
+    assert [s for s, _ in results["validation_curve"]] == [0, 2, 4]
+    assert "test auc" in done.stdout

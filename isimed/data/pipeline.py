@@ -523,6 +523,7 @@ def make_dataset(
     process_count: int = 1,
     source=None,
     labels: bool | None = None,
+    sampler: grain.transforms.RandomMap | None = None,
 ) -> grain.IterDataset:
     """Batched crops from one split.
 
@@ -534,6 +535,7 @@ def make_dataset(
     included: `crops_per_image // views` positions are sampled. Training crops of float16 data stay
     float16 (the train step widens them); evaluation crops are always float32. `labels` (default:
     not `train`) adds each crop's lesion labels and image id (fine-tuning trains on them).
+    `sampler` replaces the crop sampler (`SampleCrops`) by another random map of a record.
     """
     check_data_config(data, views)
     source = open_source(data, split) if source is None else source
@@ -544,7 +546,7 @@ def make_dataset(
     ds = ds[process_index::process_count]
     if train:
         ds = EpochShuffle(ds, seed)
-    sampler = SampleCrops(
+    sampler = sampler or SampleCrops(
         crop_shape=tuple(data.crop_size),
         num_crops=(crops_per_image or data.crops_per_image) // views,
         window=None if data.get("window") is None else tuple(data.window),
