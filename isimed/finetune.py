@@ -386,13 +386,19 @@ def fixed_crops(config: ml_collections.ConfigDict, split: str) -> dict[str, np.n
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
-def make_scorer(task: str, networks: train_state.Networks, mesh):
-    """`(state, held) -> {"auc", "loss"}` of the head's logits on fixed crops (eval-mode encoder):
-    the lesion AUC, or the structure classes' one-vs-rest macro AUC."""
+def make_scorer(task: str, networks: train_state.Networks, mesh, *, frozen: bool = False):
+    """`(state, held, name) -> {"auc", "loss"}` of the head's logits on the fixed crops `held`
+    (eval-mode encoder): the lesion AUC, or the structure classes' one-vs-rest macro AUC. With
+    `frozen` (linear mode: the encoder never changes) each `name`'s embeddings are computed once."""
     bind = features_lib.make_embed_fn(networks, mesh)
+    cache: dict[str, np.ndarray] = {}
 
-    def score(state, held: dict[str, np.ndarray]) -> dict[str, float]:
-        z = bind(state["params"]["encoder"], state["batch_stats"])(held["crops"])
+    def score(state, held: dict[str, np.ndarray], name: str) -> dict[str, float]:
+        z = cache.get(name) if frozen else None
+        if z is None:
+            z = bind(state["params"]["encoder"], state["batch_stats"])(held["crops"])
+            if frozen:
+                cache[name] = z
         head = jax.device_get(state["params"]["head"])
         logits = (z @ np.asarray(head["kernel"]) + np.asarray(head["bias"])).astype(np.float64)
         y = held["label"]
@@ -456,6 +462,11 @@ def make_job(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir)
     train_source = pipeline.open_source(config.data, "train")
     n = num_label_subjects(len(train_source), config.get("fraction"), config.get("subjects"))
     chosen = label_subjects(len(train_source), n, config.split_seed)
+    if n < jax.process_count():  # Each process reads its own labelled subjects (`make_dataset`).
+        raise FinetuneError(
+            f"{n} labelled subject(s) cannot be shared by {jax.process_count()} processes; "
+            "label more subjects or run on fewer processes"
+        )
     train_ds = pipeline.make_dataset(
         config.data,
         "train",
@@ -494,11 +505,11 @@ def make_job(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir)
     )
 
     held = {split: fixed_crops(config, split) for split in ("validation", "test")}
-    score = make_scorer(config.task.name, networks, mesh)
+    score = make_scorer(config.task.name, networks, mesh, frozen=config.mode == "linear")
 
     def validate(step_: int, state_) -> dict[str, dict[str, float]]:
         del step_
-        return {split: score(state_, crops) for split, crops in held.items()}
+        return {split: score(state_, crops, split) for split, crops in held.items()}
 
     info = {
         "init": config.init,
