@@ -201,3 +201,20 @@ def test_finetune_command_writes_results_under_the_pretraining_workdir(pretraine
     results = json.loads((out / "results.json").read_text())
     assert [s for s, _ in results["validation_curve"]] == [0, 2, 4]
     assert "test auc" in done.stdout
+
+
+def test_nan_guard_stops_fine_tuning_and_keeps_the_last_good_checkpoint(pretrained, tmp_path, monkeypatch):
+    config = _config(pretrained, "test,mode=full,fraction=0.5", total_steps=8, checkpoint_every=4)
+    next_batch = train._Run.next_batch
+    calls = []
+
+    def poisoned(run):  # Non-finite crops from step 6 on -> non-finite loss.
+        calls.append(1)
+        batch = next_batch(run)
+        return {**batch, "crops": batch["crops"] * np.nan} if len(calls) >= 6 else batch
+
+    monkeypatch.setattr(train._Run, "next_batch", poisoned)
+    with pytest.raises(FloatingPointError, match="Last good checkpoint: step 4"):
+        finetune.finetune(config, str(tmp_path))
+    state = checkpoints.read_state(str(tmp_path), 4)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
