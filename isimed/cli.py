@@ -310,11 +310,12 @@ def run_locate() -> None:
     flags.DEFINE_string("out", None, "CSV written: --points rows, x, y, z found, + score.")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
     flags.DEFINE_string("plot", None, "Folder for one PNG per point (slices and the cost map).")
-    flags.DEFINE_integer("stride", 2, "Voxels between the crops of the coarse grid.")
-    flags.DEFINE_float("offset_mm", 8.0, "Distance of the 6 extra query crops around a point (0: one crop).")
+    flags.DEFINE_integer("stride", 3, "Voxels between the crops of the coarse grid.")
+    flags.DEFINE_float("offset_mm", 12.0, "Distance of the 6 extra query crops around a point (0: one crop).")
     flags.DEFINE_enum("intensity", None, ["ct", "mri", "uint8"], "Override prepared.json's intensity.")
     flags.DEFINE_list("window", None, "Override: CT HU window LO,HI.")
     flags.DEFINE_float("spacing", None, "Override: mm per voxel (0: each scan's own grid).")
+    flags.DEFINE_integer("align_rounds", 3, "Rounds aligning the target to the template's pose (0: none).")
     flags.DEFINE_boolean("cache", True, "Keep embedded grids in <out folder>/locate_cache/ for reuse.")
     flags.mark_flags_as_required(["workdir", "template", "target", "points", "out"])
     app.run(_locate_main)
@@ -341,6 +342,7 @@ def _locate_main(argv: Sequence[str]) -> None:
             step=FLAGS.step,
             stride=FLAGS.stride,
             offset_mm=FLAGS.offset_mm,
+            align_rounds=FLAGS.align_rounds,
             normalisation=normalisation,
             plot_dir=FLAGS.plot,
             cache=FLAGS.cache,
@@ -349,7 +351,8 @@ def _locate_main(argv: Sequence[str]) -> None:
         raise SystemExit(f"isimed-locate: {' '.join(str(e).split())}") from None
     print(
         f"wrote {result['out']} ({result['points']} points; embedding {result['embed_template_s']:.1f} s "
-        f"+ {result['embed_target_s']:.1f} s, matching {result['match_s']:.1f} s)"
+        f"+ {result['embed_target_s']:.1f} s, pose {result.get('align_s', 0.0):.1f} s, "
+        f"matching {result['match_s']:.1f} s)"
     )
 
 

@@ -12,6 +12,11 @@ checkpoint trained on, from its prepared.json; overridable where that folder is 
 cropping is left out: it changes no intensity, only which crops exist, and the foreground test
 on every crop already drops the ones pretraining never sampled.
 
+Pose (`align`, the command does it by default): rotated crops embed near their unrotated
+position, so a target in another pose is first resampled into the template's: a rigid pose is
+fitted to hundreds of coarse matches, the target resampled through it and embedded again,
+a few rounds (each takes off part of the remaining rotation).
+
 Matching, coarse to fine:
 1. Each volume is embedded once as a regular grid of crops (`stride` voxels apart, crops with
    less than the config's foreground share dropped, as pretraining never saw them).
@@ -512,6 +517,94 @@ def _embed_missing(needed: np.ndarray, target: Grid, locator: Locator) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Pose: the target brought into the template's pose before matching.
+
+
+def align(
+    template: Grid,
+    target: Grid,
+    locator: Locator,
+    *,
+    rounds: int = 2,
+    anchors: int = 300,
+    progress: bool = False,
+) -> tuple[Grid, tuple[np.ndarray, np.ndarray]]:
+    """`(aligned grid, pose)`: the target brought into the template's pose, and the rigid pose
+    `(R, t)` (target mm ~ R @ template mm + t) that does it (`apply_pose` maps points found in the
+    aligned grid back into the target).
+
+    Each round matches `anchors` of the template grid's crop centres (evenly spread) on the
+    coarse grid of the current aligned target, maps them back through the current pose, and fits
+    a rigid pose to all pairs (`fit_rigid`). Matches of rotated crops are drawn towards the
+    unrotated position (a 10.8 degree rotation was estimated as 3.8 degrees in one round), so
+    each round takes off part of the remaining rotation."""
+    every = max(1, len(template.starts) // anchors)
+    points = geometry.crop_centres_mm(template.starts[::every], locator.crop_shape, template.affine)
+    ndim = points.shape[1]
+    pose = (np.eye(ndim), np.zeros(ndim))
+    aligned = target
+    for _ in range(rounds):
+        found, _ = match(points, template, aligned, locator, offset_mm=0.0, refine=False)
+        pose = fit_rigid(points, apply_pose(found, pose))
+        aligned = aligned_grid(target, pose, template, locator, progress=progress)
+    return aligned, pose
+
+
+def fit_rigid(
+    a: np.ndarray, b: np.ndarray, trim: float = 0.25, rounds: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(R, t)` minimising |b - (R a + t)| over the pairs kept: each round drops the `trim` share
+    with the largest residuals under the previous fit."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    keep = np.ones(len(a), bool)
+    for _ in range(rounds):
+        ca, cb = a[keep].mean(0), b[keep].mean(0)
+        u, _, vt = np.linalg.svd((a[keep] - ca).T @ (b[keep] - cb))
+        d = np.ones(a.shape[1])
+        d[-1] = np.sign(np.linalg.det(vt.T @ u.T))  # A rotation, never a reflection.
+        r = vt.T @ np.diag(d) @ u.T
+        t = cb - r @ ca
+        residual = np.linalg.norm(b - (a @ r.T + t), axis=1)
+        keep = residual <= np.quantile(residual, 1.0 - trim)
+    return r, t
+
+
+def aligned_grid(
+    target: Grid,
+    pose: tuple[np.ndarray, np.ndarray],
+    template: Grid,
+    locator: Locator,
+    *,
+    progress: bool = False,
+) -> Grid:
+    """The target resampled onto the template's grid through `pose` (linear; background outside
+    the target) and embedded: its anatomy in the template's pose, so crops of both are cut at the
+    same orientation. Points found in it map back to the target by `apply_pose`."""
+    from scipy import ndimage
+
+    r, t = pose
+    shape = template.image.shape
+    index = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1).reshape(-1, len(shape))
+    world = geometry.voxel_to_world(index, template.affine) @ r.T + t
+    source = geometry.world_to_voxel(world, target.affine).T
+    volume = np.asarray(target.image, np.float32)
+    # Edge voxels keep their values against rounding ("nearest"); beyond half a voxel outside is
+    # background (the image minimum: -1 after normalisation, the lowest HU of raw CT).
+    image = ndimage.map_coordinates(volume, source, order=1, mode="nearest")
+    outside = np.any((source < -0.5) | (source > np.asarray(volume.shape)[:, None] - 0.5), axis=0)
+    image[outside] = volume.min()
+    image = image.reshape(shape)
+    return embed_volume(
+        locator, image, template.affine, f"{target.source} (aligned)", stride=target.stride, progress=progress
+    )
+
+
+def apply_pose(points_mm: np.ndarray, pose: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    r, t = pose
+    return np.asarray(points_mm, np.float64) @ r.T + t
+
+
+# ------------------------------------------------------------------------------------------------
 # Files: points CSV in, points CSV out, plots.
 
 COORDINATES = ("x", "y", "z")
@@ -580,13 +673,15 @@ def locate_files(
     step: int | None = None,
     stride: int = 3,
     offset_mm: float = 12.0,
+    align_rounds: int = 3,
     normalisation: Mapping[str, Any] | None = None,
     plot_dir: str | None = None,
     cache: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """`isimed-locate`: the points of `points_path` found in the target, written to `out_path`;
-    embedded grids cached next to it (`<out dir>/locate_cache/`). Returns a summary."""
+    embedded grids cached next to it (`<out dir>/locate_cache/`). With `align_rounds`, the target
+    is first brought into the template's pose (`align`). Returns a summary."""
     import time
 
     locator = load_locator(workdir, step, normalisation=normalisation)
@@ -602,12 +697,18 @@ def locate_files(
             embed_volume(locator, image, affine, source, stride=stride, cache=where, progress=progress)
         )
         seconds[f"embed_{role}_s"] = round(time.time() - start, 2)
+    template, target = grids
+    pose = None
+    if align_rounds:
+        start = time.time()
+        target, pose = align(template, target, locator, rounds=align_rounds, progress=progress)
+        seconds["align_s"] = round(time.time() - start, 2)
     start = time.time()
-    found, score = match(points, *grids, locator, offset_mm=offset_mm)
+    found, score = match(points, template, target, locator, offset_mm=offset_mm)
     seconds["match_s"] = round(time.time() - start, 2)
-    write_points(out_path, header, rows, found, score)
-    if plot_dir:
-        plot_matches(plot_dir, points, found, score, *grids, locator, offset_mm=offset_mm)
+    write_points(out_path, header, rows, found if pose is None else apply_pose(found, pose), score)
+    if plot_dir:  # With alignment: the target in the template's pose, where the match was made.
+        plot_matches(plot_dir, points, found, score, template, target, locator, offset_mm=offset_mm)
     return {"points": len(points), "out": out_path, "encoder": locator.name, **seconds}
 
 

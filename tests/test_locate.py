@@ -110,6 +110,20 @@ def test_embedding_cache_round_trip(tmp_path):
         assert sorted(f.files) == ["embeddings", "starts"]
 
 
+def test_fit_rigid_recovers_a_pose_despite_outliers():
+    rng = np.random.default_rng(4)
+    angle = np.deg2rad(9.0)
+    r = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
+    t = np.array([5.0, -12.0, 17.0])
+    a = rng.uniform(-60, 60, size=(200, 3))
+    b = a @ r.T + t + rng.normal(0, 1.0, size=a.shape)
+    b[:30] += rng.uniform(-40, 40, size=(30, 3))  # Wrong matches: a share the trim must drop.
+    fit_r, fit_t = locate.fit_rigid(a, b)
+    assert np.degrees(np.arccos((np.trace(fit_r.T @ r) - 1) / 2)) < 0.5
+    np.testing.assert_allclose(fit_t, t, atol=1.0)
+    assert np.linalg.det(fit_r) > 0
+
+
 def test_point_outside_the_template_is_named(shifted_pair):
     template, target, _ = shifted_pair
     with pytest.raises(locate.LocateError, match=r"point 2 \(500, 0, 0 mm\) is outside the template"):
@@ -153,8 +167,9 @@ def ct_files(tmp_path_factory):
 
 
 def test_command_end_to_end(pretrained, ct_files, tmp_path):
-    """Template = target: every point is found where it is (the query crops are the target's), the
-    other columns pass through, and --plot draws one file per point."""
+    """Template = target: every point is found where it is (the query crops are the target's; with
+    a barely trained encoder only while the exact crop is on the grid, --stride=1), the other
+    columns pass through, and --plot draws one file per point."""
     workdir, _ = pretrained
     _, scan = ct_files
     points = [[4.0, 25.0, 21.0], [14.5, 30.0, 18.0], [0.0, 17.0, 30.0]]
@@ -167,6 +182,7 @@ def test_command_end_to_end(pretrained, ct_files, tmp_path):
         f"--out={out}",
         f"--plot={tmp_path / 'plots'}",
         "--offset_mm=0",
+        "--stride=1",  # Every crop on the grid: the exact one is always a candidate.
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out) as f:
