@@ -706,9 +706,20 @@ def locate_files(
     start = time.time()
     found, score = match(points, template, target, locator, offset_mm=offset_mm)
     seconds["match_s"] = round(time.time() - start, 2)
-    write_points(out_path, header, rows, found if pose is None else apply_pose(found, pose), score)
+    reported = found if pose is None else apply_pose(found, pose)
+    write_points(out_path, header, rows, reported, score)
     if plot_dir:  # With alignment: the target in the template's pose, where the match was made.
-        plot_matches(plot_dir, points, found, score, template, target, locator, offset_mm=offset_mm)
+        plot_matches(
+            plot_dir,
+            points,
+            found,
+            score,
+            template,
+            target,
+            locator,
+            offset_mm=offset_mm,
+            reported_mm=reported,
+        )
     return {"points": len(points), "out": out_path, "encoder": locator.name, **seconds}
 
 
@@ -722,10 +733,12 @@ def plot_matches(
     locator: Locator,
     *,
     offset_mm: float = 12.0,
+    reported_mm: np.ndarray | None = None,
 ) -> list[str]:
     """One PNG per point: the template's three orthogonal slices through the point (top) and the
     target's through the found point (bottom) with the coarse cost map overlaid (low cost = bright
-    in the overlay). 3D only; returns the files written."""
+    in the overlay). 3D only; returns the files written. `reported_mm`: the found points as
+    written (in the target's own frame when `target` is an aligned grid), for the titles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -736,6 +749,7 @@ def plot_matches(
     os.makedirs(folder, exist_ok=True)
     costs, _ = cost_maps(points_mm, template, target, locator, offset_mm=offset_mm)
     written = []
+    reported = found_mm if reported_mm is None else reported_mm
     for i, (p, q) in enumerate(zip(points_mm, found_mm)):
         cost = _cost_on_voxels(costs[i], target, locator.crop_shape)
         fig, axes = plt.subplots(2, 3, figsize=(9, 6))
@@ -756,9 +770,11 @@ def plot_matches(
                 ax.plot(index[rest[0]], index[rest[1]], "c+", markersize=12)
                 ax.set_xticks([])
                 ax.set_yticks([])
-            axes[row, 0].set_ylabel("template" if row == 0 else f"target (score {score[i]:.1f} mm)")
+            label = "target" + (" in the template's pose" if target.source.endswith("(aligned)") else "")
+            axes[row, 0].set_ylabel("template" if row == 0 else f"{label}, score {score[i]:.1f} mm")
         fig.suptitle(
-            f"point {i + 1}: ({', '.join(f'{v:.1f}' for v in p)}) -> ({', '.join(f'{v:.1f}' for v in q)}) mm"
+            f"point {i + 1}: ({', '.join(f'{v:.1f}' for v in p)}) -> "
+            f"({', '.join(f'{v:.1f}' for v in reported[i])}) mm"
         )
         path = os.path.join(folder, f"point_{i + 1:04d}.png")
         fig.savefig(path, dpi=80)
