@@ -697,6 +697,8 @@ def locate_files(
             embed_volume(locator, image, affine, source, stride=stride, cache=where, progress=progress)
         )
         seconds[f"embed_{role}_s"] = round(time.time() - start, 2)
+        if role == "template":  # Points outside it: said before the target's work is done.
+            _queries(points, grids[0], locator.crop_shape, 0.0)
     template, target = grids
     pose = None
     if align_rounds:
