@@ -1,7 +1,7 @@
 """One-shot localisation on real MRI with known truth: ISImed matching against the identity and
 SimpleITK registration.
 
-python -m experiments.localisation [--subjects=3] [--point_spacing_mm=20] [--sitk]
+python -m experiments.localisation [--subjects=3] [--point_spacing_mm=30] [--sitk]
     [--pretrain_workdir=workdirs/position_transfer] [--workdir=workdirs/localisation]
 
 1. Template: nilearn's MNI152 T1 at 2 mm (shipped with nilearn, nothing downloaded).
@@ -431,7 +431,7 @@ def _define_flags() -> None:
     flags.DEFINE_float("max_degrees", 10.0, "Largest rotation about each axis.")
     flags.DEFINE_float("max_shift_mm", 20.0, "Largest translation along each axis.")
     flags.DEFINE_list("cut", ["0.1", "0.25"], "Range of the share of one axis cut away.")
-    flags.DEFINE_float("point_spacing_mm", 20.0, "Lattice spacing of the brain points.")
+    flags.DEFINE_float("point_spacing_mm", 30.0, "Lattice spacing of the brain points (68 points).")
     flags.DEFINE_integer("stride", 3, "Coarse grid stride in voxels.")
     flags.DEFINE_boolean("sitk", True, "Also SimpleITK registration (pip install -e '.[registration]').")
     flags.DEFINE_integer("seed", 0, "Seed of the subjects.")
