@@ -37,9 +37,10 @@ class Arg:
     head: bool = False
 
 
-def parse_arg(arg: str | None, allowed: tuple[str, ...] = PRESETS) -> Arg:
-    """Parses `--config=FILE:ARG` (module docstring); ValueError naming the bad token otherwise."""
-    values: dict = {}
+def arg_tokens(arg: str | None) -> dict[str, str]:
+    """`--config=FILE:ARG` split into `{key: value}`: comma-separated tokens, `key=value` or a bare
+    token (the preset); ValueError for a key given twice. Every config's `parse_arg` reads these."""
+    values: dict[str, str] = {}
     for token in (arg or "").split(","):
         token = token.strip()
         if not token:
@@ -49,6 +50,14 @@ def parse_arg(arg: str | None, allowed: tuple[str, ...] = PRESETS) -> Arg:
             key, value = "preset", token
         if key in values:
             raise ValueError(f"config argument {arg!r}: {key} given twice")
+        values[key] = value
+    return values
+
+
+def parse_arg(arg: str | None, allowed: tuple[str, ...] = PRESETS) -> Arg:
+    """Parses `--config=FILE:ARG` (module docstring); ValueError naming the bad token otherwise."""
+    values: dict = {}
+    for key, value in arg_tokens(arg).items():
         if key == "preset" and value not in allowed:
             raise ValueError(
                 f"config argument {arg!r}: unknown preset {value!r}; use one of: {', '.join(allowed)}"

@@ -37,16 +37,8 @@ DEFAULTS = {"preset": "paper", "mode": "linear", "init": "pretrained", "task": "
 def parse_arg(arg: str | None) -> dict:
     """`{"preset", "mode", "init", "task", "fraction", "subjects"}` from the config argument."""
     values: dict = {}
-    for token in (arg or "").split(","):
-        token = token.strip()
-        if not token:
-            continue
-        key, eq, value = token.partition("=")
-        bad = f"config argument {arg!r}: "
-        if not eq:
-            key, value = "preset", token
-        if key in values:
-            raise ValueError(bad + f"{key} given twice")
+    bad = f"config argument {arg!r}: "
+    for key, value in common.arg_tokens(arg).items():
         if key == "preset" and value not in PRESETS:
             raise ValueError(bad + f"unknown preset {value!r}; use one of: {', '.join(PRESETS)}")
         if key in _KEYS and value not in _KEYS[key]:

@@ -403,27 +403,21 @@ class _DropOrbaxErrors(py_logging.Filter):
         return not from_library or py_logging.getLogger("absl").isEnabledFor(py_logging.INFO)
 
 
-@contextlib.contextmanager
 def orbax_errors_dropped():
     """While saving: orbax's background threads log at any time, so training holds this for as
     long as a save can be in flight."""
-    loggers = [py_logging.getLogger(name) for name in ("absl", "asyncio")]
-    drop = _DropOrbaxErrors()
-    for logger in loggers:
-        logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        for logger in loggers:
-            logger.removeFilter(drop)
+    return _filtered(_DropOrbaxErrors())
 
 
-@contextlib.contextmanager
 def _orbax_logs_dropped():
     """Orbax and asyncio log lines (failed reads, missing metadata) are dropped at the default
     log level while reading checkpoints: the one-line reports of this module replace them."""
+    return _filtered(_DropBelowVerbose())
+
+
+@contextlib.contextmanager
+def _filtered(drop: py_logging.Filter):
     loggers = [py_logging.getLogger(name) for name in ("absl", "asyncio")]
-    drop = _DropBelowVerbose()
     for logger in loggers:
         logger.addFilter(drop)
     try:
