@@ -29,17 +29,23 @@ from configs import isimed_chest
 from isimed import finetune
 from isimed import train
 
-flags.DEFINE_string("preset", "demo", "Preset of the pretraining and the fine-tuning configs.")
-flags.DEFINE_list("arms", ["isimed"], "Pretraining methods fine-tuned (random init is always an arm).")
-flags.DEFINE_enum("mode", "full", ["linear", "full"], "Fine-tuning mode.")
-flags.DEFINE_list(
-    "fractions", ["2", "0.05", "0.1", "0.25", "1.0"], "Shares (<= 1) or counts (> 1) of subjects."
-)
-flags.DEFINE_integer("seeds", 1, "Seeds 0..N-1 (pretraining, labelled subjects and batches).")
-flags.DEFINE_integer("pretrain_steps", 0, "Pretraining steps (0: the preset's).")
-flags.DEFINE_integer("steps", 0, "Fine-tuning steps (0: the preset's).")
-flags.DEFINE_string("workdir", "workdirs/label_efficiency", "Where runs and the tables go.")
-flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data dir (the phantom is generated here).")
+
+def define_flags() -> None:
+    """The command's flags, defined when it runs (not on import: the tests import several
+    experiments into one process, and absl refuses a flag name defined twice)."""
+    flags.DEFINE_string("preset", "demo", "Preset of the pretraining and the fine-tuning configs.")
+    flags.DEFINE_list("arms", ["isimed"], "Pretraining methods fine-tuned (random init is always an arm).")
+    flags.DEFINE_enum("mode", "full", ["linear", "full"], "Fine-tuning mode.")
+    flags.DEFINE_list(
+        "fractions", ["2", "0.05", "0.1", "0.25", "1.0"], "Shares (<= 1) or counts (> 1) of subjects."
+    )
+    flags.DEFINE_integer("seeds", 1, "Seeds 0..N-1 (pretraining, labelled subjects and batches).")
+    flags.DEFINE_integer("pretrain_steps", 0, "Pretraining steps (0: the preset's).")
+    flags.DEFINE_integer("steps", 0, "Fine-tuning steps (0: the preset's).")
+    flags.DEFINE_string("workdir", "workdirs/label_efficiency", "Where runs and the tables go.")
+    flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data dir (the phantom is generated here).")
+
+
 FLAGS = flags.FLAGS
 
 RANDOM = "random"
@@ -149,4 +155,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
