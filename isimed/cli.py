@@ -176,10 +176,7 @@ def _pretrain_main(argv: Sequence[str], *, method: str | None, command: str) -> 
     except errors.UserError as e:  # The message says what to do; a traceback would bury it.
         raise SystemExit(f"{command}: {e}") from None
     if "preempted_at_step" in summary:
-        # The checkpoint is saved: the rest of a burst of signals must not turn the exit 0 into a
-        # kill while the interpreter shuts down (it resets Python handlers, not ignored signals).
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_IGN)
+        _ignore_further_signals()
     print(train.format_summary(summary))
 
 
@@ -257,8 +254,7 @@ def _finetune_main(argv: Sequence[str], *, command: str) -> None:
     except errors.UserError as e:  # The message says what to do; a traceback would bury it.
         raise SystemExit(f"{command}: {e}") from None
     if "preempted_at_step" in results:
-        for signum in (signal.SIGTERM, signal.SIGINT):  # As pretraining: the exit stays 0.
-            signal.signal(signum, signal.SIG_IGN)
+        _ignore_further_signals()  # As pretraining: the exit stays 0.
     print(finetune.format_results(results))
 
 
@@ -416,6 +412,14 @@ def _check_config_file(config_arg: str, command: str) -> None:
     path = os.path.abspath(os.path.expanduser(config_arg.partition(":")[0]))
     if not os.path.isfile(path):
         raise SystemExit(f"{command}: --config={config_arg}: no such file {path}")
+
+
+def _ignore_further_signals() -> None:
+    """After a preemption saved and the run returned: the rest of a burst of signals must not
+    kill the process while the interpreter shuts down (it resets Python handlers, not ignored
+    signals), so the exit stays 0."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _no_arguments(argv: Sequence[str]) -> None:

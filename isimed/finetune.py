@@ -265,15 +265,11 @@ def make_step(config: ml_collections.ConfigDict, networks: train_state.Networks,
             "batch_stats": batch_stats,
             "opt_state": opt_state,
         }
-        # NaN guard (as pretraining's): a non-finite step leaves the state untouched.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        kept = {k: state[k] for k in candidate}
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, kept)
+        new_state, finite = train_state.keep_if_finite(candidate, state, loss, grad_norm)
         if linear:
             # Not even through `where`: the frozen encoder leaves as it came, bit for bit.
             new_state["params"]["encoder"] = state["params"]["encoder"]
             new_state["batch_stats"] = state["batch_stats"]
-        new_state["step"] = state["step"] + 1
         metrics = _Metrics.single_from_model_output(
             loss=loss,
             accuracy=accuracy,

@@ -142,9 +142,15 @@ def load_locator(
 
 
 def _scale(config, state) -> float:
-    """The loss scale in mm: the learnt one where the method learns it."""
-    learnt = state["params"].get("log_scale")
-    return float(np.exp(np.asarray(learnt))) if learnt is not None else float(config.loss.scale)
+    """The mm one unit of embedding distance stands for (`Method.target_scale_mm`)."""
+    from isimed import methods
+
+    scale = methods.get(config.method).target_scale_mm(state["params"], config.loss)
+    if scale is None:
+        raise LocateError(
+            f"method {config.method!r} has no distance target: localisation needs an ISImed encoder"
+        )
+    return scale
 
 
 def stored_normalisation(config, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

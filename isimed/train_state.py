@@ -179,18 +179,13 @@ def make_train_step(
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         grad_norm = optax.tree.norm(grads)
         candidate = {
-            "step": state["step"] + 1,
             "params": optax.apply_updates(state["params"], updates),
             "batch_stats": batch_stats,
             "opt_state": opt_state,
         }
         if "loss_ref" in state:  # The method's loss references, updated by every step.
             candidate["loss_ref"] = aux["loss_ref"]
-        # NaN guard: a non-finite step leaves the state untouched (the host stops the run), so a
-        # later checkpoint can never contain NaNs.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, state)
-        new_state["step"] = state["step"] + 1
+        new_state, finite = keep_if_finite(candidate, state, loss, grad_norm)
         step_metrics = metrics.single_from_model_output(
             loss=loss,
             **{name: aux[name] for name in (*method.terms, *method.last_terms)},
@@ -201,6 +196,17 @@ def make_train_step(
         return new_state, step_metrics
 
     return train_step
+
+
+def keep_if_finite(candidate: State, state: State, loss: jax.Array, grad_norm: jax.Array):
+    """The NaN guard of every training step: `(new_state, finite)`, the entries of `candidate`
+    where the loss and the gradient norm are finite, else those of `state` untouched (the host then
+    stops the run, so no later checkpoint can hold NaNs); the step counter advances either way."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    kept = {key: state[key] for key in candidate}
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), candidate, kept)
+    new_state["step"] = state["step"] + 1
+    return new_state, finite
 
 
 def unit_crops(crops: jax.Array, window: tuple[float, float] | None) -> jax.Array:
