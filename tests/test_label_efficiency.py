@@ -24,6 +24,7 @@ def test_label_efficiency_writes_tables(phantom_dir, tmp_path):
         "--pretrain_steps=5",
         "--steps=4",
         "--fractions=2,1.0",
+        "--arms=isimed",
         f"--data_dir={phantom_dir}",
         f"--workdir={workdir}",
     ]
@@ -38,6 +39,11 @@ def test_label_efficiency_writes_tables(phantom_dir, tmp_path):
     assert {(r["arm"], r["train_subjects"]) for r in runs} == expected
     table = (workdir / "label_efficiency.md").read_text()
     assert "| isimed |" in table and "Paired difference to random init" in table
+    assert (workdir / "label_efficiency.png").stat().st_size > 0
+
+    # Another recipe in the same workdir would mix its runs into the table: refused.
+    out = subprocess.run([*cmd, "--recipe=folder_demo"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "recipe.json" in out.stderr and "another --workdir" in out.stderr
 
 
 def test_summary_pairs_arms_with_random_init_by_seed():
@@ -48,3 +54,14 @@ def test_summary_pairs_arms_with_random_init_by_seed():
     assert label_efficiency.amount("2") == {"subjects": 2}
     assert label_efficiency.amount("1.0") == {"fraction": 1.0}
     assert label_efficiency.amount("0.05") == {"fraction": 0.05}
+
+
+def test_labels_needed_is_the_fewest_subjects_reaching_random_init_with_all_labels():
+    subjects = {"2": 2, "0.1": 6, "1.0": 64}
+    aucs = {
+        "random": {"2": [0.7], "0.1": [0.8], "1.0": [0.9]},
+        "isimed": {"2": [0.8], "0.1": [0.91], "1.0": [0.95]},  # 6 subjects reach 0.9.
+        "simclr": {"2": [0.6], "0.1": [0.7], "1.0": [0.89]},  # Never does.
+    }
+    needed = label_efficiency.labels_needed(label_efficiency.summarise(aucs), subjects)
+    assert needed == {"random": 64, "isimed": 6, "simclr": None}

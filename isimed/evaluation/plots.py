@@ -377,6 +377,30 @@ def roc_curves(
     return _save(_roc_figure(curves, title), out_png)
 
 
+def metric_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+    out_png: str,
+    xlabel: str,
+    ylabel: str,
+) -> str:
+    """One line per arm with error bars (e.g. test AUC against labelled subjects, mean ± std over
+    seeds), x on a log axis; returns the PNG path.
+
+    Args:
+      curves: `{name: (x, mean, std)}`, three sequences of one length.
+    """
+    fig = _figure(1, 1, panel=(5.5, 4.0))
+    ax = fig.subplots()
+    for name, (x, mean, std) in curves.items():
+        ax.errorbar(x, mean, yerr=std, marker="o", markersize=3, capsize=2, linewidth=1.2, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, out_png)
+
+
 # --------------------------------------------------------------------------------------------
 # One call per job.
 
