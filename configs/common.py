@@ -106,6 +106,8 @@ def sampling(preset_name: str) -> ml_collections.ConfigDict:
     # Two-view methods (SimCLR, VICReg, Barlow): the second crop is shifted by up to this share of
     # the crop size per axis.
     d.view_offset = 0.25
+    # Pretraining crops rotated about their centres by up to this many degrees per axis (0: off).
+    d.rotate_deg = 0.0
     # Read threads. On 2 cores one keeps the demo's step fed (end to end 89-97% of the step-only
     # rate over six runs, against 83-90% with two, which contend with XLA's threads and each other).
     d.num_threads = {"paper": 8, "demo": 1, "test": 1}[p]

@@ -31,6 +31,7 @@ from absl import flags
 from absl import logging
 from matplotlib.figure import Figure
 
+import experiments
 from configs import isimed_chest
 from configs import linear_eval_chest
 from isimed import methods
@@ -126,7 +127,7 @@ def run_one(run: str, seed: int) -> dict:
         config = run_config(run, seed)
         print(f"== {run}, seed {seed}: {config.total_steps} steps -> {run_dir}", flush=True)
         start = time.time()
-        train.train_and_evaluate(config, run_dir)
+        experiments.finished(train.train_and_evaluate(config, run_dir), run_dir)
         timing = {"pretrain_s": time.time() - start, "steps": config.total_steps}
         with open(pretrain_path, "w") as f:
             json.dump(timing, f)

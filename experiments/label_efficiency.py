@@ -33,6 +33,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+import experiments
 from configs import finetune_chest
 from configs import isimed_chest
 from configs import isimed_folder
@@ -100,7 +101,7 @@ def pretrain(arm: str, seed: int) -> str:
     workdir = os.path.join(FLAGS.workdir, f"pretrain_{arm}_seed{seed}")
     if not os.path.exists(os.path.join(workdir, "summary.json")):
         print(f"== pretraining {arm}, seed {seed} -> {workdir}", flush=True)
-        train.train_and_evaluate(pretrain_config(arm, seed), workdir)
+        experiments.finished(train.train_and_evaluate(pretrain_config(arm, seed), workdir), workdir)
     return workdir
 
 
@@ -120,7 +121,7 @@ def finetune_one(arm: str, fraction: str, seed: int) -> dict:
     if os.path.exists(path):
         return json.load(open(path))
     print(f"== fine-tuning {arm}, {fraction} labelled, seed {seed} -> {workdir}", flush=True)
-    return finetune.finetune(config, workdir)
+    return experiments.finished(finetune.finetune(config, workdir), workdir)
 
 
 def check_recipe() -> None:

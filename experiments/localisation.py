@@ -64,16 +64,6 @@ VARIANTS = (
 # Subjects with known truth.
 
 
-def rotation(degrees: np.ndarray) -> np.ndarray:
-    """R = Rz Ry Rx for angles (degrees) about x, y, z."""
-    a = np.deg2rad(degrees)
-    c, s = np.cos(a), np.sin(a)
-    rx = np.array([[1, 0, 0], [0, c[0], -s[0]], [0, s[0], c[0]]])
-    ry = np.array([[c[1], 0, s[1]], [0, 1, 0], [-s[1], 0, c[1]]])
-    rz = np.array([[c[2], -s[2], 0], [s[2], c[2], 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def _sample(
     volume: np.ndarray, affine: np.ndarray, world: np.ndarray, order: int = 1, cval=0.0
 ) -> np.ndarray:
@@ -93,7 +83,7 @@ def make_subject(template: np.ndarray, affine: np.ndarray, k: int, settings: dic
     max_mm = rng.uniform(*settings["deformation_mm"])
     u = pt.displacement_field(rng, template.shape, spacing, max_mm, settings["deformation_spacing_mm"])
     degrees = rng.uniform(-settings["max_degrees"], settings["max_degrees"], 3)
-    r = rotation(degrees)
+    r = geometry.rotation(degrees)
     t = rng.uniform(-settings["max_shift_mm"], settings["max_shift_mm"], 3)
     pad = int(round(PAD_MM / spacing[0]))
     shape = np.asarray(template.shape) + 2 * pad

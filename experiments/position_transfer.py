@@ -44,6 +44,7 @@ from absl import app
 from absl import flags
 from scipy import ndimage
 
+import experiments
 from isimed import geometry
 from isimed import workdir as workdir_layout
 
@@ -224,8 +225,9 @@ def prepare_folder(workdir: str, settings: dict, template, affine, subjects) -> 
 # Pretraining and evaluation.
 
 
-def pretrain(data_dir: str, workdir: str, steps: int) -> dict[str, Any]:
-    """The folder demo preset on the template; reuses a finished run. Returns its timing."""
+def pretrain(data_dir: str, workdir: str, steps: int, rotate_deg: float = 0.0) -> dict[str, Any]:
+    """The folder demo preset on the template (`rotate_deg`: its crops rotated about their
+    centres, `data.rotate_deg`); reuses a finished run. Returns its timing."""
     from configs import isimed_folder
     from isimed import train
 
@@ -235,6 +237,7 @@ def pretrain(data_dir: str, workdir: str, steps: int) -> dict[str, Any]:
     config.data.dir = os.path.abspath(data_dir)
     if steps:
         config.total_steps = steps
+    config.data.rotate_deg = rotate_deg
     recipe = config.to_json_best_effort(sort_keys=True)
     if os.path.exists(timing_path):
         with open(timing_path) as f:
@@ -246,7 +249,7 @@ def pretrain(data_dir: str, workdir: str, steps: int) -> dict[str, Any]:
         if workdir_layout.Workdir(run_dir).checkpoints.exists():
             raise ValueError(f"{run_dir}: holds a pretraining of another config; use another --workdir")
     start = time.time()
-    train.train_and_evaluate(config, run_dir)
+    experiments.finished(train.train_and_evaluate(config, run_dir), run_dir)
     seconds = time.time() - start
     timing = {
         "steps": config.total_steps,
@@ -427,7 +430,7 @@ def main(argv) -> None:
     subjects = subject_fields(template, affine, settings)
     data_dir = prepare_folder(workdir, settings, template, affine, subjects)
     print(f"{len(subjects)} subjects made and prepared in {time.time() - t0:.0f} s", flush=True)
-    timing = pretrain(data_dir, workdir, FLAGS.steps)
+    timing = pretrain(data_dir, workdir, FLAGS.steps, FLAGS.rotate_deg)
     t0 = time.time()
     result = {
         "settings": settings,
@@ -461,6 +464,9 @@ def _define_flags() -> None:
     flags.DEFINE_float("noise", 0.02, "Rician noise sigma, as a share of the 95th intensity percentile.")
     flags.DEFINE_integer("seed", 0, "Seed of the subjects (pretraining uses the preset's seed).")
     flags.DEFINE_integer("steps", 0, "Pretraining steps (0: the demo preset's).")
+    flags.DEFINE_float(
+        "rotate_deg", 0.0, "Pretraining crops rotated by up to this per axis (data.rotate_deg)."
+    )
     flags.DEFINE_integer("probe_crops", 1024, "Template crops the position probe is fitted on.")
     flags.DEFINE_integer("test_crops", 256, "Crops per test image.")
 

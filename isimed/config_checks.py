@@ -108,6 +108,12 @@ def _problems(config: ml_collections.ConfigDict) -> list[str]:
     ):
         problems.append(f"data.crop_size = {crop!r}: must be 2 or 3 integers >= 1 (2D or 3D crops)")
 
+    rotate = get("data.rotate_deg")
+    if rotate is not None and (
+        not isinstance(rotate, (int, float)) or isinstance(rotate, bool) or not 0 <= rotate <= 45
+    ):
+        problems.append(f"data.rotate_deg = {rotate!r}: must be a number of degrees in [0, 45]")
+
     lr = get("optim.learning_rate")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         problems.append(f"optim.learning_rate = {lr!r}: must be > 0")

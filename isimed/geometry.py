@@ -171,6 +171,53 @@ def extract_crops(image: np.ndarray, starts: np.ndarray, crop_shape: Sequence[in
     return out
 
 
+def rotation(degrees: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Rotation matrix of angles in degrees: one angle (2D), or angles about the x, y, z axes
+    (3D, R = Rz Ry Rx)."""
+    a = np.deg2rad(np.asarray(degrees, np.float64).reshape(-1))
+    c, s = np.cos(a), np.sin(a)
+    if len(a) == 1:
+        return np.array([[c[0], -s[0]], [s[0], c[0]]])
+    if len(a) != 3:
+        raise ValueError(f"rotation takes 1 (2D) or 3 (3D) angles, got {len(a)}")
+    rx = np.array([[1, 0, 0], [0, c[0], -s[0]], [0, s[0], c[0]]])
+    ry = np.array([[c[1], 0, s[1]], [0, 1, 0], [-s[1], 0, c[1]]])
+    rz = np.array([[c[2], -s[2], 0], [s[2], c[2], 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def rotated_crops(
+    image: np.ndarray,
+    starts: np.ndarray,
+    crop_shape: Sequence[int],
+    affine: np.ndarray,
+    rotations: np.ndarray,
+) -> np.ndarray:
+    """Crops `(n, *crop_shape)` float32 of `image`, each rotated in world mm about its centre:
+    crop voxel j (at world p_j when unrotated, crop centre c) shows the image at c + R (p_j - c),
+    linearly interpolated, the nearest edge voxel outside the image. The centre stays where it is,
+    so `crop_centres_mm` still holds; anisotropic voxels and the affine's directions are honoured.
+
+    Args:
+      rotations: `(n, ndim, ndim)` world-frame rotation matrices (`rotation`).
+    """
+    from scipy import ndimage  # Only the rotation augmentation needs it.
+
+    crop = np.asarray(crop_shape, np.float64)
+    ndim = len(crop)
+    linear = np.asarray(affine, np.float64)[:ndim, :ndim]
+    # In index space the rotation is M^-1 R M (M: the affine's linear part), about the centre.
+    in_index = np.linalg.inv(linear) @ np.asarray(rotations, np.float64) @ linear  # (n, d, d)
+    offsets = np.stack(np.meshgrid(*[np.arange(c) for c in crop], indexing="ij"), -1).reshape(-1, ndim)
+    offsets = offsets - (crop - 1.0) / 2.0  # (m, d) about the crop centre
+    centres = crop_centres_index(starts, crop_shape)  # (n, d)
+    coords = centres[:, None, :] + np.einsum("nij,mj->nmi", in_index, offsets)  # (n, m, d)
+    values = ndimage.map_coordinates(
+        np.asarray(image, np.float32), coords.reshape(-1, ndim).T, order=1, mode="nearest"
+    )
+    return values.reshape(len(centres), *crop_shape).astype(np.float32)
+
+
 def pairwise_distances(points: np.ndarray) -> np.ndarray:
     """Euclidean distance matrix `(n, n)` of points `(n, d)` (float64 numpy reference)."""
     points = np.asarray(points, dtype=np.float64)

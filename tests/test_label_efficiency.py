@@ -65,3 +65,12 @@ def test_labels_needed_is_the_fewest_subjects_reaching_random_init_with_all_labe
     }
     needed = label_efficiency.labels_needed(label_efficiency.summarise(aucs), subjects)
     assert needed == {"random": 64, "isimed": 6, "simclr": None}
+
+
+def test_a_preempted_run_ends_the_experiment_instead_of_feeding_the_next_run():
+    import experiments
+
+    assert experiments.finished({"final_step": 10}, "w") == {"final_step": 10}
+    with pytest.raises(SystemExit) as stop:
+        experiments.finished({"preempted_at_step": 7}, "w")
+    assert stop.value.code == 0  # As the commands: the checkpoint is saved, a rerun resumes.

@@ -499,3 +499,25 @@ def _assert_same_step_and_monitors(setup, *batches):
         results.append((state, metrics.compute(), setup.monitors(setup.state, batch)))
     for x, y in zip(*(jax.tree.leaves(r) for r in results)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_rotated_pretraining_crops_keep_their_centres_and_labelled_crops_stay_unrotated():
+    source = coded_source()
+    plain_cfg, rotated_cfg = data_config(), data_config(rotate_deg=10.0)
+
+    def first(cfg, **kw):
+        return next(iter(pipeline.make_dataset(cfg, "train", seed=0, train=True, source=source, **kw)))
+
+    plain, rotated = first(plain_cfg), first(rotated_cfg)
+    # Positions are drawn before the angles: the same centres, hence the same distance targets.
+    np.testing.assert_array_equal(rotated["centres"], plain["centres"])
+    assert rotated["crops"].dtype == np.float32 and rotated["crops"].shape == plain["crops"].shape
+    diff = np.abs(rotated["crops"] - plain["crops"].astype(np.float32)).reshape(len(plain["crops"]), 5, -1)
+    assert np.all(diff.max(-1) > 1e-3)  # Every crop was turned.
+    # Labelled training crops (fine-tuning) are labelled from the unrotated box: never rotated.
+    np.testing.assert_array_equal(
+        first(rotated_cfg, labels=True)["crops"], first(plain_cfg, labels=True)["crops"]
+    )
+    # Two views: both are rotated, each with its own angles.
+    two = first(data_config(rotate_deg=10.0, crops_per_image=10), views=2)
+    assert two["views"].shape == two["crops"].shape and not np.allclose(two["views"], two["crops"])

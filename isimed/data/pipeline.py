@@ -259,6 +259,10 @@ class SampleCrops(grain.transforms.RandomMap):
     view_offset: float = 0.25
     labels: bool = True  # lesion_fraction / has_lesion per crop (evaluation; training needs none).
     widen: bool = True  # False: float16 and integer crops stay as stored (`crop_values`).
+    # > 0: every crop is rotated about its centre by angles uniform in +-rotate_deg (one angle in
+    # 2D, one per axis in 3D), so the encoder sees anatomy in other poses; the centre, hence the
+    # distance target, does not move. Rotated crops are interpolated float32.
+    rotate_deg: float = 0.0
     # Ids of the records already checked by this copy of the transform (each worker has its own).
     _checked: set = dataclasses.field(default_factory=set, compare=False, repr=False)
 
@@ -283,17 +287,31 @@ class SampleCrops(grain.transforms.RandomMap):
         ).astype(np.int64)
 
         out = crops_at(record, starts, self.crop_shape, self.window, self.labels, self.widen)
+        if self.rotate_deg > 0:
+            out["crops"] = self._rotated(rng, record, starts)
         if self.views == 2:
-            out["views"] = crop_values(
-                cut_crops(image, self._shifted(rng, starts, image.shape), self.crop_shape),
-                self.window,
-                self.widen,
-            )[..., None]
+            shifted = self._shifted(rng, starts, image.shape)
+            if self.rotate_deg > 0:
+                out["views"] = self._rotated(rng, record, shifted)
+            else:
+                out["views"] = crop_values(
+                    cut_crops(image, shifted, self.crop_shape), self.window, self.widen
+                )[..., None]
         elif self.views != 1:
             raise ValueError(f"views must be 1 or 2, got {self.views}")
         if "labels" in record:
             out["labels"] = np.asarray(record["labels"], np.float32)
         return out
+
+    def _rotated(self, rng, record: Record, starts: np.ndarray) -> np.ndarray:
+        """The crops at `starts`, each rotated about its centre (`geometry.rotated_crops`)."""
+        ndim = len(self.crop_shape)
+        angles = rng.uniform(-self.rotate_deg, self.rotate_deg, size=(len(starts), 1 if ndim == 2 else 3))
+        rotations = (
+            np.stack([geometry.rotation(a) for a in angles]) if len(starts) else np.zeros((0, ndim, ndim))
+        )
+        crops = geometry.rotated_crops(record["image"], starts, self.crop_shape, record["affine"], rotations)
+        return normalise_window(crops, self.window)[..., None]
 
     def _shifted(self, rng, starts: np.ndarray, image_shape) -> np.ndarray:
         """Second-view starts: each first-view start moved by up to `view_offset` of the crop size
@@ -557,6 +575,8 @@ def make_dataset(
         view_offset=data.view_offset,
         labels=not train if labels is None else labels,
         widen=not train,  # Training batches go to the step, which widens them on the device.
+        # Pretraining batches only: labelled crops (fine-tuning) are labelled from the unrotated box.
+        rotate_deg=data.get("rotate_deg", 0.0) if train and not labels else 0.0,
     )
     ds = ds.random_map(sampler, seed=seed + 1)
     if batch_size is None:
