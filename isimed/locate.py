@@ -24,8 +24,10 @@ Matching, coarse to fine:
    2 * ndim crops `offset_mm` away along each world axis. A candidate target position costs the
    mean embedding distance between these query crops and the target crops at the same offsets
    around it: one crop can be ambiguous (the left and right hemispheres look alike), a
-   constellation of crops much less. On the coarse grid every candidate is scored at once
-   (the cost map, `cost_maps`), the best one wins.
+   constellation of crops much less. Offsets are realised as whole template voxels (and, on the
+   coarse grid, whole grid cells), so every query crop is a crop the grid can hold; an offset
+   crop that would leave the template is dropped for that point rather than moved. On the
+   coarse grid every candidate is scored at once (the cost map, `cost_maps`), the best one wins.
 3. Local search at one-voxel steps: the 3^ndim neighbours of the current best start are embedded
    and scored the same way, moving until the centre is best (at most `max_moves` times).
 
@@ -327,10 +329,34 @@ def embed_volume(
 # Matching.
 
 
-def _queries(points_mm: np.ndarray, template: Grid, crop: tuple[int, ...], offset_mm: float):
-    """Template crop starts `(P, K, ndim)` of each point's query crops (K = 1 + 2 ndim with
-    offsets), the world offsets `(K, ndim)` and each point's offset from its centre crop's centre
-    `(P, ndim)` in mm. LocateError for a point outside the template."""
+def _offsets(offset_mm: float, ndim: int) -> np.ndarray:
+    """World offsets `(K, ndim)` of a point's query crops: its own, then +-offset_mm along each axis."""
+    offsets = np.zeros((1, ndim))
+    if offset_mm > 0:
+        offsets = np.concatenate([offsets, offset_mm * np.eye(ndim), -offset_mm * np.eye(ndim)])
+    return offsets
+
+
+@dataclasses.dataclass(frozen=True)
+class _Queries:
+    """Each point's query crops in the template. Every crop sits a whole number of template voxels
+    from the point's centre crop (`voxels`, the same for every point), so the constellation is
+    the same wherever the point lies; `offsets` is that constellation in world mm, which the
+    target reproduces in its own voxels. A crop that would leave the template is left out
+    (`valid`) rather than moved inside, which would change the constellation near an edge."""
+
+    starts: np.ndarray  # (P, K, ndim) template crop starts (the centre crop's where not valid)
+    valid: np.ndarray  # (P, K)
+    offsets: np.ndarray  # (K, ndim) world mm from the centre crop's centre
+    residual: np.ndarray  # (P, ndim) mm from the centre crop's centre to the point
+
+
+def _queries(
+    points_mm: np.ndarray, template: Grid, crop: tuple[int, ...], offsets_mm: np.ndarray
+) -> _Queries:
+    """The query crops of template points `(P, ndim)` world mm for world offsets `(K, ndim)`.
+    LocateError for a point outside the template. Near an edge the centre crop is moved inside
+    the image; `residual` carries its shift."""
     ndim = len(crop)
     shape = np.asarray(template.image.shape)
     index = geometry.world_to_voxel(points_mm, template.affine)
@@ -342,17 +368,15 @@ def _queries(points_mm: np.ndarray, template: Grid, crop: tuple[int, ...], offse
             f"outside the template ({len(outside)} of {len(points_mm)} points are; world extent "
             f"{_extent(template)})"
         )
-    offsets = np.zeros((1, ndim))
-    if offset_mm > 0:
-        offsets = np.concatenate([offsets, offset_mm * np.eye(ndim), -offset_mm * np.eye(ndim)])
-    half = (np.asarray(crop) - 1) / 2
-    wanted = (points_mm[:, None, :] + offsets[None]).reshape(-1, ndim)
-    q_index = geometry.world_to_voxel(wanted, template.affine).reshape(len(points_mm), len(offsets), ndim)
-    # Crops that would leave the image are moved inside it: near an edge the constellation is
-    # squeezed, and the centre crop's shift is carried by `residual`.
-    starts = np.clip(np.round(q_index - half), 0, shape - np.asarray(crop)).astype(np.int64)
-    centre = geometry.crop_centres_mm(starts[:, 0], crop, template.affine)
-    return starts, offsets, np.asarray(points_mm) - centre
+    limit = shape - np.asarray(crop)
+    centre = np.clip(np.round(index - (np.asarray(crop) - 1) / 2), 0, limit).astype(np.int64)
+    linear = template.affine[:ndim, :ndim]
+    voxels = np.round(np.linalg.solve(linear, np.asarray(offsets_mm, np.float64).T).T).astype(np.int64)
+    starts = centre[:, None, :] + voxels[None]
+    valid = np.all((starts >= 0) & (starts <= limit), axis=-1)
+    starts = np.where(valid[..., None], starts, centre[:, None, :])
+    residual = np.asarray(points_mm) - geometry.crop_centres_mm(centre, crop, template.affine)
+    return _Queries(starts, valid, voxels @ linear.T, residual)
 
 
 def _extent(g: Grid) -> str:
@@ -369,6 +393,24 @@ def _target_offsets(offsets: np.ndarray, target: Grid) -> np.ndarray:
     return np.round(np.linalg.solve(linear, offsets.T).T).astype(np.int64)
 
 
+def _lattice_offsets(offsets_mm: np.ndarray, target: Grid) -> np.ndarray:
+    """The coarse step's offsets: `offsets_mm` moved to whole cells of the target's lattice, at
+    least one cell where the offset is not zero (on thick slices a 12 mm offset would round to
+    none and compare a crop with itself). Returns world offsets `(K, ndim)`."""
+    linear = target.affine[:-1, :-1]
+    cells = np.linalg.solve(linear, offsets_mm.T).T / target.stride
+    steps = np.round(cells)
+    for k in np.flatnonzero(~np.any(steps, axis=1) & np.any(offsets_mm, axis=1)):
+        a = int(np.argmax(np.abs(cells[k])))
+        steps[k, a] = np.sign(cells[k, a])
+    return (steps * target.stride) @ linear.T
+
+
+def _embed_queries(locator: Locator, template: Grid, q: _Queries) -> np.ndarray:
+    p, k, ndim = q.starts.shape
+    return embed_crops(locator, template.image, q.starts.reshape(-1, ndim)).reshape(p, k, -1)
+
+
 def cost_maps(
     points_mm: np.ndarray,
     template: Grid,
@@ -377,19 +419,19 @@ def cost_maps(
     *,
     offset_mm: float = 12.0,
     chunk: int = 64,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Coarse step: `(costs (P, *lattice) mm, query embeddings (P, K, D))`. costs[p] at a lattice
-    cell is the mean distance, times the scale, between point p's query crops and the target's
-    crops at the same offsets around that cell's crop (inf where the centre crop was dropped or
-    fewer than half the offset crops exist)."""
+) -> np.ndarray:
+    """Coarse step: costs `(P, *lattice)` in mm. costs[p] at a lattice cell is the mean distance,
+    times the scale, between point p's query crops and the target's crops at the same offsets
+    around that cell's crop, the offsets moved to whole lattice cells (`_lattice_offsets`; the
+    template's query crops are placed at those offsets too); inf where the centre crop was
+    dropped or fewer than half of the point's query crops have a target crop to compare with."""
     points_mm = np.atleast_2d(np.asarray(points_mm, np.float64))
     crop = locator.crop_shape
-    starts, offsets, _ = _queries(points_mm, template, crop, offset_mm)
-    p, k, ndim = starts.shape
-    queries = embed_crops(locator, template.image, starts.reshape(-1, ndim)).reshape(p, k, -1)
-    voxel_offsets = _target_offsets(offsets, target)
-    # Offsets on the lattice, rounded to whole cells: the coarse step is approximate anyway.
-    steps = np.round(voxel_offsets / target.stride).astype(np.int64)
+    ndim = len(crop)
+    coarse = _lattice_offsets(_offsets(offset_mm, ndim), target)
+    q = _queries(points_mm, template, crop, coarse)
+    queries = _embed_queries(locator, template, q)
+    steps = np.round(_target_offsets(q.offsets, target) / target.stride).astype(np.int64)
     shape = np.asarray(target.lattice.shape)
     cells = np.stack(np.meshgrid(*map(np.arange, shape), indexing="ij"), -1).reshape(-1, ndim)
     shifted = []
@@ -400,19 +442,20 @@ def cost_maps(
         rows[ok] = target.lattice[tuple(moved[ok].T)]
         shifted.append(rows)
     shifted = np.stack(shifted)  # (K, cells): row of the target crop at each offset, -1: none.
-    valid = shifted >= 0
-    enough = valid[0] & (valid.sum(0) >= (k + 1) // 2)
     emb = target.embeddings
-    costs = np.empty((p, len(cells)), np.float32)
-    for a in range(0, p, chunk):
-        q = queries[a : a + chunk]  # (c, K, D)
-        total = np.zeros((len(q), len(cells)), np.float64)
-        for j in range(k):
-            d = _distances(q[:, j], emb)  # (c, n)
-            total += np.where(valid[j], d[:, np.maximum(shifted[j], 0)], 0.0)
-        mean = total / np.maximum(valid.sum(0), 1)
-        costs[a : a + chunk] = np.where(enough, mean * locator.scale, np.inf)
-    return costs.reshape(p, *shape), queries
+    costs = np.empty((len(points_mm), len(cells)), np.float32)
+    for a in range(0, len(points_mm), chunk):
+        qv = q.valid[a : a + chunk]  # (c, K)
+        total = np.zeros((len(qv), len(cells)), np.float64)
+        count = np.zeros((len(qv), len(cells)), np.int64)
+        for j in range(len(steps)):
+            both = qv[:, j, None] & (shifted[j] >= 0)[None]  # (c, cells)
+            d = _distances(queries[a : a + chunk, j], emb)[:, np.maximum(shifted[j], 0)]
+            total += np.where(both, d, 0.0)
+            count += both
+        enough = (shifted[0] >= 0)[None] & (count >= (qv.sum(1, keepdims=True) + 1) // 2)
+        costs[a : a + chunk] = np.where(enough, total / np.maximum(count, 1) * locator.scale, np.inf)
+    return costs.reshape(len(points_mm), *shape)
 
 
 def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -449,30 +492,32 @@ def match(
         )
     if not len(points_mm):
         return np.zeros((0, ndim)), np.zeros(0)
-    _, offsets, residual = _queries(points_mm, template, crop, offset_mm)
-    costs, queries = cost_maps(points_mm, template, target, locator, offset_mm=offset_mm)
+    costs = cost_maps(points_mm, template, target, locator, offset_mm=offset_mm)
     flat = costs.reshape(len(points_mm), -1)
     best = np.argmin(flat, axis=1)
     score = flat[np.arange(len(best)), best]
     cells = np.stack(np.unravel_index(best, target.lattice.shape), -1)
     starts = target.origin + target.stride * cells
+    q = _queries(points_mm, template, crop, _offsets(offset_mm, ndim))
     if refine:
-        starts, score = _refine(starts, score, queries, offsets, target, locator, max_moves)
-    found = geometry.crop_centres_mm(starts, crop, target.affine) + residual
+        starts, score = _refine(
+            starts, score, q, _embed_queries(locator, template, q), target, locator, max_moves
+        )
+    found = geometry.crop_centres_mm(starts, crop, target.affine) + q.residual
     return found, np.asarray(score, np.float64)
 
 
-def _refine(starts, score, queries, offsets, target: Grid, locator: Locator, max_moves: int):
+def _refine(starts, score, q: _Queries, queries: np.ndarray, target: Grid, locator: Locator, max_moves: int):
     """Local search at one-voxel steps from each coarse start (see the module docstring)."""
     crop = np.asarray(locator.crop_shape)
     ndim = len(crop)
-    voxel_offsets = _target_offsets(offsets, target)
+    voxel_offsets = _target_offsets(q.offsets, target)
     cube = np.stack(np.meshgrid(*([np.arange(-1, 2)] * ndim), indexing="ij"), -1).reshape(-1, ndim)
     limit = np.asarray(target.image.shape) - crop
     starts = starts.copy()
     score = np.asarray(score, np.float64).copy()
     active = np.isfinite(score)
-    # The coarse score used lattice-rounded offsets: the first fine step replaces it whatever it is.
+    # The coarse score used lattice offsets: the first fine step replaces it whatever it is.
     coarse = score.copy()
     score[active] = np.inf
     for _ in range(max_moves + 1):
@@ -482,13 +527,14 @@ def _refine(starts, score, queries, offsets, target: Grid, locator: Locator, max
         # (a, 3^ndim, K, ndim): every crop each active point's candidates need.
         needed = starts[idx, None, None, :] + cube[None, :, None, :] + voxel_offsets[None, None]
         inside = np.all((needed >= 0) & (needed <= limit), axis=-1)
-        _embed_missing(needed[inside], target, locator)
+        use = inside & q.valid[idx, None, :]
+        _embed_missing(needed[use], target, locator)
         emb = np.zeros((*needed.shape[:-1], queries.shape[-1]), np.float32)
-        for pos in zip(*np.nonzero(inside)):
+        for pos in zip(*np.nonzero(use)):
             emb[pos] = target.extra[tuple(needed[pos])]
         d = np.linalg.norm(emb - queries[idx, None], axis=-1)  # (a, cube, K)
-        count = inside.sum(-1)
-        mean = np.where(count > 0, (d * inside).sum(-1) / np.maximum(count, 1), np.inf)
+        count = use.sum(-1)
+        mean = np.where(count > 0, (d * use).sum(-1) / np.maximum(count, 1), np.inf)
         mean[~inside[..., 0]] = np.inf  # The centre crop itself must exist.
         choice = np.argmin(mean, axis=1)
         new = mean[np.arange(len(idx)), choice] * locator.scale
@@ -704,7 +750,7 @@ def locate_files(
         )
         seconds[f"embed_{role}_s"] = round(time.time() - start, 2)
         if role == "template":  # Points outside it: said before the target's work is done.
-            _queries(points, grids[0], locator.crop_shape, 0.0)
+            _queries(points, grids[0], locator.crop_shape, _offsets(0.0, len(locator.crop_shape)))
     template, target = grids
     pose = None
     if align_rounds:
@@ -755,7 +801,7 @@ def plot_matches(
     if template.image.ndim != 3:
         raise LocateError("plots are drawn for 3D images only")
     os.makedirs(folder, exist_ok=True)
-    costs, _ = cost_maps(points_mm, template, target, locator, offset_mm=offset_mm)
+    costs = cost_maps(points_mm, template, target, locator, offset_mm=offset_mm)
     written = []
     reported = found_mm if reported_mm is None else reported_mm
     for i, (p, q) in enumerate(zip(points_mm, found_mm)):

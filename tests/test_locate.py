@@ -66,6 +66,30 @@ def test_match_finds_a_known_shift_to_the_voxel(shifted_pair):
         np.testing.assert_allclose(score, 0.0, atol=1e-5)
 
 
+def test_anisotropic_voxels_and_points_near_the_edges_are_found_exactly():
+    """Offsets that are not whole voxels (12 mm at 1 x 1.5 x 5 mm voxels), points off voxel centres
+    and near the template's edges, a coarse stride of 3: an identical neighbourhood must cost 0
+    and be found exactly (template and target place each query crop the same way)."""
+    spacing = np.array([1.0, 1.5, 5.0])
+    volume = _texture((52, 48, 40), seed=3)
+    shift = np.array([3, 1, 5])
+    size = np.array([44, 40, 30])
+    affine = np.diag([*spacing, 1.0])
+    template = locate.embed_volume(_locator(), volume[: size[0], : size[1], : size[2]], affine, stride=3)
+    moved = volume[
+        shift[0] : shift[0] + size[0], shift[1] : shift[1] + size[1], shift[2] : shift[2] + size[2]
+    ]
+    target = locate.embed_volume(_locator(), moved, affine, stride=3)
+    rng = np.random.default_rng(4)
+    # Points whose centre crop exists in the target (template voxels from shift + 4 on: crops
+    # start 3.5 voxels before their centre); within 12 mm of an edge some of a point's offset
+    # crops leave the template or the target.
+    points = rng.uniform(shift + 4.0, size - 1.5, size=(40, 3)) * spacing
+    found, score = locate.match(points, template, target, _locator(), offset_mm=12.0)
+    np.testing.assert_allclose(found, points - shift * spacing, atol=1e-6)
+    np.testing.assert_allclose(score, 0.0, atol=1e-5)
+
+
 def test_refinement_is_what_reaches_odd_shifts(shifted_pair):
     """The coarse lattice (stride 2) cannot land on an odd shift: without refinement some answers
     are a voxel off, and their score says so."""
@@ -80,7 +104,7 @@ def test_refinement_is_what_reaches_odd_shifts(shifted_pair):
 def test_cost_map_is_lowest_at_the_truth(shifted_pair):
     template, target, shift_mm = shifted_pair
     point = np.array([[31.0, 33.0, 35.0]])  # Voxel centres: crop centres fall on the lattice.
-    costs, _ = locate.cost_maps(point, template, target, _locator(), offset_mm=0.0)
+    costs = locate.cost_maps(point, template, target, _locator(), offset_mm=0.0)
     best = np.unravel_index(np.argmin(costs[0]), costs[0].shape)
     start = target.origin + target.stride * np.array(best)
     centre = locate.geometry.crop_centres_mm(start[None], CROP, target.affine)[0]
