@@ -580,7 +580,8 @@ def _results(config, workdir: workdir_layout.Workdir, final_step: int, info: dic
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Fine-tunes (resuming from `workdir` if it holds a checkpoint) and returns results.json's
-    content, or `{"preempted_at_step": N}` after a SIGTERM / Ctrl-C (rerun to resume)."""
+    content (on processes other than 0, which write nothing: `{"final_step": N}`), or
+    `{"preempted_at_step": N}` after a SIGTERM / Ctrl-C (rerun to resume)."""
     runtime.initialize(config)
     return train.run_job(config, workdir, make_job)
 
@@ -601,6 +602,8 @@ def run_name(config: ml_collections.ConfigDict) -> str:
 def format_results(results: dict[str, Any]) -> str:
     if "preempted_at_step" in results:
         return f"Preempted: checkpoint saved at step {results['preempted_at_step']}; rerun to resume."
+    if "task" not in results:  # A process other than 0 (`finish`): process 0 writes results.json.
+        return f"Fine-tuning finished at step {results['final_step']}; process 0 writes results.json."
     r = results
     return (
         f"Fine-tuning ({r['task']}, {r['mode']}, {r['init']}) with {r['train_subjects']} of "

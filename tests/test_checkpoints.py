@@ -381,6 +381,7 @@ TRIGGERS = {
     "config.learning_rate": lambda t: _bad_config(t, **{"optim.learning_rate": 0.0}),
     "config.schedule": lambda t: _bad_config(t, **{"optim.schedule": "linear"}),
     "config.other": lambda t: _bad_config(t, **{"optim.warmup_steps": -1}),
+    "config.rotate_deg": lambda t: _bad_config(t, **{"data.rotate_deg": 90.0}),
     "config.several": lambda t: _bad_config(
         t, checkpoint_every=0, keep_checkpoints=0, **{"optim.learning_rate": -1.0}
     ),

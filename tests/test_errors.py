@@ -22,6 +22,7 @@ import pydicom
 import pydicom.data
 import pytest
 from test_checkpoints import TRIGGERS as CHECKPOINT_TRIGGERS
+from test_finetune import TRIGGERS as FINETUNE_TRIGGERS
 from test_locate import TRIGGERS as LOCATE_TRIGGERS
 
 from isimed.data import layouts
@@ -414,7 +415,7 @@ DATA_TRIGGERS = {
     "prepare.uri_out": lambda t: lambda: prepare.prepare("brats", str(t.tmp_path), "gs://my-bucket/prep"),
 }
 
-TRIGGERS = {**CHECKPOINT_TRIGGERS, **DATA_TRIGGERS, **LOCATE_TRIGGERS}
+TRIGGERS = {**CHECKPOINT_TRIGGERS, **DATA_TRIGGERS, **LOCATE_TRIGGERS, **FINETUNE_TRIGGERS}
 
 
 def test_every_documented_error_has_a_trigger():

@@ -218,3 +218,22 @@ def test_nan_guard_stops_fine_tuning_and_keeps_the_last_good_checkpoint(pretrain
         finetune.finetune(config, str(tmp_path))
     state = checkpoints.read_state(str(tmp_path), 4)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+
+def _bad_finetune(t, arg: str = "test", **overrides):
+    """Fine-tuning the `pretrained` run's encoder with a config that cannot work: the error comes
+    before any data is read for training or anything compiled."""
+    config = finetune_chest.get_config(arg)
+    config.pretrain_workdir = str(t.pretrained_dir)
+    config.update_from_flattened_dict(overrides)
+    return lambda: finetune.finetune(config, str(t.tmp_path / "finetune"))
+
+
+# docs/errors.md rows `finetune.*` (collected by tests/test_errors.py).
+TRIGGERS = {
+    "finetune.no_pretraining": lambda t: _bad_finetune(t, pretrain_workdir=None),
+    "finetune.subjects": lambda t: _bad_finetune(t, subjects=999),
+    "finetune.export": lambda t: _bad_finetune(t, "test,init=export"),
+    "finetune.head_only": lambda t: _bad_finetune(t, "test,mode=full", **{"finetune.head_only_steps": 10**6}),
+    "finetune.mode": lambda t: _bad_finetune(t, mode="partial"),
+}

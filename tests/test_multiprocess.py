@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 from sharding_check import assert_same_step
 
+from configs import finetune_chest
 from isimed import checkpoints
+from isimed import finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One xdist worker runs the module, so the shared two-process run happens once. Skipped on
@@ -220,3 +222,62 @@ def test_linear_eval_two_processes_equals_one_process(straight, tmp_path):
     one, two = results[1], results[2]
     one.pop("pretrain_workdir"), two.pop("pretrain_workdir")
     assert one == two
+
+
+FINETUNE_FLAGS = [
+    "--config=configs/finetune_chest.py:test,mode=full,fraction=0.5",
+    "--config.total_steps=10",
+    "--config.eval_every=5",
+    "--config.checkpoint_every=5",
+]
+
+
+def test_finetune_two_processes_finish_and_only_process_zero_writes(straight, tmp_path):
+    """`finetune.py` on 2 processes x 2 devices from the 2-process pretraining: both exit 0 (process
+    1 used to crash formatting results it does not have), process 0 alone writes results.json and
+    the metrics, and the labelled subjects are those a 1-process run labels (chosen from the split
+    and seeds alone; each process then reads its share of them)."""
+    workdir = tmp_path / "finetune"
+    args = ["finetune.py", *FINETUNE_FLAGS, f"--config.pretrain_workdir={straight[0]}"]
+    args.append(f"--workdir={workdir}")
+    out0, out1 = _finish(_start(args, 2))
+    assert "process 0 of 2: 2 local / 4 global cpu devices" in out0
+    assert "process 1 of 2: 2 local / 4 global cpu devices" in out1
+    assert [p.name for p in tmp_path.rglob("results.json")] == ["results.json"]
+    results = json.loads((workdir / "results.json").read_text())
+    assert finetune.format_results(results) in out0
+    assert "Fine-tuning finished at step 10; process 0 writes results.json." in out1
+    assert "test auc" not in out1 and "train/loss" not in out1
+    assert results["final_step"] == 10
+    assert [s for s, _ in results["validation_curve"]] == [0, 5, 10]
+    assert np.isfinite(results["test_auc"])
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert sorted(r["step"] for r in rows if "validation/auc" in r) == [0, 5, 10]  # Each once.
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "5"]
+
+    config = finetune_chest.get_config("test,mode=full,fraction=0.5")
+    config.pretrain_workdir = str(straight[0])
+    data = finetune.resolve_config(config)[0].data
+    available = len(finetune.split_ids(data, "train"))
+    n = finetune.num_label_subjects(available, config.fraction, None)
+    chosen = finetune.label_subjects(available, n, config.split_seed)
+    assert results["train_subjects"] == n >= 2
+    assert results["train_subject_ids"] == finetune.split_ids(data, "train", chosen)
+
+
+def test_finetune_step_two_processes_equals_one_process(straight, tmp_path):
+    """Two full-mode fine-tuning steps on one global batch (`tests/finetune_sharding_check.py`):
+    the second step's loss and gradients (the encoder's too), the parameters and BatchNorm
+    statistics after it, both steps' metrics and the validation and test scores of the stepped
+    state: 2 processes x 2 devices against 1 process x 4 devices. (Whole runs are not compared:
+    each process reads its own share of the labelled subjects, so the global batches of a 2-process
+    run are not those of a 1-process run.)"""
+    outs = {}
+    for processes, devices in ((1, 4), (2, 2)):
+        out = str(tmp_path / f"{processes}.npz")
+        _finish(_start(["tests/finetune_sharding_check.py", out, str(straight[0])], processes, devices))
+        outs[processes] = dict(np.load(out))
+    one, two = outs[1], outs[2]
+    assert int(one.pop("devices")) == int(two.pop("devices")) == 4
+    assert any(np.abs(v).max() > 0 for k, v in one.items() if k.startswith("grad/['encoder']"))
+    assert_same_step(one, two)
