@@ -773,8 +773,18 @@ def locate_files(
             locator,
             offset_mm=offset_mm,
             reported_mm=reported,
+            names=_point_names(header, rows),
         )
     return {"points": len(points), "out": out_path, "encoder": locator.name, **seconds}
+
+
+def _point_names(header: list[str], rows: list[list[str]]) -> list[str] | None:
+    """The points' names from a `name` or `label` column ("" where a row is short), else None."""
+    column = next((c for c in ("name", "label") if c in header), None)
+    if column is None:
+        return None
+    c = header.index(column)
+    return [row[c] if c < len(row) else "" for row in rows]
 
 
 def plot_matches(
@@ -788,15 +798,15 @@ def plot_matches(
     *,
     offset_mm: float = 12.0,
     reported_mm: np.ndarray | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[str]:
     """One PNG per point: the template's three orthogonal slices through the point (top) and the
     target's through the found point (bottom) with the coarse cost map overlaid (low cost = bright
-    in the overlay). 3D only; returns the files written. `reported_mm`: the found points as
-    written (in the target's own frame when `target` is an aligned grid), for the titles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    in the overlay), drawn at the voxels' physical aspect. 3D only; returns the files written.
+    `reported_mm`: the found points as written (in the target's own frame when `target` is an
+    aligned grid), for the titles; `names`: the points' names, for the titles. Figures never
+    meet pyplot, so a notebook's backend is left as it was."""
+    from isimed.evaluation import plots
 
     if template.image.ndim != 3:
         raise LocateError("plots are drawn for 3D images only")
@@ -806,8 +816,10 @@ def plot_matches(
     reported = found_mm if reported_mm is None else reported_mm
     for i, (p, q) in enumerate(zip(points_mm, found_mm)):
         cost = _cost_on_voxels(costs[i], target, locator.crop_shape)
-        fig, axes = plt.subplots(2, 3, figsize=(9, 6))
+        fig = plots.figure(2, 3, panel=(3.0, 3.0))
+        axes = fig.subplots(2, 3)
         for row, (g, point, overlay) in enumerate(((template, p, None), (target, q, cost))):
+            spacing = np.linalg.norm(g.affine[:3, :3], axis=0)
             index = np.clip(
                 np.round(geometry.world_to_voxel(point, g.affine)).astype(int),
                 0,
@@ -816,24 +828,25 @@ def plot_matches(
             for axis in range(3):
                 ax = axes[row, axis]
                 cut = tuple(index[a] if a == axis else slice(None) for a in range(3))
-                ax.imshow(np.asarray(g.image[cut], np.float32).T, cmap="gray", origin="lower")
+                rest = [a for a in range(3) if a != axis]
+                aspect = float(spacing[rest[1]] / spacing[rest[0]])  # Millimetres look square.
+                ax.imshow(np.asarray(g.image[cut], np.float32).T, cmap="gray", origin="lower", aspect=aspect)
                 if overlay is not None:
                     similarity = np.exp(-overlay[cut] / max(float(score[i]), 1.0))
-                    ax.imshow(similarity.T, cmap="hot", alpha=0.45, origin="lower", vmin=0, vmax=1)
-                rest = [a for a in range(3) if a != axis]
+                    ax.imshow(
+                        similarity.T, cmap="hot", alpha=0.45, origin="lower", vmin=0, vmax=1, aspect=aspect
+                    )
                 ax.plot(index[rest[0]], index[rest[1]], "c+", markersize=12)
                 ax.set_xticks([])
                 ax.set_yticks([])
             label = "target" + (" in the template's pose" if target.source.endswith("(aligned)") else "")
             axes[row, 0].set_ylabel("template" if row == 0 else f"{label}, score {score[i]:.1f} mm")
+        name = names[i] if names is not None else f"point {i + 1}"
         fig.suptitle(
-            f"point {i + 1}: ({', '.join(f'{v:.1f}' for v in p)}) -> "
+            f"{name}: ({', '.join(f'{v:.1f}' for v in p)}) -> "
             f"({', '.join(f'{v:.1f}' for v in reported[i])}) mm"
         )
-        path = os.path.join(folder, f"point_{i + 1:04d}.png")
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        written.append(path)
+        written.append(plots.save(fig, os.path.join(folder, f"point_{i + 1:04d}.png")))
     return written
 
 

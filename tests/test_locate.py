@@ -111,6 +111,26 @@ def test_cost_map_is_lowest_at_the_truth(shifted_pair):
     assert np.linalg.norm(centre - (point[0] - shift_mm)) <= np.sqrt(3) * SPACING
 
 
+def test_plots_leave_the_notebook_backend_alone(shifted_pair, tmp_path):
+    """`plot_matches` draws without pyplot: a notebook's backend (here pdf) is the same after."""
+    import matplotlib
+
+    template, target, shift_mm = shifted_pair
+    points = np.array([[31.0, 33.0, 35.0], [40.0, 30.0, 44.0]])
+    found, score = locate.match(points, template, target, _locator())
+    backend = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        written = locate.plot_matches(
+            str(tmp_path), points, found, score, template, target, _locator(), names=["a", "b"]
+        )
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(backend)
+    assert [os.path.basename(p) for p in written] == ["point_0001.png", "point_0002.png"]
+    assert all(os.path.getsize(p) > 0 for p in written)
+
+
 def test_embedding_cache_round_trip(tmp_path):
     image = _texture((20, 20, 20), seed=3)
     affine = np.diag([SPACING, SPACING, SPACING, 1.0])

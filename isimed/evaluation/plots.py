@@ -34,13 +34,16 @@ _PANEL = (4.0, 3.2)  # inches per subplot panel
 _MAX_POINTS = 4000  # scatter points per panel: more adds no information, only file size and time
 
 
-def _figure(nrows: int, ncols: int, panel: tuple[float, float] = _PANEL) -> Figure:
+def figure(nrows: int, ncols: int, panel: tuple[float, float] = _PANEL) -> Figure:
+    """An empty figure of `nrows x ncols` panels of `panel` inches, on its own Agg canvas (add
+    axes with `fig.subplots`); `save` writes it."""
     fig = Figure(figsize=(panel[0] * ncols, panel[1] * nrows), dpi=DPI, layout="tight")
     FigureCanvasAgg(fig)  # Attaches the Agg canvas explicitly; the figure never meets pyplot.
     return fig
 
 
-def _save(fig: Figure, out_png: str | os.PathLike) -> str:
+def save(fig: Figure, out_png: str | os.PathLike) -> str:
+    """Writes `fig` as a PNG (local path or gs://) and returns the path."""
     out_png = paths.resolve(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()  # Through epath, so a gs:// workdir works too.
@@ -82,7 +85,7 @@ def _training_curves_figure(series: Mapping[str, tuple[np.ndarray, np.ndarray]],
     keys = sorted(series, key=order)
     ncols = min(4, max(1, len(keys)))
     nrows = max(1, -(-len(keys) // ncols))
-    fig = _figure(nrows, ncols, panel=(3.6, 2.8))
+    fig = figure(nrows, ncols, panel=(3.6, 2.8))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, key in zip(axes, keys):
         steps, values = series[key]
@@ -120,7 +123,7 @@ def training_curves(metrics_jsonl_path: str, out_png: str) -> str:
     if not series:
         raise ValueError(f"{metrics_jsonl_path} holds no numeric metrics to plot")
     name = paths.resolve(metrics_jsonl_path).parent.name
-    return _save(_training_curves_figure(series, f"Training curves: {name}"), out_png)
+    return save(_training_curves_figure(series, f"Training curves: {name}"), out_png)
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +137,7 @@ def _distance_scatter_figure(
     max_pairs: int,
     seed: int,
 ) -> Figure:
-    fig = _figure(1, len(embeddings), panel=(4.2, 4.0))
+    fig = figure(1, len(embeddings), panel=(4.2, 4.0))
     axes = fig.subplots(1, len(embeddings), squeeze=False).ravel()
     for ax, (name, z) in zip(axes, embeddings.items()):
         latent, physical = metrics_lib.pair_distances(z, centres_mm, "within")
@@ -195,7 +198,7 @@ def distance_scatter(
     if not embeddings:
         raise ValueError("distance_scatter needs at least one embedding array")
     fig = _distance_scatter_figure(embeddings, centres_mm, scale_mm, max_pairs, seed)
-    return _save(fig, out_png)
+    return save(fig, out_png)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +252,7 @@ def _embedding_pca_figure(
     if p.scores.shape[1] < 2:
         raise ValueError("embedding_pca needs embeddings with at least 2 dimensions")
     ncols = len(names) + (lesion is not None)
-    fig = _figure(len(pairs), ncols, panel=(3.8, 3.3))
+    fig = figure(len(pairs), ncols, panel=(3.8, 3.3))
     axes = fig.subplots(len(pairs), ncols, squeeze=False)
     for row, (a, b) in enumerate(pairs):
         xs, ys = p.scores[keep, a], p.scores[keep, b]
@@ -326,7 +329,7 @@ def embedding_pca(
       axis_names: colour-bar titles per world axis (default: the phantom's LPS-like frame for 3D).
     """
     fig = _embedding_pca_figure(embeddings, centres_mm, lesion, axis_names, max_points, seed)
-    return _save(fig, out_png)
+    return save(fig, out_png)
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +346,7 @@ def roc_label(name: str, y_true: np.ndarray, score: np.ndarray) -> tuple[str, fl
 
 
 def _roc_figure(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: str) -> Figure:
-    fig = _figure(1, 1, panel=(5.0, 4.6))
+    fig = figure(1, 1, panel=(5.0, 4.6))
     ax = fig.subplots()
     for name, (y_true, score) in curves.items():
         label, auc = roc_label(name, y_true, score)
@@ -374,7 +377,7 @@ def roc_curves(
     """
     if not curves:
         raise ValueError("roc_curves needs at least one (y_true, score) pair")
-    return _save(_roc_figure(curves, title), out_png)
+    return save(_roc_figure(curves, title), out_png)
 
 
 def metric_curves(
@@ -389,7 +392,7 @@ def metric_curves(
     Args:
       curves: `{name: (x, mean, std)}`, three sequences of one length.
     """
-    fig = _figure(1, 1, panel=(5.5, 4.0))
+    fig = figure(1, 1, panel=(5.5, 4.0))
     ax = fig.subplots()
     for name, (x, mean, std) in curves.items():
         ax.errorbar(x, mean, yerr=std, marker="o", markersize=3, capsize=2, linewidth=1.2, label=name)
@@ -398,7 +401,7 @@ def metric_curves(
     ax.set_ylabel(ylabel, fontsize=8)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(fig, out_png)
+    return save(fig, out_png)
 
 
 # --------------------------------------------------------------------------------------------
