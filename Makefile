@@ -88,8 +88,8 @@ tensorboard: install
 clean:
 	rm -rf $(VENV) *.egg-info
 
-# Label efficiency: random init and ISImed fine-tuned with 2 subjects / 5% / 10% / 25% / 100% of
-# the phantom's training labels (demo preset; SEEDS=3 for the spread and paired differences).
+# Label efficiency: random init and every pretraining arm fine-tuned with 2 subjects / 10% / 25% /
+# 100% of the phantom's training labels (demo preset; SEEDS=3 for the spread and paired differences).
 .PHONY: finetune
 finetune: install
 	$(PY) -m experiments.label_efficiency --seeds=$(SEEDS)
