@@ -11,9 +11,10 @@ The config argument is comma-separated tokens, in any order:
                       the pretraining workdir's encoder (latest step, or --config.init_step=N),
                       the same architecture at its random initialisation, or an isimed-export
                       file (--config.init_export=PATH)
-  task=lesion|structure
+  task=lesion|structure|image
                       crop lesion classification (the linear-evaluation protocol, the default),
-                      or the structure at the crop centre (records with structure label maps)
+                      the structure at the crop centre, or whether the subject has a nodule
+                      from crops of its lungs (the last two: records with structure label maps)
   fraction=F          the share of training subjects labelled (0 < F <= 1; default 0.1)
   subjects=N          N training subjects labelled instead of a fraction
 
@@ -29,7 +30,7 @@ PRESETS = ("paper", "demo", "test")
 _KEYS = {
     "mode": ("linear", "full"),
     "init": ("pretrained", "random", "export"),
-    "task": ("lesion", "structure"),
+    "task": ("lesion", "structure", "image"),
 }
 DEFAULTS = {"preset": "paper", "mode": "linear", "init": "pretrained", "task": "lesion", "fraction": 0.1}
 
@@ -76,7 +77,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # lesion: crop lesion classification, the linear-evaluation protocol: K crops per subject, a
     # share of them centred on lesion voxels; label = the crop contains lesion. structure: K crops
-    # per subject centred on random structures; label = the structure at the crop centre.
+    # per subject centred on random structures; label = the structure at the crop centre. image: K
+    # crops per subject centred on random lung voxels, pooled; label = the subject has a nodule.
     c.task = ml_collections.ConfigDict()
     c.task.name = a["task"]
     c.task.lesion_share = 0.39

@@ -23,7 +23,10 @@ Task `lesion` (the linear-evaluation protocol): crops with a lesion-centred shar
 `structure` (records with a structure label map: the phantom): crops centred on a random voxel of
 a random structure present (classes balanced within a subject), label = the structure at the crop
 centre voxel (`STRUCTURE_CLASSES`; a crop clipped at the border onto background is left out of
-the loss and the metric), softmax cross-entropy; one-vs-rest macro AUC, logged as `auc`. Subjects are the
+the loss and the metric), softmax cross-entropy; one-vs-rest macro AUC, logged as `auc`. Task
+`image` (the phantom): K crops centred on random lung voxels, blind to nodules; the head reads
+the mean and the max of the image's crop embeddings (`pool_image`); label = the subject has a
+nodule, binary cross-entropy; AUC over images. Subjects are the
 data set's own splits, which share no subject: training batches come from a nested subset of the
 training split's subjects (`label_subjects`: a seeded permutation, the first n, so a smaller
 fraction's subjects are inside every larger one's); every `eval_every` steps the validation
@@ -71,15 +74,26 @@ from isimed.evaluation import metrics_log
 
 MODES = ("linear", "full")
 INITS = ("pretrained", "random", "export")
-TASKS = ("lesion", "structure")
+TASKS = ("lesion", "structure", "image")
 # The structure task's classes: the structure at the crop centre (background excluded), as the
 # linear evaluation's anatomy task.
 STRUCTURE_CLASSES = context_tasks.ANATOMY_CLASSES
 
 
 def num_outputs(task: str) -> int:
-    """The head's outputs: one logit (lesion), one per structure class (structure)."""
-    return 1 if task == "lesion" else len(STRUCTURE_CLASSES)
+    """The head's outputs: one per structure class (structure), else one logit."""
+    return len(STRUCTURE_CLASSES) if task == "structure" else 1
+
+
+def head_inputs(task: str, embed_dim: int) -> int:
+    """The head's input size: an image's pooled crops (`pool_image`) or one crop's embedding."""
+    return 2 * embed_dim if task == "image" else embed_dim
+
+
+def pool_image(z: jnp.ndarray) -> jnp.ndarray:
+    """`(B, K, D)` crop embeddings -> `(B, 2D)` image features: the mean and the max over each
+    image's K crops (linear evaluation's image features, `context_tasks.image_features`)."""
+    return jnp.concatenate([z.mean(axis=1), z.max(axis=1)], axis=-1)
 
 
 class FinetuneError(errors.UserError, ValueError):
@@ -241,6 +255,8 @@ def make_step(config: ml_collections.ConfigDict, networks: train_state.Networks,
         crops = train_state.unit_crops(batch["crops"], window)
         x = crops.reshape(crops.shape[0] * crops.shape[1], *crops.shape[2:])
         z, new_stats = networks.apply(params["encoder"], batch_stats, x, train=not linear)
+        if config.task.name == "image":  # One prediction per image from its K crops.
+            z = pool_image(z.reshape(crops.shape[0], crops.shape[1], -1))
         logits = z @ params["head"]["kernel"] + params["head"]["bias"]
         loss, accuracy = task_loss(config.task.name, logits, batch["label"].reshape(-1))
         return loss, (accuracy, new_stats)
@@ -284,8 +300,9 @@ def make_step(config: ml_collections.ConfigDict, networks: train_state.Networks,
 
 def task_loss(task: str, logits: jnp.ndarray, y: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     """`(loss, accuracy)` of `(N, outputs)` logits against labels `(N,)`: binary cross-entropy
-    (lesion: y 0/1), or softmax cross-entropy over the crops with a class (structure: y >= 0)."""
-    if task == "lesion":
+    (lesion, image: y 0/1), or softmax cross-entropy over the crops with a class (structure:
+    y >= 0)."""
+    if task != "structure":
         y = y.astype(jnp.float32)
         loss = optax.sigmoid_binary_cross_entropy(logits[:, 0], y).mean()
         return loss, jnp.mean((logits[:, 0] > 0) == (y > 0.5))
@@ -335,12 +352,39 @@ class StructureCrops(grain.transforms.RandomMap):
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageCrops(grain.transforms.RandomMap):
+    """K crops per record centred on random lung voxels, blind to nodules (linear evaluation's
+    image task, `context_tasks.task_starts`), with `label` `(1,)`: the subject has a nodule."""
+
+    crop_shape: tuple[int, ...]
+    num_crops: int
+    window: tuple[float, float] | None
+    widen: bool = True
+
+    def random_map(self, record, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if not context_tasks.has_structures(record):
+            raise FinetuneError(
+                f"{pipeline.record_name(record)}: task.name='image' needs records with a structure "
+                "label map and a lesion mask (the chest phantom's 3D variants)"
+            )
+        sampling = context_tasks.Sampling(self.crop_shape, self.window, image=self.num_crops)
+        starts = context_tasks.task_starts(record, sampling, rng, tasks=("image",))["image"]
+        if len(starts) != self.num_crops:
+            raise FinetuneError(f"{pipeline.record_name(record)}: no lung voxels to centre crops on")
+        out = pipeline.crops_at(record, starts, self.crop_shape, self.window, labels=False, widen=self.widen)
+        out["label"] = np.array([np.any(np.asarray(record["mask"]) > 0)], np.int32)
+        out["starts"] = starts
+        return out
+
+
 def make_sampler(config: ml_collections.ConfigDict, crops_per_image: int, *, train: bool):
     """The task's crop sampler for `pipeline.make_dataset` (None: its lesion-share sampler)."""
     if config.task.name == "lesion":
         return None
     window = config.data.get("window")
-    return StructureCrops(
+    kind = StructureCrops if config.task.name == "structure" else ImageCrops
+    return kind(
         tuple(config.data.crop_size),
         crops_per_image,
         None if window is None else tuple(window),
@@ -357,7 +401,8 @@ def _labels(config, element) -> np.ndarray:
 
 def fixed_crops(config: ml_collections.ConfigDict, split: str) -> dict[str, np.ndarray]:
     """The fixed evaluation crops of a split's first `task.max_images` subjects (the same crops
-    every call): crops `(N, *crop, 1)` float32, label `(N,)` (`task_loss`), image_id `(N,)`."""
+    every call): crops `(N, *crop, 1)` float32, label `(N,)` (`task_loss`; the image task: its
+    image's label on each of its crops), image_id `(N,)`."""
     task = config.task
     ds = pipeline.make_dataset(
         config.data,
@@ -374,8 +419,8 @@ def fixed_crops(config: ml_collections.ConfigDict, split: str) -> dict[str, np.n
         if n >= task.max_images:
             break
         parts["crops"].append(element["crops"][0])
-        parts["label"].append(_labels(config, element)[0])
         k = element["crops"].shape[1]
+        parts["label"].append(np.broadcast_to(_labels(config, element)[0], (k,)))
         parts["image_id"].append(np.full(k, int(np.asarray(element["image_id"]).reshape(-1)[0])))
     if not parts["crops"]:
         raise FinetuneError(f"split {split!r} of {config.data.name} has no images")
@@ -384,7 +429,8 @@ def fixed_crops(config: ml_collections.ConfigDict, split: str) -> dict[str, np.n
 
 def make_scorer(task: str, networks: train_state.Networks, mesh, *, frozen: bool = False):
     """`(state, held, name) -> {"auc", "loss"}` of the head's logits on the fixed crops `held`
-    (eval-mode encoder): the lesion AUC, or the structure classes' one-vs-rest macro AUC. With
+    (eval-mode encoder): the lesion AUC, the image task's AUC over images (each image's crops
+    pooled, `pool_image`), or the structure classes' one-vs-rest macro AUC. With
     `frozen` (linear mode: the encoder never changes) each `name`'s embeddings are computed once."""
     bind = features_lib.make_embed_fn(networks, mesh)
     cache: dict[str, np.ndarray] = {}
@@ -395,11 +441,15 @@ def make_scorer(task: str, networks: train_state.Networks, mesh, *, frozen: bool
             z = bind(state["params"]["encoder"], state["batch_stats"])(held["crops"])
             if frozen:
                 cache[name] = z
+        y = held["label"]
+        if task == "image":  # `fixed_crops` keeps each image's crops together, as many each.
+            images = len(np.unique(held["image_id"]))
+            z = np.asarray(pool_image(z.reshape(images, len(z) // images, -1)))
+            y = y.reshape(images, -1)[:, 0]
         head = jax.device_get(state["params"]["head"])
         logits = (z @ np.asarray(head["kernel"]) + np.asarray(head["bias"])).astype(np.float64)
-        y = held["label"]
         loss = float(task_loss(task, jnp.asarray(logits, jnp.float32), jnp.asarray(y))[0])
-        if task == "lesion":
+        if task != "structure":
             auc = metrics_lib.binary_metrics(y, 1 / (1 + np.exp(-logits[:, 0])))["auc"]
         else:
             valid = y >= 0
@@ -485,7 +535,9 @@ def make_job(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir)
         }
 
     tx, schedule, _ = make_optimizer(config)
-    all_params = {"encoder": params, "head": init_head(config.model.embed_dim, num_outputs(config.task.name))}
+    task = config.task.name
+    head = init_head(head_inputs(task, config.model.embed_dim), num_outputs(task))
+    all_params = {"encoder": params, "head": head}
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": all_params,
@@ -562,8 +614,10 @@ def _results(config, workdir: workdir_layout.Workdir, final_step: int, info: dic
     curve = [(s, r["validation/auc"]) for s, r in sorted(rows.items()) if "validation/auc" in r]
     step, val_auc = select_step(curve)
     return {
-        "task": {"lesion": "lesion_crop", "structure": "structure_at_centre"}[config.task.name],
-        "metric": "auc" if config.task.name == "lesion" else "macro_auc (one-vs-rest)",
+        "task": {"lesion": "lesion_crop", "structure": "structure_at_centre", "image": "nodule_image"}[
+            config.task.name
+        ],
+        "metric": "macro_auc (one-vs-rest)" if config.task.name == "structure" else "auc",
         "mode": config.mode,
         "fraction": config.get("fraction"),
         "subjects": config.get("subjects"),

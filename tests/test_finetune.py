@@ -20,6 +20,7 @@ from isimed import train
 from isimed import workdir as workdir_layout
 from isimed.data import pipeline
 from isimed.data import structures
+from isimed.evaluation import context_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,6 +181,39 @@ def test_structure_task_labels_the_structure_at_the_crop_centre(pretrained, tmp_
     results = finetune.finetune(config, str(tmp_path / "run"))
     assert results["task"] == "structure_at_centre"
     assert results["test_auc"] > 0.6, results  # Macro one-vs-rest AUC; chance is 0.5.
+
+
+def test_image_task_pools_each_images_crops_as_linear_evaluation_does():
+    """Training and scoring pool an image's crops with `pool_image` (a reshape); linear
+    evaluation's image features group crop rows by image id: the same features."""
+    z = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float32)
+    ids, reference = context_tasks.image_features(z.reshape(35, 3), np.repeat(np.arange(5), 7))
+    np.testing.assert_allclose(np.asarray(finetune.pool_image(z)), reference, rtol=1e-6)
+
+
+def test_image_task_labels_subjects_and_reads_their_lungs(pretrained, tmp_path):
+    config = _config(pretrained, "test,task=image,fraction=0.5", total_steps=20, eval_every=10)
+    job = finetune.make_job(config, workdir_layout.Workdir(tmp_path / "job"))
+    source = pipeline.open_source(job.config.data, "train")
+    sampler = finetune.make_sampler(job.config, 16, train=False)
+    in_lung = {structures.STRUCTURES[n] for n in ("lung_left", "lung_right", "vessel", "nodule")}
+    labels = []
+    for i in range(len(source)):
+        record = source[i]
+        out = sampler.random_map(record, np.random.default_rng(i))
+        labels.append(int(out["label"][0]))
+        assert labels[-1] == int(np.any(np.asarray(record["mask"]) > 0))
+        centres = out["starts"] + (np.asarray(job.config.data.crop_size) - 1) // 2
+        assert set(np.asarray(record["structures"])[tuple(centres.T)].tolist()) <= in_lung
+        assert out["crops"].shape[0] == 16
+    assert set(labels) == {0, 1}  # Subjects with and without nodules.
+
+    results = finetune.finetune(config, str(tmp_path / "run"))
+    assert results["task"] == "nodule_image" and results["metric"] == "auc"
+    assert [s for s, _ in results["validation_curve"]] == [0, 10, 20]
+    assert np.isfinite(results["test_auc"])
+    state = checkpoints.read_state(str(tmp_path / "run"), 20)
+    assert np.asarray(state["params"]["head"]["kernel"]).shape == (2 * job.config.model.embed_dim, 1)
 
 
 def test_finetune_command_writes_results_under_the_pretraining_workdir(pretrained, tmp_path):
