@@ -3,8 +3,8 @@ with a nested series of labelled-subject fractions and compares the test AUC wit
 same architecture from its random initialisation.
 
 python -m experiments.label_efficiency [--preset=demo] [--arms=isimed,isimed_head,...]
-    [--mode=full] [--fractions=2,0.1,0.25,1.0] [--seeds=1] [--seed=S]
-    [--recipe=folder_demo] [--workdir=workdirs/label_efficiency]
+    [--mode=full] [--task=lesion|structure|image] [--fractions=2,0.1,0.25,1.0] [--seeds=1]
+    [--seed=S] [--recipe=folder_demo] [--workdir=workdirs/label_efficiency]
 
 Arms (`ARMS`): `random` (always; the same architecture at the initialisation ISImed's pretraining
 started from) and pretraining methods, each `configs/isimed_chest.py:<preset>,<tokens>` through
@@ -12,16 +12,17 @@ the one training loop. `--recipe=folder_demo` pretrains every arm with the folde
 (`configs/isimed_folder.demo_recipe`: 24^3 crops, 4 x 16 crops per step, learning rate 3e-2,
 1,500 steps, intensity augmentation for ISImed), random init included (its architecture and crop
 size come from the same config). A recipe belongs to its workdir, recorded in recipe.json; a
-different one there is refused. Every (arm, fraction,
-seed) is a run of `isimed.finetune` (`configs/finetune_chest.py:<preset>,mode=<mode>`, the task:
-crop lesion classification) with the test AUC at the step of the best validation AUC. A fraction
-of 1 or more (an integer) is that many subjects. Seed s pretrains with seed s and fine-tunes every
-arm with `seed = split_seed = s`: the same labelled subjects and batches for each arm, so each
-seed gives a paired difference to the random init. `--seed=S` runs that seed only and writes no
-table (seeds in parallel processes, one workdir); a run over all seeds reuses finished runs and
-writes label_efficiency.md (mean ± std over seeds of the test AUC and of the paired difference to
-random init; the labelled subjects each arm needs to reach random init with every label),
-label_efficiency.png (test AUC against labelled subjects) and label_efficiency.json.
+different one there is refused. Every (arm, fraction, seed) is a run of `isimed.finetune`
+(`configs/finetune_chest.py:<preset>,mode=<mode>,task=<task>`; tasks share the pretrainings of a
+workdir) with the test AUC at the step of the best validation AUC. A fraction of 1 or more (an
+integer) is that many subjects. Seed s pretrains with seed s and fine-tunes every arm with
+`seed = split_seed = s`: the same labelled subjects and batches for each arm, so each seed gives a
+paired difference to the random init. `--seed=S` runs that seed only and writes no table (seeds in
+parallel processes, one workdir); a run over all seeds reuses finished runs and writes
+label_efficiency[_<task>].md (mean ± std over seeds of the test AUC and of the paired difference
+to random init; the same for the validation AUC at the first evaluation, how fast each arm gets
+going; the labelled subjects each arm needs to reach random init with every label), .png (test
+AUC against labelled subjects) and .json (every run too).
 """
 
 import json
@@ -42,6 +43,12 @@ from isimed import train
 from isimed.evaluation import plots
 
 RANDOM = "random"
+# Fine-tuning task -> what the tables say it is.
+TASKS = {
+    "lesion": "crop lesion classification",
+    "structure": "the structure at the crop centre (macro one-vs-rest AUC)",
+    "image": "image-level nodule presence from crops of the lungs",
+}
 # Arm -> the pretraining config's tokens after the preset.
 ARMS = {
     "isimed": "method=isimed",
@@ -59,6 +66,7 @@ def define_flags() -> None:
     flags.DEFINE_string("preset", "demo", "Preset of the pretraining and the fine-tuning configs.")
     flags.DEFINE_list("arms", list(ARMS), f"Pretrained arms (random init is always one): {', '.join(ARMS)}.")
     flags.DEFINE_enum("mode", "full", ["linear", "full"], "Fine-tuning mode.")
+    flags.DEFINE_enum("task", "lesion", list(TASKS), "Fine-tuning task (the pretrainings are shared).")
     flags.DEFINE_list("fractions", ["2", "0.1", "0.25", "1.0"], "Shares (<= 1) or counts (> 1) of subjects.")
     flags.DEFINE_integer("seeds", 1, "Seeds 0..N-1 (pretraining, labelled subjects and batches).")
     flags.DEFINE_integer("seed", None, "Run only this seed, write no table (parallel processes).")
@@ -109,7 +117,7 @@ def finetune_one(arm: str, fraction: str, seed: int) -> dict:
     """results.json of one fine-tuning run, run unless done."""
     pretrain_workdir = pretrain("isimed" if arm == RANDOM else arm, seed)
     init = "random" if arm == RANDOM else "pretrained"
-    config = finetune_chest.get_config(f"{FLAGS.preset},mode={FLAGS.mode},init={init}")
+    config = finetune_chest.get_config(f"{FLAGS.preset},mode={FLAGS.mode},init={init},task={FLAGS.task}")
     config.pretrain_workdir = pretrain_workdir
     config.update(amount(fraction))
     config.seed = config.split_seed = seed
@@ -146,15 +154,15 @@ def check_recipe() -> None:
             json.dump(recipe, f, indent=2)
 
 
-def summarise(aucs: dict[str, dict[str, list[float]]]) -> dict:
-    """Per arm and fraction: mean and std over seeds of the test AUC and, for pretrained arms,
-    of the paired difference to random init (same seed)."""
+def summarise(aucs: dict[str, dict[str, list[float]]], key: str = "test_auc") -> dict:
+    """Per arm and fraction: mean and std over seeds of `aucs` (as `key`) and, for pretrained
+    arms, of the paired difference to random init (same seed)."""
     out: dict = {}
     for arm, per_fraction in aucs.items():
         out[arm] = {}
         for fraction, values in per_fraction.items():
             v = np.asarray(values)
-            row = {"test_auc": [float(v.mean()), float(v.std())], "seeds": len(v)}
+            row = {key: [float(v.mean()), float(v.std())], "seeds": len(v)}
             if arm != RANDOM:
                 d = v - np.asarray(aucs[RANDOM][fraction])
                 row["difference_to_random"] = [float(d.mean()), float(d.std())]
@@ -196,6 +204,8 @@ def main(argv):
     arms = [RANDOM, *[a for a in FLAGS.arms if a != RANDOM]]
     seeds = [FLAGS.seed] if FLAGS.seed is not None else list(range(FLAGS.seeds))
     aucs: dict[str, dict[str, list[float]]] = {arm: {f: [] for f in FLAGS.fractions} for arm in arms}
+    # Convergence: the validation AUC at the first evaluation after step 0.
+    early: dict[str, dict[str, list[float]]] = {arm: {f: [] for f in FLAGS.fractions} for arm in arms}
     subjects: dict[str, int] = {}
     runs = []
     for seed in seeds:
@@ -203,11 +213,14 @@ def main(argv):
             for arm in arms:
                 results = finetune_one(arm, fraction, seed)
                 aucs[arm][fraction].append(results["test_auc"])
+                early_step, early_auc = results["validation_curve"][1]
+                early[arm][fraction].append(early_auc)
                 subjects[fraction] = results["train_subjects"]
                 runs.append({"arm": arm, "fraction": fraction, "seed": seed, **results})
     if FLAGS.seed is not None:
         return
     summary = summarise(aucs)
+    first = summarise(early, "validation_auc")
     needed = labels_needed(summary, subjects)
     header = [f"{f} ({subjects[f]})" for f in FLAGS.fractions]
     most = subjects[FLAGS.fractions[-1]]
@@ -215,12 +228,22 @@ def main(argv):
     lines = [
         f"# Label efficiency ({FLAGS.mode} fine-tuning, preset {FLAGS.preset}, {len(seeds)} seed(s){recipe})",
         "",
-        "Test AUC of crop lesion classification at the step of the best validation AUC; columns: "
+        f"Test AUC of {TASKS[FLAGS.task]} at the step of the best validation AUC; columns: "
         "fraction of the training subjects labelled (integers: subjects), labelled subjects in "
         "brackets; mean ± std over seeds.",
         "",
         *table(summary, FLAGS.fractions, "test_auc", "Test AUC", header),
         *table(summary, FLAGS.fractions, "difference_to_random", "Paired difference to random init", header),
+        *table(
+            first,
+            FLAGS.fractions,
+            "validation_auc",
+            f"Convergence: validation AUC at step {early_step}",
+            header,
+        ),
+        *table(
+            first, FLAGS.fractions, "difference_to_random", f"Paired difference at step {early_step}", header
+        ),
         f"### Labelled subjects needed to reach random init with {most}",
         "",
         "| arm | subjects |",
@@ -236,13 +259,18 @@ def main(argv):
         )
         for arm, rows in summary.items()
     }
-    plots.metric_curves(
-        curves, os.path.join(FLAGS.workdir, "label_efficiency.png"), "labelled subjects", "test AUC"
+    stem = os.path.join(
+        FLAGS.workdir, "label_efficiency" + ("" if FLAGS.task == "lesion" else f"_{FLAGS.task}")
     )
-    with open(os.path.join(FLAGS.workdir, "label_efficiency.md"), "w") as f:
+    plots.metric_curves(curves, stem + ".png", "labelled subjects", "test AUC")
+    with open(stem + ".md", "w") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(FLAGS.workdir, "label_efficiency.json"), "w") as f:
-        json.dump({"summary": summary, "labels_needed": needed, "runs": runs}, f, indent=2)
+    with open(stem + ".json", "w") as f:
+        json.dump(
+            {"summary": summary, "first_evaluation": first, "labels_needed": needed, "runs": runs},
+            f,
+            indent=2,
+        )
     print("\n".join(lines))
 
 

@@ -39,6 +39,10 @@ def test_label_efficiency_writes_tables(phantom_dir, tmp_path):
     assert {(r["arm"], r["train_subjects"]) for r in runs} == expected
     table = (workdir / "label_efficiency.md").read_text()
     assert "| isimed |" in table and "Paired difference to random init" in table
+    assert "Convergence: validation AUC at step 4" in table  # --steps=4: the first evaluation.
+    first = json.loads((workdir / "label_efficiency.json").read_text())["first_evaluation"]
+    curves = {(r["arm"], r["train_subjects"]): r["validation_curve"] for r in runs}
+    assert first["isimed"]["2"]["validation_auc"][0] == pytest.approx(curves["isimed", 2][1][1])
     assert (workdir / "label_efficiency.png").stat().st_size > 0
 
     # Another recipe in the same workdir would mix its runs into the table: refused.
