@@ -94,6 +94,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.finetune.warmup_steps = {"paper": 200, "demo": 20, "test": 5}[p]
     c.finetune.weight_decay = 1e-4
     c.finetune.grad_clip = 2.0
+    # The head's input: the embedding as it is ("none"), or each row standardised over its
+    # features without parameters ("layer": the head then learns at one speed whatever the
+    # encoder's embedding scale).
+    c.finetune.head_norm = "none"
 
     c.total_steps = {"paper": 5000, "demo": 300, "test": 60}[p]
     c.log_every = {"paper": 50, "demo": 25, "test": 10}[p]

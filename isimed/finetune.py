@@ -75,6 +75,7 @@ from isimed.evaluation import metrics_log
 MODES = ("linear", "full")
 INITS = ("pretrained", "random", "export")
 TASKS = ("lesion", "structure", "image")
+HEAD_NORMS = ("none", "layer")
 # The structure task's classes: the structure at the crop centre (background excluded), as the
 # linear evaluation's anatomy task.
 STRUCTURE_CLASSES = context_tasks.ANATOMY_CLASSES
@@ -88,6 +89,17 @@ def num_outputs(task: str) -> int:
 def head_inputs(task: str, embed_dim: int) -> int:
     """The head's input size: an image's pooled crops (`pool_image`) or one crop's embedding."""
     return 2 * embed_dim if task == "image" else embed_dim
+
+
+def head_input(z: jnp.ndarray, norm: str) -> jnp.ndarray:
+    """What the head reads: the features, or (`norm="layer"`) each row standardised over its
+    features without learned parameters. Adam moves a head's logits in proportion to the scale of
+    its input, and pretraining methods leave embeddings of very different scales (ISImed's are mm
+    / target_scale), so a standardised input makes the head learn at one speed for every encoder."""
+    if norm == "none":
+        return z
+    z = z - z.mean(axis=-1, keepdims=True)
+    return z / jnp.sqrt((z * z).mean(axis=-1, keepdims=True) + 1e-6)
 
 
 def pool_image(z: jnp.ndarray) -> jnp.ndarray:
@@ -257,6 +269,7 @@ def make_step(config: ml_collections.ConfigDict, networks: train_state.Networks,
         z, new_stats = networks.apply(params["encoder"], batch_stats, x, train=not linear)
         if config.task.name == "image":  # One prediction per image from its K crops.
             z = pool_image(z.reshape(crops.shape[0], crops.shape[1], -1))
+        z = head_input(z, config.finetune.head_norm)
         logits = z @ params["head"]["kernel"] + params["head"]["bias"]
         loss, accuracy = task_loss(config.task.name, logits, batch["label"].reshape(-1))
         return loss, (accuracy, new_stats)
@@ -427,7 +440,9 @@ def fixed_crops(config: ml_collections.ConfigDict, split: str) -> dict[str, np.n
     return {key: np.concatenate(value) for key, value in parts.items()}
 
 
-def make_scorer(task: str, networks: train_state.Networks, mesh, *, frozen: bool = False):
+def make_scorer(
+    task: str, networks: train_state.Networks, mesh, *, frozen: bool = False, head_norm: str = "none"
+):
     """`(state, held, name) -> {"auc", "loss"}` of the head's logits on the fixed crops `held`
     (eval-mode encoder): the lesion AUC, the image task's AUC over images (each image's crops
     pooled, `pool_image`), or the structure classes' one-vs-rest macro AUC. With
@@ -446,6 +461,7 @@ def make_scorer(task: str, networks: train_state.Networks, mesh, *, frozen: bool
             images = len(np.unique(held["image_id"]))
             z = np.asarray(pool_image(z.reshape(images, len(z) // images, -1)))
             y = y.reshape(images, -1)[:, 0]
+        z = np.asarray(head_input(jnp.asarray(z), head_norm))
         head = jax.device_get(state["params"]["head"])
         logits = (z @ np.asarray(head["kernel"]) + np.asarray(head["bias"])).astype(np.float64)
         loss = float(task_loss(task, jnp.asarray(logits, jnp.float32), jnp.asarray(y))[0])
@@ -468,8 +484,12 @@ def make_scorer(task: str, networks: train_state.Networks, mesh, *, frozen: bool
 def resolve_config(config: ml_collections.ConfigDict):
     """The run's config: `config` plus the pretraining config's `data` and `model` (data dir
     override and phantom path resolved), and what the encoder is built from."""
-    for key, allowed in (("mode", MODES), ("task.name", TASKS)):
-        value = config.task.name if key == "task.name" else config.mode
+    choices = (
+        ("mode", config.mode, MODES),
+        ("task.name", config.task.name, TASKS),
+        ("finetune.head_norm", config.finetune.head_norm, HEAD_NORMS),
+    )
+    for key, value, allowed in choices:
         if value not in allowed:
             raise FinetuneError(f"{key}={value!r}; use one of: {', '.join(allowed)}")
     pre_config, networks, params, batch_stats, source = load_init(config)
@@ -553,7 +573,9 @@ def make_job(config: ml_collections.ConfigDict, workdir: workdir_layout.Workdir)
     )
 
     held = {split: fixed_crops(config, split) for split in ("validation", "test")}
-    score = make_scorer(config.task.name, networks, mesh, frozen=config.mode == "linear")
+    score = make_scorer(
+        config.task.name, networks, mesh, frozen=config.mode == "linear", head_norm=config.finetune.head_norm
+    )
 
     def validate(step_: int, state_) -> dict[str, dict[str, float]]:
         del step_

@@ -183,6 +183,13 @@ def test_structure_task_labels_the_structure_at_the_crop_centre(pretrained, tmp_
     assert results["test_auc"] > 0.6, results  # Macro one-vs-rest AUC; chance is 0.5.
 
 
+def test_head_input_is_the_embedding_or_each_row_standardised():
+    z = np.random.default_rng(1).normal(3.0, 0.05, size=(6, 16)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(finetune.head_input(z, "none")), z)
+    reference = (z - z.mean(1, keepdims=True)) / z.std(1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(finetune.head_input(z, "layer")), reference, rtol=1e-3, atol=1e-3)
+
+
 def test_image_task_pools_each_images_crops_as_linear_evaluation_does():
     """Training and scoring pool an image's crops with `pool_image` (a reshape); linear
     evaluation's image features group crop rows by image id: the same features."""
