@@ -1,7 +1,8 @@
 """Fine-tuning a pretrained encoder on few labels, on the one training loop (`isimed.train.run_job`):
 `finetune(config, workdir)`.
 
-The model is the encoder plus a zero-initialised linear head on its embedding. Modes:
+The model is the encoder plus a zero-initialised linear head on its embedding (as it is, or each
+row standardised: `finetune.head_norm`, `head_input`). Modes:
 
   linear  the encoder is frozen: eval-mode BatchNorm (running statistics, never updated), no
           gradient, no optimiser state; its parameters leave training bit for bit as they came.
