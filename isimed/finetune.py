@@ -327,22 +327,40 @@ def task_loss(task: str, logits: jnp.ndarray, y: jnp.ndarray) -> tuple[jnp.ndarr
 
 
 @dataclasses.dataclass(frozen=True)
-class StructureCrops(grain.transforms.RandomMap):
-    """K crops per record, each centred on a random voxel of a random structure present
-    (`STRUCTURE_CLASSES`), with `label`: the structure at the crop's centre voxel (its class
-    index, -1 for background where clipping at the border moved the centre) and `starts`."""
+class _PhantomCrops(grain.transforms.RandomMap):
+    """K crops per record of a task that reads the structure label map (`_starts_and_label`),
+    with the task's `label` and the crops' `starts`."""
 
     crop_shape: tuple[int, ...]
     num_crops: int
     window: tuple[float, float] | None
     widen: bool = True
+    task = ""
 
     def random_map(self, record, rng: np.random.Generator) -> dict[str, np.ndarray]:
         if not context_tasks.has_structures(record):
             raise FinetuneError(
-                f"{pipeline.record_name(record)}: task.name='structure' needs records with a "
-                "structure label map (the chest phantom's 3D variants)"
+                f"{pipeline.record_name(record)}: task.name={self.task!r} needs records with a "
+                "structure label map and a lesion mask (the chest phantom's 3D variants)"
             )
+        starts, label = self._starts_and_label(record, rng)
+        out = pipeline.crops_at(record, starts, self.crop_shape, self.window, labels=False, widen=self.widen)
+        out["label"] = label
+        out["starts"] = starts
+        return out
+
+    def _starts_and_label(self, record, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+class StructureCrops(_PhantomCrops):
+    """Crops each centred on a random voxel of a random structure present (`STRUCTURE_CLASSES`);
+    `label`: the structure at the crop's centre voxel (its class index, -1 for background where
+    clipping at the border moved the centre)."""
+
+    task = "structure"
+
+    def _starts_and_label(self, record, rng):
         labels = np.asarray(record["structures"])
         flat = labels.reshape(-1)
         present = [
@@ -356,40 +374,25 @@ class StructureCrops(grain.transforms.RandomMap):
         )
         crop = np.asarray(self.crop_shape)
         starts = np.clip(voxels - (crop - 1) // 2, 0, np.asarray(labels.shape) - crop).astype(np.int64)
-        out = pipeline.crops_at(record, starts, self.crop_shape, self.window, labels=False, widen=self.widen)
         lookup = np.full(256, -1, np.int64)
         for c, name in enumerate(STRUCTURE_CLASSES):
             lookup[structure_labels.STRUCTURES[name]] = c
         centre = labels[tuple(context_tasks.centre_voxels(starts, self.crop_shape).T)]
-        out["label"] = lookup[centre].astype(np.int32)
-        out["starts"] = starts
-        return out
+        return starts, lookup[centre].astype(np.int32)
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageCrops(grain.transforms.RandomMap):
-    """K crops per record centred on random lung voxels, blind to nodules (linear evaluation's
-    image task, `context_tasks.task_starts`), with `label` `(1,)`: the subject has a nodule."""
+class ImageCrops(_PhantomCrops):
+    """Crops centred on random lung voxels, blind to nodules (linear evaluation's image task,
+    `context_tasks.task_starts`); `label` `(1,)`: the subject has a nodule."""
 
-    crop_shape: tuple[int, ...]
-    num_crops: int
-    window: tuple[float, float] | None
-    widen: bool = True
+    task = "image"
 
-    def random_map(self, record, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        if not context_tasks.has_structures(record):
-            raise FinetuneError(
-                f"{pipeline.record_name(record)}: task.name='image' needs records with a structure "
-                "label map and a lesion mask (the chest phantom's 3D variants)"
-            )
+    def _starts_and_label(self, record, rng):
         sampling = context_tasks.Sampling(self.crop_shape, self.window, image=self.num_crops)
         starts = context_tasks.task_starts(record, sampling, rng, tasks=("image",))["image"]
         if len(starts) != self.num_crops:
             raise FinetuneError(f"{pipeline.record_name(record)}: no lung voxels to centre crops on")
-        out = pipeline.crops_at(record, starts, self.crop_shape, self.window, labels=False, widen=self.widen)
-        out["label"] = np.array([np.any(np.asarray(record["mask"]) > 0)], np.int32)
-        out["starts"] = starts
-        return out
+        return starts, np.array([np.any(np.asarray(record["mask"]) > 0)], np.int32)
 
 
 def make_sampler(config: ml_collections.ConfigDict, crops_per_image: int, *, train: bool):

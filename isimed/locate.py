@@ -819,7 +819,7 @@ def plot_matches(
         fig = plots.figure(2, 3, panel=(3.0, 3.0))
         axes = fig.subplots(2, 3)
         for row, (g, point, overlay) in enumerate(((template, p, None), (target, q, cost))):
-            spacing = np.linalg.norm(g.affine[:3, :3], axis=0)
+            spacing = geometry.spacing_from_affine(g.affine)
             index = np.clip(
                 np.round(geometry.world_to_voxel(point, g.affine)).astype(int),
                 0,
