@@ -51,7 +51,7 @@ $(REF_VENV)/.installed: setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { echo "$(PYTHON) is not a working Python 3.11 or newer (set PYTHON=python3.X)"; exit 1; }
 	$(PYTHON) -m venv $(REF_VENV)
 	$(REF_PY) -m pip install -q --upgrade pip
-	$(REF_PY) -m pip install -q -e '.[reference]'  # torch 2.13.0 (the CPU wheel) and monai 1.6.1
+	$(REF_PY) -m pip install -q -e '.[reference]'  # torch 2.15.0 and monai 1.6.1 (setup.cfg)
 	touch $@
 
 benchmark-reference: $(REF_VENV)/.installed

@@ -1,6 +1,6 @@
 """This project's DenseNet-121 3D train step against the authors' PyTorch + MONAI step, same CPU.
 
-make benchmark-reference            # builds .venv-reference (torch 2.13.0+cpu, monai 1.6.1), runs this
+make benchmark-reference            # builds .venv-reference (setup.cfg's [reference]), runs this
 python -m benchmarks.reference [--crops=128] [--rounds=3] [--steps=2] [--dtypes=float32,bfloat16]
                                 [--stages]
 

@@ -1,4 +1,9 @@
-"""The TFDS builder: splits by subject, records equal to the generator, 2D variant."""
+"""The TFDS builder: splits by subject, records equal to the generator, 2D variant, generation by
+several processes at once."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -43,3 +48,32 @@ def test_coronal_variant_is_2d(tmp_path):
     assert record["image"].shape == (24, 32) and record["affine"].shape == (3, 3)
     expected = phantom.project_coronal(phantom.generate_subject(spec, 0, int(record["id"])))
     np.testing.assert_array_equal(record["image"], expected["image"])
+
+
+def test_processes_generating_at_once_all_get_the_data(tmp_path):
+    # The processes of a multi-process run find the phantom missing at the same moment; each
+    # used to generate it, and all but one failed renaming theirs into place (FileExistsError).
+    code = (
+        "import sys; from isimed.data import chest_phantom; "
+        "s = chest_phantom.data_source('tiny3d', 'validation', sys.argv[1]); "
+        "print(sorted(int(s[i]['id']) for i in range(len(s))))"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err.decode()[-2000:]
+    config = next(c for c in chest_phantom.ChestPhantom.BUILDER_CONFIGS if c.name == "tiny3d")
+    n_train, n_validation, _ = config.num_subjects
+    validation = str(list(range(n_train, n_train + n_validation)))
+    # The last line: TFDS announces the generation on stdout.
+    assert [out.decode().splitlines()[-1] for out, _ in outputs] == [validation] * len(procs)
+    assert [p.name for p in (tmp_path / "chest_phantom" / "tiny3d").iterdir()] == ["2.0.0"]
