@@ -22,23 +22,8 @@ from isimed import checkpoints
 from isimed import finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One xdist worker runs the module, so the shared two-process run happens once. Skipped on
-# jax >= 0.11 (the Python >= 3.12 install): there, two CPU processes joined over gloo hang at a
-# collective. jax 0.12.1: 7 of 7 runs of the `test` pretraining (1 or 2 simulated devices per
-# process) blocked fetching the first output of the step-0 validation's embedding, every rank
-# inside `gloo::allgather` (gdb), waiting to send or to receive; with XLA's single-threaded
-# kernels (`--xla_cpu_multi_thread_eigen=false`) 2 of 3 runs still hung. Scripts that run the same encoder's
-# embedding on the same validation crops, after the same broadcast and barrier, finish, so the
-# cause is not pinned down. The code under test is the same on both installs; CI runs this module
-# on Python 3.11 (jax 0.10.2).
-pytestmark = [
-    pytest.mark.multiprocess,
-    pytest.mark.xdist_group("multiprocess"),
-    pytest.mark.skipif(
-        jax.__version_info__ >= (0, 11),
-        reason="two CPU processes over gloo hang with jax >= 0.11; tested on jax 0.10",
-    ),
-]
+# One xdist worker runs the module, so the shared two-process run happens once.
+pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group("multiprocess")]
 
 STEPS = 20
 TRAIN_FLAGS = [
