@@ -3,7 +3,7 @@ process before anything is compiled:
 
 - `tune_malloc_for_cpu()`: glibc malloc tuned for XLA:CPU (first thing in a training process);
 - `initialize(config)`: `jax.distributed.initialize` for multi-host runs and the persistent
-  compilation cache (off for several CPU processes);
+  compilation cache (off for several CPU processes on jax >= 0.11);
 - `make_mesh()`: the 1-D `data` mesh over every device.
 
 Why malloc is tuned: process settings for training on the CPU backend.
@@ -87,17 +87,18 @@ def initialize(config: ml_collections.ConfigDict) -> None:
     """Process-wide JAX setup, before anything is compiled: `jax.distributed.initialize` for
     `config.distributed` (unset fields auto-detected) and the persistent compilation cache in
     `config.compilation_cache_dir` (a rerun or resume then loads compiled programs instead of
-    compiling them again; None: off). Several CPU processes compile afresh, cache off: with jax
-    0.12.1 two CPU processes hung in their first collective whenever they read their programs back
-    from the cache (both inside gloo's all-gather; 9 runs of 9), and finished whenever they
-    compiled them (6 of 6)."""
+    compiling them again; None: off). With jax >= 0.11, several CPU processes compile afresh,
+    cache off: with jax 0.12.1 two CPU processes hung in their first collective whenever they read
+    their programs back from the cache (both inside gloo's all-gather; 9 runs of 9), and finished
+    whenever they compiled them (6 of 6). jax 0.10 reads them back correctly (CI's two-process
+    runs), and compiling afresh cost its two-process tests ~2 minutes."""
     if config.get("distributed") and not jax.distributed.is_initialized():
         jax.distributed.initialize(
             coordinator_address=config.get("coordinator_address"),
             num_processes=config.get("num_processes"),
             process_id=config.get("process_id"),
         )
-    if jax.process_count() > 1 and cpu_only():
+    if jax.__version_info__ >= (0, 11) and jax.process_count() > 1 and cpu_only():
         jax.config.update("jax_enable_compilation_cache", False)  # Also JAX_COMPILATION_CACHE_DIR's.
     elif config.get("compilation_cache_dir"):
         jax.config.update("jax_compilation_cache_dir", os.fspath(paths.resolve(config.compilation_cache_dir)))
