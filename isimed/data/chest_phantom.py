@@ -19,12 +19,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import os
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
+from isimed import paths
 from isimed.data import layouts
 from isimed.data import phantom
 
@@ -169,10 +168,10 @@ def data_source(config_name: str, split: str, data_dir: str):
 def _generation_lock(data_dir: str, config_name: str):
     """An exclusive flock on `DATA_DIR/chest_phantom/CONFIG.lock` (waits for its holder); no lock
     for object storage (`gs://...`), where flock does not exist."""
-    if "://" in os.fspath(data_dir):
+    if paths.is_uri(data_dir):
         yield
         return
-    folder = epath.Path(data_dir).expanduser() / ChestPhantom.name
+    folder = paths.resolve(data_dir) / ChestPhantom.name
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{config_name}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # Released when the file closes, or the process dies.
